@@ -1,0 +1,252 @@
+"""The ``kdcache`` command line: thin wrappers that parse, call the library and print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from .errors import KdcacheError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Offline knowledge distillation: dump the teacher once, train students from the cache.")
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a KdcacheError as one line and exit 2; Ctrl-C exits 130 without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdcacheError as err:
+            typer.echo(f"kdcache: error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("kdcache: interrupted; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@app.command("dump-teacher")
+@_user_errors
+def dump_teacher_cmd(
+    teacher: str = typer.Option(..., help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
+    dataset: str = typer.Option(..., help="Transfer-set spec, same forms; items (inputs, label), {..., 'label'} or inputs."),
+    teacher_kwargs: Optional[str] = typer.Option(None, help="JSON object of keyword arguments for the teacher callable."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON object of keyword arguments for the dataset callable."),
+    checkpoint: Optional[Path] = typer.Option(None, help="State dict (or kdcache student.pt) to load into the teacher."),
+    hidden: list[str] = typer.Option([], help="Submodule whose output to store (repeatable); 'mod#0' takes a tuple's element 0."),
+    output_key: Optional[str] = typer.Option(None, help="Pick the logits from a tuple (index), dict (key) or object (attribute)."),
+    logits_dtype: str = typer.Option("float16", help="Stored logits dtype: float16, float32 or bfloat16."),
+    hidden_dtype: str = typer.Option("float16", help="Stored hidden-state dtype: float16, float32 or bfloat16."),
+    batch_size: int = typer.Option(256, help="Teacher batch size."),
+    num_workers: int = typer.Option(0, help="DataLoader workers preparing batches."),
+    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda[:N]."),
+    amp: str = typer.Option("auto", help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none."),
+    out: Optional[Path] = typer.Option(None, help="Cache directory to write (default: CACHE_ROOT/<fingerprint>)."),
+    cache_root: Optional[Path] = typer.Option(None, help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing cache at the path (another fingerprint, or redo)."),
+    block_rows: Optional[int] = typer.Option(None, help="Rows per write block (default: chosen for ~2 MB chunks)."),
+    allow_nonfinite: bool = typer.Option(False, help="Store NaN/inf teacher outputs instead of stopping at the first."),
+    writer_threads: int = typer.Option(4, help="Threads writing blocks in parallel."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run the teacher once over the dataset and cache its logits and chosen hidden states."""
+    from .dump import dump_teacher
+    from .spec import load_dataset, load_model, parse_kwargs
+
+    t_kwargs = parse_kwargs(teacher_kwargs, "--teacher-kwargs")
+    d_kwargs = parse_kwargs(dataset_kwargs, "--dataset-kwargs")
+    model = load_model(teacher, t_kwargs, checkpoint)
+    data = load_dataset(dataset, d_kwargs)
+    cache = dump_teacher(model, data, out, hidden=hidden, output_key=output_key, logits_dtype=logits_dtype,
+                         hidden_dtype=hidden_dtype, batch_size=batch_size, num_workers=num_workers, device=device,
+                         amp=amp, cache_root=cache_root, overwrite=overwrite, block_rows=block_rows,
+                         allow_nonfinite=allow_nonfinite, writer_threads=writer_threads, progress=progress,
+                         teacher_info={"spec": teacher, "kwargs": t_kwargs,
+                                       "checkpoint": str(checkpoint) if checkpoint else None},
+                         dataset_info={"spec": dataset, "kwargs": d_kwargs})
+    typer.echo(cache.path)
+
+
+def _load_config(path: Optional[Path]) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except OSError as err:
+        raise KdcacheError(f"cannot read --config {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise KdcacheError(f"--config {path} is not valid TOML: {err}") from None
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+@app.command("train-student")
+@_user_errors
+def train_student_cmd(
+    student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr or path/file.py:attr."),
+    dataset: Optional[str] = typer.Option(None, help="Training (transfer) set spec; rows labelled -1 get only KD terms."),
+    cache: Optional[str] = typer.Option(None, help="Teacher cache to distil from; without it, plain training on labels."),
+    eval_dataset: Optional[str] = typer.Option(None, help="Labelled dataset spec for per-epoch accuracy and loss."),
+    student_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the student callable."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the dataset callable."),
+    eval_dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the eval dataset callable."),
+    online_teacher: Optional[str] = typer.Option(None, help="Distil online from this live teacher spec instead (for comparisons)."),
+    online_teacher_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the online teacher."),
+    online_teacher_checkpoint: Optional[Path] = typer.Option(None, help="State dict for the online teacher."),
+    temperature: Optional[float] = typer.Option(None, help="Softmax temperature T of the KD term [4.0]."),
+    alpha: Optional[float] = typer.Option(None, help="Weight of the KD term; CE gets 1 - alpha [0.9]."),
+    hint: Optional[list[str]] = typer.Option(None, help="STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT] (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs [10]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [64]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [1e-3]."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adamw [adamw]."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay [0]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and shuffling [0]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N] [auto]."),
+    amp: Optional[str] = typer.Option(None, help="Autocast: auto, bf16, fp16 or none [auto]."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [0]."),
+    in_memory: Optional[str] = typer.Option(None, help="Hold the cache in memory: auto, yes or no [auto]."),
+    allow_input_mismatch: Optional[bool] = typer.Option(None, "--allow-input-mismatch", help="Accept inputs that differ from what the teacher saw (deliberate)."),
+    out: Optional[Path] = typer.Option(None, help="Directory for metrics.jsonl, student.pt, hints.pt, config.json [student-out]."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train the student from the cached teacher outputs (the teacher is never loaded)."""
+    from .spec import load_dataset, load_model, parse_kwargs
+    from .train import TrainConfig, train_student
+
+    flags = dict(student=student, dataset=dataset, cache=cache, eval_dataset=eval_dataset, student_kwargs=student_kwargs,
+                 dataset_kwargs=dataset_kwargs, eval_dataset_kwargs=eval_dataset_kwargs, online_teacher=online_teacher,
+                 online_teacher_kwargs=online_teacher_kwargs, online_teacher_checkpoint=online_teacher_checkpoint,
+                 temperature=temperature, alpha=alpha, hints=hint or None, epochs=epochs, batch_size=batch_size, lr=lr,
+                 optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
+                 num_workers=num_workers, in_memory=in_memory, allow_input_mismatch=allow_input_mismatch, out=out)
+    values = {**_load_config(config), **{k: v for k, v in flags.items() if v is not None}}
+    if "hint" in values:
+        values["hints"] = values.pop("hint")
+
+    def kwargs_of(key: str) -> dict[str, Any]:
+        raw = values.pop(key, None)
+        return raw if isinstance(raw, dict) else parse_kwargs(raw, f"--{key.replace('_', '-')}")
+
+    s_kwargs, d_kwargs, e_kwargs, t_kwargs = (kwargs_of(k) for k in (
+        "student_kwargs", "dataset_kwargs", "eval_dataset_kwargs", "online_teacher_kwargs"))
+    student_spec, dataset_spec = values.pop("student", None), values.pop("dataset", None)
+    if not student_spec or not dataset_spec:
+        raise KdcacheError("--student and --dataset are required (as flags or in --config)")
+    cache_path, eval_spec = values.pop("cache", None), values.pop("eval_dataset", None)
+    teacher_spec, teacher_ckpt = values.pop("online_teacher", None), values.pop("online_teacher_checkpoint", None)
+    out_dir = Path(values.pop("out", "student-out"))
+    settings = TrainConfig.from_mapping(values)
+
+    model = load_model(student_spec, s_kwargs, role="student")
+    data = load_dataset(dataset_spec, d_kwargs)
+    eval_data = load_dataset(eval_spec, e_kwargs) if eval_spec else None
+    teacher = load_model(teacher_spec, t_kwargs, teacher_ckpt) if teacher_spec else None
+    result = train_student(model, data, cache_path, eval_dataset=eval_data, teacher=teacher, out=out_dir,
+                           config=settings, progress=progress,
+                           student_spec={"spec": student_spec, "kwargs": s_kwargs})
+    final = result.final
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
+             if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}
+    typer.echo(json.dumps(shown))
+    typer.echo(str(out_dir / "student.pt"))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@app.command("info")
+@_user_errors
+def info_cmd(path: Path = typer.Argument(..., help="A cache directory.")) -> None:
+    """Describe a cache: rows, outputs (shape, dtype, bytes), fingerprint, teacher, completeness."""
+    from .store import TeacherCache, dump_in_progress
+
+    cache = TeacherCache.open(path)
+    meta = cache.meta
+    sizes = cache.nbytes_on_disk()
+    state = "complete" if cache.complete else ("dump in progress" if dump_in_progress(path) else "INCOMPLETE")
+    teacher = meta.get("teacher", {})
+    lines = [f"cache        {path}",
+             f"state        {state} ({int(cache.blocks_record()[:, 0].sum())}/{cache.n_blocks} blocks)",
+             f"fingerprint  {cache.fingerprint}",
+             f"rows         {cache.rows}  (block {cache.block_rows} rows)",
+             f"teacher      {teacher.get('spec') or teacher.get('class')}  weights {teacher.get('weights_digest')}",
+             f"dataset      {meta['dataset'].get('spec', '?')}  length {meta['dataset']['length']}  digest {meta['dataset']['digest']}"]
+    for name, o in cache.outputs.items():
+        lines.append(f"  {o.path:<24} shape ({cache.rows}, {', '.join(map(str, o.shape))})  {o.dtype:<8} "
+                     f"chunk {o.chunk_rows} rows  {_size(sizes[o.path])} on disk ({sizes[o.path] / cache.rows:.0f} B/row)")
+    acc = meta.get("teacher_accuracy") or {}
+    if acc.get("labelled"):
+        lines.append(f"teacher accuracy on the transfer set's labels: {acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']})")
+    dump = meta.get("dump")
+    if dump:
+        lines.append(f"dump         {dump['rows_per_s']:.0f} rows/s, {dump['mb_per_s']} MB/s on {dump['device']}")
+    versions = meta.get("versions", {})
+    lines.append("versions     " + " ".join(f"{k} {v}" for k, v in versions.items()))
+    typer.echo("\n".join(lines))
+
+
+@app.command("ls")
+@_user_errors
+def ls_cmd(root: Optional[Path] = typer.Argument(None, help="Cache root [$KDCACHE_HOME or ./kdcache-store].")) -> None:
+    """List the caches under a root, one line each."""
+    from .dump import default_cache_root
+    from .store import TeacherCache
+
+    root = root or default_cache_root()
+    if not root.is_dir():
+        raise KdcacheError(f"cache root {root} does not exist")
+    found = 0
+    for entry in sorted(root.iterdir()):
+        if not TeacherCache.exists(entry):
+            continue
+        try:
+            cache = TeacherCache.open(entry)
+        except KdcacheError as err:
+            typer.echo(f"{entry}  unreadable: {err}")
+            continue
+        found += 1
+        outputs = ",".join(o.path for o in cache.outputs.values())
+        teacher = cache.meta.get("teacher", {})
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        typer.echo(f"{entry}  {'complete' if cache.complete else 'incomplete'}  {cache.rows} rows  {outputs}  "
+                   f"{_size(size)}  teacher {teacher.get('spec') or teacher.get('class')}")
+    if not found:
+        typer.echo(f"no caches under {root}", err=True)
+
+
+@app.command("verify")
+@_user_errors
+def verify_cmd(path: Path = typer.Argument(..., help="A cache directory.")) -> None:
+    """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
+    from .store import TeacherCache
+
+    cache = TeacherCache.open(path)
+    problems = cache.verify()
+    for problem in problems:
+        typer.echo(f"BAD {problem}")
+    if not cache.complete:
+        typer.echo(f"cache {path} is incomplete: rerun its dump-teacher command to finish it")
+    if problems or not cache.complete:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Stage two's data: a dataset that zips inputs, labels and cached teacher outputs.
+
+Reads are batched: ``__getitems__`` fetches a whole batch of rows from memory (when the
+arrays fit ``memory_budget``) or from whole chunks kept in a small per-process cache, so no
+zarr read happens per row. The store is opened lazily in each DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from .errors import KdcacheError
+from .items import dataset_digest, fetch_batch, row_digests
+from .store import TeacherCache, dump_in_progress
+
+__all__ = ["CachedTeacherDataset", "TeacherBatch", "ChunkShuffleBatchSampler", "collate", "open_complete_cache"]
+
+DEFAULT_MEMORY_BUDGET = 4 << 30
+WINDOW_BYTES = 256 << 20
+
+
+def open_complete_cache(cache: TeacherCache | str | Path) -> TeacherCache:
+    """Open a cache for reading; refuse, in one line, one that is not finished."""
+    path = cache.path if isinstance(cache, TeacherCache) else str(cache)
+    opened = TeacherCache.open(path)
+    if not opened.complete:
+        holder = dump_in_progress(path)
+        if holder:
+            raise KdcacheError(f"cache {path} is still being written (dump in progress: {holder}); "
+                               "wait for it to finish")
+        raise KdcacheError(f"cache {path} is incomplete (its dump stopped early); rerun the same "
+                           "kdcache dump-teacher command to resume it")
+    return opened
+
+
+class TeacherBatch(Sequence):
+    """A batch as :func:`collate` returns it, also usable as a list of per-row items.
+
+    ``collated`` is ``(inputs, labels, teacher)`` with batched tensors; indexing gives row
+    ``i`` as ``(inputs_i, label_i, teacher_i)`` so torch's ``default_collate`` works too.
+    """
+
+    def __init__(self, inputs: Any, labels: torch.Tensor, teacher: dict[str, Any]) -> None:
+        self.collated = (inputs, labels, teacher)
+
+    def __len__(self) -> int:
+        return len(self.collated[1])
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        inputs, labels, teacher = self.collated
+        return (_row(inputs, i), int(labels[i]), _row(teacher, i))
+
+
+def _row(value: Any, i: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[i]
+    if isinstance(value, dict):
+        return {k: _row(v, i) for k, v in value.items()}
+    return type(value)(_row(v, i) for v in value)
+
+
+def collate(batch: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    """DataLoader ``collate_fn``: ``(inputs, labels, teacher)`` without per-row work."""
+    if isinstance(batch, TeacherBatch):
+        return batch.collated
+    return tuple(default_collate(list(batch)))  # type: ignore[return-value]
+
+
+class ChunkShuffleBatchSampler(Sampler[list[int]]):
+    """Shuffled batches that read few chunks: blocks of ``unit_rows`` rows are shuffled, then
+    rows are shuffled within windows of ``window_units`` blocks and cut into batches.
+
+    With ``unit_rows=None`` it is a plain shuffle of all rows. ``set_epoch(e)`` reseeds it as
+    ``DistributedSampler`` does; the order depends on (seed, epoch) only.
+    """
+
+    def __init__(self, rows: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 unit_rows: int | None = None, window_units: int = 1, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise KdcacheError(f"batch size must be >= 1, got {batch_size}")
+        self.rows, self.batch_size, self.shuffle, self.seed = rows, batch_size, shuffle, seed
+        self.unit_rows, self.window_units, self.drop_last = unit_rows, max(1, window_units), drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.rows)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.unit_rows is None or self.unit_rows >= self.rows:
+            return rng.permutation(self.rows)
+        starts = rng.permutation(np.arange(0, self.rows, self.unit_rows))
+        parts = []
+        for w in range(0, len(starts), self.window_units):
+            window = np.concatenate([np.arange(s, min(s + self.unit_rows, self.rows)) for s in starts[w:w + self.window_units]])
+            parts.append(rng.permutation(window))
+        return np.concatenate(parts)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return self.rows // self.batch_size if self.drop_last else -(-self.rows // self.batch_size)
+
+
+class CachedTeacherDataset(Dataset):
+    """Item ``i`` is ``(inputs, label, teacher)``, ``teacher = {"logits": T, "hidden": {name: T}}``,
+    float32, from row ``i`` of the cache.
+
+    Args:
+        dataset: the same dataset the cache was dumped from (same length, same inputs).
+        cache: a :class:`TeacherCache` or its path. It must be complete.
+        hidden: which hidden outputs to read (default: all in the cache; ``()`` for none).
+        in_memory: ``"auto"`` holds the arrays in memory when they fit ``memory_budget`` bytes.
+        check_inputs: compare each row's input digest with the one recorded at dump time,
+            so a reordered, edited or transformed dataset is refused before a wrong target is
+            used. Set False only for a deliberately different input (``--allow-input-mismatch``).
+        chunk_cache_bytes: bytes of decoded chunks kept per process when reading from disk.
+
+    Raises:
+        KdcacheError: the cache is incomplete or damaged, or the dataset does not match it.
+    """
+
+    def __init__(self, dataset: Any, cache: TeacherCache | str | Path, *, hidden: Sequence[str] | None = None,
+                 in_memory: bool | str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 check_inputs: bool = True, chunk_cache_bytes: int = 2 * WINDOW_BYTES) -> None:
+        opened = open_complete_cache(cache)
+        self.dataset, self.path, self.check_inputs = dataset, opened.path, check_inputs
+        self.meta = opened.meta
+        n = len(dataset)
+        if n != opened.rows:
+            raise KdcacheError(f"the dataset has {n} rows but cache {opened.path} has {opened.rows}: "
+                               "use the dataset the cache was dumped from, or dump this one")
+        if check_inputs and dataset_digest(dataset) != opened.meta["dataset"]["digest"]:
+            raise KdcacheError(f"the dataset's content differs from the one cache {opened.path} was dumped from "
+                               "(input digest mismatch): use that dataset, or dump this one")
+        names = opened.hidden_names if hidden is None else list(hidden)
+        unknown = [h for h in names if h not in opened.outputs or h == "logits"]
+        if unknown:
+            raise KdcacheError(f"cache {opened.path} holds no hidden output {unknown[0]!r}; it has {opened.hidden_names}")
+        self.hidden = tuple(names)
+        self.outputs = {name: opened.outputs[name] for name in ("logits", *self.hidden)}
+        opened.check_chunks()
+        self.digests = opened.row_digests()
+        need = sum(o.row_bytes for o in self.outputs.values()) * opened.rows
+        self.in_memory = need <= memory_budget if in_memory == "auto" else bool(in_memory)
+        self.block_rows = opened.block_rows
+        self._arrays = {name: opened.read(name, 0, opened.rows) for name in self.outputs} if self.in_memory else None
+        self._chunk_cache_bytes = chunk_cache_bytes
+        self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._chunk_bytes = 0
+        self._handle: TeacherCache | None = None
+        self._pid = -1
+
+    # the zarr handle is opened per process (DataLoader workers), never pickled
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_handle=None, _pid=-1, _chunks=OrderedDict(), _chunk_bytes=0)
+        return state
+
+    def _cache(self) -> TeacherCache:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = TeacherCache.open(self.path), os.getpid()
+            self._chunks.clear()
+            self._chunk_bytes = 0
+        return self._handle
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    @property
+    def window_rows(self) -> int:
+        """Rows whose chunks fit the chunk cache: the shuffle window when reading from disk."""
+        row_bytes = sum(o.row_bytes for o in self.outputs.values())
+        return max(self.block_rows, self._chunk_cache_bytes // 2 // max(row_bytes, 1) // self.block_rows * self.block_rows)
+
+    def _chunk(self, name: str, c: int) -> np.ndarray:
+        key = (name, c)
+        if key in self._chunks:
+            self._chunks.move_to_end(key)
+            return self._chunks[key]
+        chunk_rows = self.outputs[name].chunk_rows
+        data = self._cache().read(name, c * chunk_rows, min((c + 1) * chunk_rows, len(self)))
+        self._chunks[key] = data
+        self._chunk_bytes += data.nbytes
+        while self._chunk_bytes > self._chunk_cache_bytes and len(self._chunks) > 1:
+            _, old = self._chunks.popitem(last=False)
+            self._chunk_bytes -= old.nbytes
+        return data
+
+    def _rows(self, name: str, idx: np.ndarray) -> np.ndarray:
+        if self._arrays is not None:
+            return self._arrays[name][idx]
+        spec = self.outputs[name]
+        chunk_ids = idx // spec.chunk_rows
+        out = np.empty((len(idx), *spec.shape), spec.codec.stored_dtype)
+        for c in np.unique(chunk_ids):
+            mask = chunk_ids == c
+            out[mask] = self._chunk(name, int(c))[idx[mask] - c * spec.chunk_rows]
+        return out
+
+    def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range for a cache of {len(self)} rows")
+        inputs, labels = fetch_batch(self.dataset, idx.tolist())
+        if self.check_inputs:
+            bad = np.flatnonzero(row_digests(inputs) != self.digests[idx])
+            if bad.size:
+                raise KdcacheError(f"dataset row {int(idx[bad[0]])} is not the input the teacher saw at dump time "
+                                   f"({bad.size} of {idx.size} rows in this batch differ): the dataset was edited, "
+                                   "reordered or transformed; use the dumped dataset, or pass --allow-input-mismatch "
+                                   "if the difference is deliberate")
+        teacher = {"logits": self.outputs["logits"].codec.decode(self._rows("logits", idx)),
+                   "hidden": {h: self.outputs[h].codec.decode(self._rows(h, idx)) for h in self.hidden}}
+        return TeacherBatch(inputs, labels, teacher)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:
+        return self.__getitems__([i])[0]
+
+    def batch_sampler(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                      drop_last: bool = False) -> ChunkShuffleBatchSampler:
+        """A shuffling batch sampler that suits how this dataset reads (memory or chunks)."""
+        if self.in_memory:
+            return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, unit_rows=self.block_rows,
+                                        window_units=self.window_rows // self.block_rows, drop_last=drop_last)
+
+    def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
+               drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> DataLoader:
+        """A DataLoader yielding ``(inputs, labels, teacher)`` batches; call ``set_epoch`` on its
+        ``batch_sampler`` each epoch."""
+        return DataLoader(self, batch_sampler=self.batch_sampler(batch_size, shuffle=shuffle, seed=seed,
+                                                                 drop_last=drop_last),
+                          collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                          worker_init_fn=_limit_zarr_threads if num_workers else None,
+                          persistent_workers=num_workers > 0, **kwargs)
+
+
+def _limit_zarr_threads(worker_id: int) -> None:
+    """Each worker reads its own batches: keep zarr's own pools small so workers don't oversubscribe."""
+    zarr.config.set({"threading.max_workers": 2, "async.concurrency": 4})

@@ -1,0 +1,1 @@
+"""Built-in examples usable by spec, e.g. ``kdcache.examples.digits:teacher``."""

@@ -1,0 +1,207 @@
+"""Dataset items: split into inputs and label, fetch whole batches, digest each row's input.
+
+A dataset item is ``(inputs, label)``, a dict with a ``label``/``labels`` key (the rest are
+the inputs, HF style), or the inputs alone (an unlabelled transfer-set row, label -1).
+Inputs may be a tensor, a tuple of tensors or a dict of tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset, default_collate
+
+from .errors import KdcacheError
+
+__all__ = ["split_item", "fetch_batch", "row_digests", "dataset_digest", "move_inputs", "resolve_device", "call_model", "batch_size_of",
+           "select_output"]
+
+LABEL_KEYS = ("label", "labels")
+DIGEST_SAMPLE_ROWS = 64
+
+
+def _as_label(value: Any) -> int | None:
+    """An integer class id, or None when ``value`` is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        return int(value.item())
+    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
+        return int(value.item())
+    return None
+
+
+def split_item(item: Any) -> tuple[Any, int]:
+    """Return ``(inputs, label)``; the label is -1 for an unlabelled row."""
+    if isinstance(item, dict):
+        for key in LABEL_KEYS:
+            if key in item:
+                label = _as_label(item[key])
+                if label is None:
+                    raise KdcacheError(f"dataset item's {key!r} must be an integer class id, got {item[key]!r}")
+                return {k: v for k, v in item.items() if k != key}, label
+        return item, -1
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        label = _as_label(item[1])
+        if label is not None:
+            return item[0], label
+    return item, -1
+
+
+def fetch_batch(dataset: Any, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
+    """Read rows ``indices`` and collate them: ``(batched inputs, int64 labels (B,))``.
+
+    A ``TensorDataset`` is indexed once for the whole batch; a dataset with ``__getitems__``
+    is asked for the batch; any other is read item by item.
+    """
+    if isinstance(dataset, TensorDataset):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        tensors = [t[index] for t in dataset.tensors]
+        if len(tensors) == 2 and tensors[1].ndim == 1 and not tensors[1].dtype.is_floating_point:
+            return tensors[0], tensors[1].long()
+        return (tensors[0] if len(tensors) == 1 else tuple(tensors)), torch.full((len(indices),), -1)
+    getitems = getattr(dataset, "__getitems__", None)
+    items = getitems(list(indices)) if getitems is not None else [dataset[i] for i in indices]
+    pairs = [split_item(item) for item in items]
+    try:
+        inputs = default_collate([p[0] for p in pairs])
+    except (RuntimeError, TypeError) as err:
+        raise KdcacheError(f"dataset items of rows {indices[0]}..{indices[-1]} cannot be batched "
+                           f"(do all inputs have the same shape and type?): {err}") from None
+    return inputs, torch.tensor([p[1] for p in pairs], dtype=torch.long)
+
+
+def _leaves(inputs: Any) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, dict):
+        return [leaf for key in sorted(inputs) for leaf in _leaves(inputs[key])]
+    if isinstance(inputs, (tuple, list)):
+        return [leaf for value in inputs for leaf in _leaves(value)]
+    raise KdcacheError(f"dataset inputs must be tensors, tuples or dicts of tensors, got {type(inputs).__name__}")
+
+
+def batch_size_of(inputs: Any) -> int:
+    return int(_leaves(inputs)[0].shape[0])
+
+
+@lru_cache(maxsize=64)
+def _multipliers(words: int) -> np.ndarray:
+    rng = np.random.default_rng(0x6B64_6361_6368_65)
+    return rng.integers(0, 2**64, size=words, dtype=np.uint64, endpoint=False) | np.uint64(1)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, vectorised."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_digests(inputs: Any) -> np.ndarray:
+    """A 64-bit digest of each row's input bytes, shape ``(B,)`` uint64, vectorised.
+
+    Each row's bytes are read as 64-bit words and summed with fixed odd multipliers
+    (mod 2^64), then mixed: a change of any single word always changes the digest, and
+    reordered rows change it wherever their inputs differ. Not a cryptographic hash: it
+    detects misalignment and edits, not tampering.
+    """
+    digest = None
+    for leaf in _leaves(inputs):
+        rows = leaf.detach().cpu().contiguous()
+        b = rows.shape[0]
+        raw = rows.reshape(b, -1).view(torch.uint8).numpy() if rows.numel() else np.zeros((b, 0), np.uint8)
+        pad = (-raw.shape[1]) % 8
+        if pad:
+            raw = np.concatenate([raw, np.zeros((b, pad), np.uint8)], axis=1)
+        words = np.ascontiguousarray(raw).view(np.uint64)
+        h = (words * _multipliers(words.shape[1])).sum(axis=1, dtype=np.uint64) + np.uint64(raw.shape[1])
+        digest = _mix(h) if digest is None else _mix(digest * np.uint64(0x9E3779B97F4A7C15) + _mix(h))
+    assert digest is not None
+    return digest
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> cuda when present, else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdcacheError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return dev
+
+
+def move_inputs(inputs: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Move a tensor / tuple / dict of tensors to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=non_blocking)
+    if isinstance(inputs, dict):
+        return {k: move_inputs(v, device, non_blocking) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(move_inputs(v, device, non_blocking) for v in inputs)
+    return inputs
+
+
+def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """``model(x)``, ``model(*x)`` for a tuple, ``model(**x)`` for a dict."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def dataset_digest(dataset: Any) -> str:
+    """Length plus the input digests of up to 64 rows spread over the dataset.
+
+    Cheap enough to check at every cache open; every row's own digest is checked as it is
+    read in stage two, which catches an edit anywhere.
+    """
+    n = len(dataset)
+    sample = np.unique(np.linspace(0, n - 1, min(n, DIGEST_SAMPLE_ROWS)).round().astype(int)).tolist()
+    inputs, _ = fetch_batch(dataset, sample)
+    h = hashlib.sha256(f"{n};{sample}".encode())
+    h.update(row_digests(inputs).tobytes())
+    return h.hexdigest()[:32]
+
+
+def select_output(output: Any, key: str | None) -> torch.Tensor:
+    """The logits tensor out of a tensor, tuple, dict or object with ``.logits``."""
+    if key is not None:
+        if isinstance(output, (tuple, list)):
+            if not key.lstrip("-").isdigit() or not -len(output) <= int(key) < len(output):
+                raise KdcacheError(f"--output-key {key!r}: the teacher returns a tuple of {len(output)}; use an index")
+            picked = output[int(key)]
+        elif isinstance(output, dict) or hasattr(output, "keys"):
+            if key not in output:
+                raise KdcacheError(f"--output-key {key!r} not in the teacher's output keys {list(output.keys())}")
+            picked = output[key]
+        elif hasattr(output, key):
+            picked = getattr(output, key)
+        else:
+            raise KdcacheError(f"--output-key {key!r}: the teacher returns a {type(output).__name__} without it")
+    elif isinstance(output, torch.Tensor):
+        picked = output
+    elif hasattr(output, "logits") and isinstance(getattr(output, "logits"), torch.Tensor):
+        picked = output.logits
+    elif isinstance(output, dict):
+        if "logits" not in output:
+            raise KdcacheError(f"the teacher returns a dict without 'logits' (keys {list(output)}); choose one with --output-key")
+        picked = output["logits"]
+    elif isinstance(output, (tuple, list)) and output:
+        picked = output[0]
+    else:
+        raise KdcacheError(f"the teacher returns a {type(output).__name__}; return a tensor, tuple, dict or .logits")
+    if not isinstance(picked, torch.Tensor):
+        raise KdcacheError(f"the selected teacher output is a {type(picked).__name__}, not a tensor; "
+                           "choose another with --output-key")
+    return picked

@@ -1,0 +1,132 @@
+"""Resolve ``pkg.module:attr`` or ``path/to/file.py:attr`` specs into objects."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import KdcacheError
+
+__all__ = ["resolve_spec", "load_model", "load_dataset", "parse_kwargs"]
+
+
+def parse_kwargs(text: str | None, what: str) -> dict[str, Any]:
+    """Parse a ``--*-kwargs`` JSON object; ``None`` or empty gives ``{}``."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise KdcacheError(f"{what} is not valid JSON ({err.msg} at char {err.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise KdcacheError(f"{what} must be a JSON object like '{{\"width\": 64}}', got {text!r}")
+    return value
+
+
+def _import_target(target: str, spec: str) -> Any:
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise KdcacheError(f"spec {spec!r}: file {target} does not exist")
+        name = "kdcache_spec_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        if name in sys.modules:
+            return sys.modules[name]
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise KdcacheError(f"spec {spec!r}: cannot load {target} as a Python file")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[name]
+            raise KdcacheError(f"spec {spec!r}: importing {target} failed: {type(err).__name__}: {err}") from None
+        return module
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as err:
+        raise KdcacheError(f"spec {spec!r}: module {err.name!r} not found; check the spelling or install it") from None
+    except Exception as err:
+        raise KdcacheError(f"spec {spec!r}: importing {target} failed: {type(err).__name__}: {err}") from None
+
+
+def resolve_spec(spec: str, kwargs: dict[str, Any] | None = None, *, keep: tuple[type, ...] = ()) -> Any:
+    """Import the object a spec names; call it (with ``kwargs``) when it is callable.
+
+    Objects that are instances of ``keep`` (e.g. an ``nn.Module``, which is callable too) are
+    returned as they are.
+    """
+    if not isinstance(spec, str) or spec.count(":") < 1 or not spec.rsplit(":", 1)[1]:
+        raise KdcacheError(f"spec {spec!r} must look like 'pkg.module:attr' or 'path/to/file.py:attr'")
+    target, attr = spec.rsplit(":", 1)
+    module = _import_target(target, spec)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            raise KdcacheError(f"spec {spec!r}: {target} has no attribute {attr!r} (it has: {', '.join(names[:12])})")
+        obj = getattr(obj, part)
+    if kwargs and (isinstance(obj, keep) or not callable(obj)):
+        raise KdcacheError(f"spec {spec!r} names an object, not a callable: it takes no kwargs")
+    if callable(obj) and not isinstance(obj, keep):
+        try:
+            obj = obj(**(kwargs or {}))
+        except TypeError as err:
+            raise KdcacheError(f"spec {spec!r}: calling it failed: {err}") from None
+    return obj
+
+
+def load_model(spec: str, kwargs: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
+               *, role: str = "teacher") -> nn.Module:
+    """Build a model from a spec and optionally load a state dict into it."""
+    model = resolve_spec(spec, kwargs, keep=(nn.Module,))
+    if not isinstance(model, nn.Module):
+        raise KdcacheError(f"{role} spec {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, role=role)
+    return model
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | Path, *, role: str = "teacher") -> None:
+    """Load a state dict (or a kdcache ``student.pt``) into ``model``; one clear line on mismatch."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise KdcacheError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise KdcacheError(f"checkpoint {path} cannot be read by torch.load: {err}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise KdcacheError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KdcacheError(f"checkpoint {path} does not fit the {role}: missing keys {missing[:5]}, "
+                           f"unexpected keys {unexpected[:5]}")
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad:
+        k = bad[0]
+        raise KdcacheError(f"checkpoint {path} does not fit the {role}: {k} has shape {tuple(state[k].shape)}, "
+                           f"the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+
+
+def load_dataset(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
+    """Build a dataset (anything with ``__len__`` and ``__getitem__``) from a spec."""
+    dataset = resolve_spec(spec, kwargs, keep=(torch.utils.data.Dataset,))
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise KdcacheError(f"dataset spec {spec!r} gave a {type(dataset).__name__}, which has no __len__/__getitem__")
+    if len(dataset) == 0:
+        raise KdcacheError(f"dataset spec {spec!r} gave an empty dataset")
+    return dataset

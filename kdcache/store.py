@@ -1,0 +1,398 @@
+"""The cache format: one zarr v3 group holding teacher outputs, row-chunked, with a per-block
+completion record, checksums on every chunk, and attrs that describe what is inside.
+
+Layout (a **contract**, see README "Cache format"):
+
+- ``logits``                 (rows, *out_shape)  raw teacher logits, float16 by default
+- ``hidden/<module.name>``   (rows, *shape)      one array per captured module output
+- ``_row_digest``            (rows,) uint64      digest of each row's input (alignment check)
+- ``_blocks``                (blocks, 4) int64   completion record: done, rows, labelled, correct
+- group attrs ``kdcache``: format version, fingerprint, teacher, dataset, outputs, versions,
+  ``complete``, and the dump's timings under ``dump``.
+
+Every array is chunked along rows only; a write block covers whole chunks of every array, so
+no two writers ever touch one chunk. A block's record is written only after all of its
+chunks are on disk; ``complete`` is set only after every block's record is.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.core.sync import sync
+
+from .codecs import DenseCodec
+from .errors import KdcacheError
+
+__all__ = ["FORMAT_VERSION", "OutputSpec", "TeacherCache", "DumpLock", "plan_blocks", "fingerprint",
+           "dump_in_progress", "ChunkProblem"]
+
+FORMAT_VERSION = 1
+BLOCKS = "_blocks"
+ROW_DIGEST = "_row_digest"
+ATTR = "kdcache"
+TARGET_CHUNK_BYTES = 2 << 20
+MAX_BLOCK_BYTES = 128 << 20
+MAX_CHUNK_ROWS = 1 << 16
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One stored teacher output: ``logits`` or a hidden module, with its per-row shape."""
+
+    name: str
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int
+
+    @property
+    def codec(self) -> DenseCodec:
+        return DenseCodec(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.codec.stored_dtype.itemsize
+
+    @staticmethod
+    def path_for(name: str) -> str:
+        return "logits" if name == "logits" else f"hidden/{name}"
+
+
+def plan_blocks(row_bytes: dict[str, int], block_rows: int | None = None) -> tuple[int, dict[str, int]]:
+    """Pick the write block and each array's chunk rows (powers of two, chunks divide blocks).
+
+    Each array aims at ~2 MB chunks; the block is the largest chunk, capped at 128 MB of
+    all arrays together, since a block is held in host memory until written.
+    """
+    ideal = {p: max(1, min(MAX_CHUNK_ROWS, 1 << max(0, (TARGET_CHUNK_BYTES // max(b, 1)).bit_length() - 1)))
+             for p, b in row_bytes.items()}
+    if block_rows is None:
+        block_rows = max(ideal.values())
+        total = sum(row_bytes.values()) + 8
+        while block_rows > 1 and block_rows * total > MAX_BLOCK_BYTES:
+            block_rows //= 2
+    elif block_rows < 1:
+        raise KdcacheError(f"block rows must be >= 1, got {block_rows}")
+    chunks = {}
+    for p, rows in ideal.items():
+        rows = min(rows, block_rows)
+        while block_rows % rows:
+            rows //= 2
+        chunks[p] = rows
+    return block_rows, chunks
+
+
+def fingerprint(weights_digest: str, dataset_digest: str, choices: dict[str, Any]) -> str:
+    """Name of a cache: hash of the teacher's weights, the dataset and what is stored."""
+    blob = json.dumps({"format": FORMAT_VERSION, "weights": weights_digest, "dataset": dataset_digest,
+                       "choices": choices}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _lock_path(path: str | Path) -> Path:
+    return Path(str(path).rstrip("/") + ".lock")
+
+
+class DumpLock:
+    """An exclusive ``flock`` on ``<cache>.lock`` that holds the writer's pid and host.
+
+    The kernel drops the lock when its holder dies, so a crashed dump never leaves a stale
+    lock behind: the next dump takes it over and resumes.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.file = _lock_path(path)
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.file.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        return f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
+
+    def acquire(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> None:
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise KdcacheError(f"cannot create lock file {self.file}: {err.strerror}; check the path is writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                raise KdcacheError(f"another dump ({self.holder()}) is writing {self.file.with_suffix('')}; "
+                                   "wait for it to finish") from None
+            if on_wait is not None:
+                on_wait(self.holder())
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.time()}).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "DumpLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def dump_in_progress(path: str | Path) -> str | None:
+    """``"pid N on HOST"`` when a live dump holds the cache's lock, else None."""
+    file = _lock_path(path)
+    if not file.exists():
+        return None
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return DumpLock(path).holder()
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """A chunk that is missing or fails its checksum, with the rows it holds."""
+
+    array: str
+    chunk: int
+    start: int
+    stop: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.array} chunk {self.chunk} (rows {self.start}..{self.stop - 1}): {self.reason}"
+
+
+def _open_store(path: str | Path, read_only: bool) -> Any:
+    return zarr.storage.LocalStore(str(path), read_only=read_only)
+
+
+class TeacherCache:
+    """A teacher-output cache on disk: create and fill it (stage one), open and read it (stage two).
+
+    Reading needs only zarr and numpy: nothing in the store refers to the teacher's code.
+    """
+
+    def __init__(self, path: str | Path, group: zarr.Group) -> None:
+        self.path = str(path)
+        self.group = group
+        meta = group.attrs.get(ATTR)
+        if not isinstance(meta, dict):
+            raise KdcacheError(f"{path} is a zarr group but not a kdcache cache (no '{ATTR}' attrs)")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise KdcacheError(f"{path} was written by a newer kdcache (cache format {version}, this one reads "
+                               f"<= {FORMAT_VERSION}); upgrade kdcache")
+        self.meta: dict[str, Any] = meta
+        self.outputs: dict[str, OutputSpec] = {
+            name: OutputSpec(name=name, path=o["path"], shape=tuple(o["shape"]), dtype=o["dtype"],
+                             chunk_rows=int(o["chunk_rows"]))
+            for name, o in meta["outputs"].items()}
+
+    # ---- create / open ------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, meta: dict[str, Any], outputs: list[OutputSpec], rows: int,
+               block_rows: int) -> "TeacherCache":
+        """Create an empty cache (``complete`` false). Fails if something is already at ``path``."""
+        n_blocks = -(-rows // block_rows)
+        meta = {**meta, "format_version": FORMAT_VERSION, "rows": rows, "block_rows": block_rows,
+                "blocks": n_blocks, "complete": False,
+                "outputs": {o.name: {**{k: v for k, v in asdict(o).items() if k != "name"},
+                                     "shape": list(o.shape), "codec": o.codec.name,
+                                     "stored_dtype": str(o.codec.stored_dtype)} for o in outputs}}
+        try:
+            group = zarr.open_group(store=_open_store(path, False), mode="w-", zarr_format=3)
+            for o in outputs:
+                cls._create_array(group, o.path, (rows, *o.shape), o.codec.stored_dtype, o.chunk_rows)
+            cls._create_array(group, ROW_DIGEST, (rows,), np.dtype("uint64"), block_rows)
+            # one chunk per block so each block's record is its own file, written after its data
+            cls._create_array(group, BLOCKS, (n_blocks, 4), np.dtype("int64"), 1)
+            group.attrs[ATTR] = meta
+        except OSError as err:
+            raise KdcacheError(f"cannot create cache at {path}: {err.strerror or err}; "
+                               "check the path is writable and has space") from None
+        return cls(path, group)
+
+    @staticmethod
+    def _create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> None:
+        group.create_array(name, shape=shape, chunks=(chunk_rows, *shape[1:]), dtype=dtype, fill_value=0,
+                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "TeacherCache":
+        """Open an existing cache (complete or not) for reading, or with ``mode="r+"`` to resume it."""
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise KdcacheError(f"{path} is a file, not a cache directory")
+        if not (p / "zarr.json").exists():
+            raise KdcacheError(f"no cache at {path}; run kdcache dump-teacher first (or check the path)")
+        try:
+            group = zarr.open_group(store=_open_store(path, mode == "r"), mode=mode, zarr_format=3)
+        except (ValueError, KeyError, OSError) as err:
+            raise KdcacheError(f"{path} is not a readable zarr v3 cache: {err}") from None
+        return cls(path, group)
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        return (Path(path) / "zarr.json").exists()
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return int(self.meta["rows"])
+
+    @property
+    def block_rows(self) -> int:
+        return int(self.meta["block_rows"])
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.meta["blocks"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def hidden_names(self) -> list[str]:
+        return [n for n in self.outputs if n != "logits"]
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, self.rows)
+
+    # ---- dump side --------------------------------------------------------------------------
+    def blocks_record(self) -> np.ndarray:
+        """(blocks, 4) int64: done flag, rows, labelled rows, rows the teacher got right."""
+        return self._read(BLOCKS, 0, self.n_blocks)
+
+    def write_block(self, block: int, arrays: dict[str, np.ndarray], digests: np.ndarray,
+                    stats: tuple[int, int, int]) -> None:
+        """Write one block's rows of every array, then its completion record."""
+        start, stop = self.block_range(block)
+        for name, data in arrays.items():
+            self.group[self.outputs[name].path][start:stop] = data
+        self.group[ROW_DIGEST][start:stop] = digests
+        self.group[BLOCKS][block] = np.array([1, *stats], dtype=np.int64)
+
+    def finalize(self, extra: dict[str, Any]) -> None:
+        """Mark the cache complete once every block's record is on disk."""
+        record = self.blocks_record()
+        if not record[:, 0].all():
+            missing = int(np.flatnonzero(record[:, 0] == 0)[0])
+            raise RuntimeError(f"finalize called with block {missing} not written")
+        labelled, correct = int(record[:, 2].sum()), int(record[:, 3].sum())
+        accuracy = {"labelled": labelled, "correct": correct,
+                    "accuracy": (correct / labelled) if labelled else None}
+        self.meta = {**self.meta, **extra, "teacher_accuracy": accuracy, "complete": True}
+        self.group.attrs[ATTR] = self.meta
+
+    # ---- read side --------------------------------------------------------------------------
+    def _read(self, path: str, start: int, stop: int) -> np.ndarray:
+        try:
+            return self.group[path][start:stop]
+        except ValueError as err:
+            raise KdcacheError(f"cache {self.path}: {path} rows {start}..{stop - 1} are corrupt ({err}); "
+                               f"run kdcache verify {self.path}, then dump again") from None
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows ``start:stop`` of output ``name`` (stored dtype, checksums checked)."""
+        return self._read(self.outputs[name].path, start, stop)
+
+    def row_digests(self) -> np.ndarray:
+        return self._read(ROW_DIGEST, 0, self.rows)
+
+    def _chunks(self, path: str) -> Iterator[tuple[int, int, int, str]]:
+        array = self.group[path]
+        chunk_rows = array.chunks[0]
+        for c in range(-(-array.shape[0] // chunk_rows)):
+            key = f"{path}/{array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))}"
+            yield c, c * chunk_rows, min((c + 1) * chunk_rows, array.shape[0]), key
+
+    def _stored_keys(self, path: str) -> set[str]:
+        async def listing() -> list[str]:
+            return [k async for k in self.group.store.list_prefix(f"{path}/c")]
+        return set(sync(listing()))
+
+    def array_paths(self) -> list[str]:
+        return [o.path for o in self.outputs.values()] + [ROW_DIGEST, BLOCKS]
+
+    def missing_chunks(self) -> list[ChunkProblem]:
+        """Chunks whose file is gone (zarr would silently read them as zeros)."""
+        problems = []
+        for path in self.array_paths():
+            keys = self._stored_keys(path)
+            problems += [ChunkProblem(path, c, a, b, "chunk file is missing")
+                         for c, a, b, key in self._chunks(path) if key not in keys]
+        return problems
+
+    def check_chunks(self) -> None:
+        """Raise one clear line if any chunk file is missing."""
+        problems = self.missing_chunks()
+        if problems:
+            raise KdcacheError(f"cache {self.path} is damaged: {problems[0]} ({len(problems)} bad chunks); "
+                               f"run kdcache verify {self.path}, then dump again")
+
+    def verify(self) -> list[ChunkProblem]:
+        """Read every chunk of every array; return the missing and corrupt ones."""
+        problems = self.missing_chunks()
+        seen = {(p.array, p.chunk) for p in problems}
+        for path in self.array_paths():
+            for c, a, b, _ in self._chunks(path):
+                if (path, c) in seen:
+                    continue
+                try:
+                    self.group[path][a:b]
+                except Exception as err:  # a torn chunk can fail in any codec
+                    problems.append(ChunkProblem(path, c, a, b, f"{type(err).__name__}: {err}"))
+        return problems
+
+    def nbytes_on_disk(self) -> dict[str, int]:
+        """Bytes on disk per array (local stores)."""
+        return {path: sum(f.stat().st_size for f in (Path(self.path) / path).rglob("*") if f.is_file())
+                for path in self.array_paths()}
+
+
+def remove_cache(path: str | Path) -> None:
+    """Delete a cache directory (``--overwrite``)."""
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        raise KdcacheError(f"{path} is a file, not a cache directory; choose another --out")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)

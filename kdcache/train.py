@@ -1,0 +1,371 @@
+"""Stage two: train the student from cached teacher outputs (or plainly on labels).
+
+The teacher is never loaded here: its logits and hidden states come from the cache. For
+side-by-side comparisons the same loop also accepts a live ``teacher`` module (online KD).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .capture import HiddenCapture, check_module_names
+from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatch, collate
+from .errors import KdcacheError
+from .items import call_model, fetch_batch, move_inputs, resolve_device, select_output
+from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss
+from .store import TeacherCache
+
+__all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate"]
+
+HINT_KINDS = ("mse", "cosine", "attention")
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A hidden-state term: ``weight * loss(student_module output, teacher_module output)``."""
+
+    student: str
+    teacher: str
+    kind: str = "mse"
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Hint":
+        """``STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT]``."""
+        body, _, weight = text.partition("@")
+        pair, _, kind = body.partition(":")
+        student, eq, teacher = pair.partition("=")
+        if not eq or not student or not teacher:
+            raise KdcacheError(f"--hint {text!r} must look like STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT]")
+        kind = kind or "mse"
+        if kind not in HINT_KINDS:
+            raise KdcacheError(f"--hint {text!r}: loss {kind!r} is not one of {', '.join(HINT_KINDS)}")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise KdcacheError(f"--hint {text!r}: weight {weight!r} is not a number") from None
+        return cls(student, teacher, kind, w)
+
+    def __str__(self) -> str:
+        return f"{self.student}={self.teacher}:{self.kind}@{self.weight:g}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage-two settings; the CLI's flags and ``--config`` TOML keys have the same names."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    temperature: float = 4.0
+    alpha: float = 0.9
+    hints: tuple[Hint, ...] = ()
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    num_workers: int = 0
+    in_memory: str = "auto"
+    allow_input_mismatch: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
+                  (self.lr > 0, "lr must be > 0"), (self.temperature > 0, "temperature must be > 0"),
+                  (0.0 <= self.alpha <= 1.0, "alpha must be within [0, 1]"),
+                  (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
+                  (self.amp in ("auto", "bf16", "fp16", "none"), "amp must be auto, bf16, fp16 or none"),
+                  (self.in_memory in ("auto", "yes", "no"), "in_memory must be auto, yes or no"),
+                  (self.num_workers >= 0, "num_workers must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise KdcacheError(f"bad training setting: {message}")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KdcacheError(f"unknown training setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        values = dict(values)
+        if "hints" in values:
+            values["hints"] = tuple(h if isinstance(h, Hint) else Hint.parse(str(h)) for h in values["hints"])
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise KdcacheError(f"bad training setting: {err}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "hints": [str(h) for h in self.hints]}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_student` returns: per-epoch metrics and where things were saved."""
+
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    out: Path | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics[-1] if self.metrics else {}
+
+
+class _LabelledRows(Dataset):
+    """Plain training data: batches of ``(inputs, labels, {})`` read the same way as the cache's."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
+        inputs, labels = fetch_batch(self.dataset, list(indices))
+        return TeacherBatch(inputs, labels, {})
+
+    def __getitem__(self, i: int) -> Any:
+        return self.__getitems__([i])[0]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(amp: str, device: torch.device) -> Any:
+    amp = ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+
+
+def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.Tensor) -> nn.Module:
+    if hint.kind == "attention":
+        if student_out.ndim != 4 or teacher_out.ndim != 4:
+            raise KdcacheError(f"--hint {hint}: attention transfer needs conv maps (B, C, H, W), got student "
+                               f"{tuple(student_out.shape[1:])} and teacher {tuple(teacher_out.shape[1:])}")
+        return AttentionTransferLoss()
+    conv = student_out.ndim == 4
+    if (student_out.ndim != teacher_out.ndim or (not conv and student_out.shape[1:-1] != teacher_out.shape[1:-1])):
+        raise KdcacheError(f"--hint {hint}: student output {tuple(student_out.shape[1:])} cannot be matched to "
+                           f"teacher output {tuple(teacher_out.shape[1:])}")
+    axis = 1 if conv else -1
+    return HiddenStateLoss(hint.kind, int(student_out.shape[axis]), int(teacher_out.shape[axis]), conv=conv)
+
+
+class _Teacher:
+    """Where teacher outputs come from: the batch (cache), a live module (online) or nowhere (plain)."""
+
+    def __init__(self, module: nn.Module | None, hidden: Sequence[str], device: torch.device) -> None:
+        self.module = module.to(device).eval() if module is not None else None
+        self.capture = HiddenCapture(self.module, hidden) if self.module is not None else None
+        if self.capture is not None:
+            self.capture.__enter__()
+
+    def outputs(self, inputs: Any, cached: dict[str, Any], device: torch.device, autocast: Any) -> dict[str, Any] | None:
+        if self.module is None:
+            if not cached:
+                return None
+            return {"logits": cached["logits"].to(device, non_blocking=True),
+                    "hidden": {k: v.to(device, non_blocking=True) for k, v in cached["hidden"].items()}}
+        assert self.capture is not None
+        with torch.inference_mode(), autocast():
+            logits = select_output(call_model(self.module, inputs), None)
+            hidden = self.capture.take()
+        return {"logits": logits.float(), "hidden": {k: v.float() for k, v in hidden.items()}}
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.__exit__(None, None, None)
+
+
+def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device: str | torch.device | None = None,
+             ) -> dict[str, float]:
+    """Accuracy and cross-entropy of ``student`` over the labelled rows of ``dataset``."""
+    dev = resolve_device(device)
+    was_training = student.training
+    student.eval()
+    correct = seen = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            inputs, labels = fetch_batch(dataset, range(start, min(start + batch_size, len(dataset))))
+            logits = select_output(call_model(student, move_inputs(inputs, dev)), None).float()
+            labels = labels.to(dev)
+            keep = labels >= 0
+            if keep.any():
+                loss_sum += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+                correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
+                seen += int(keep.sum())
+    student.train(was_training)
+    return {"eval_acc": correct / seen if seen else float("nan"), "eval_loss": loss_sum / seen if seen else float("nan"),
+            "eval_rows": seen}
+
+
+def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | Path | None = None, *,
+                  eval_dataset: Any = None, teacher: nn.Module | None = None, out: str | Path | None = None,
+                  config: TrainConfig | None = None, progress: bool = True, student_spec: dict[str, Any] | None = None,
+                  **settings: Any) -> TrainResult:
+    """Train ``student`` with ``alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y) + sum_i w_i * hint_i``.
+
+    Args:
+        student: the model to train (its logits picked as in dump-teacher: tensor, tuple[0],
+            dict["logits"] or ``.logits``).
+        dataset: the transfer set; rows labelled -1 contribute only the KD terms.
+        cache: the teacher cache dumped from ``dataset``; None trains plainly on labels
+            (unless ``teacher`` is given).
+        teacher: a live teacher for online KD, for comparisons only (kdcache's own path is
+            ``cache``); it is run under inference_mode on every step.
+        eval_dataset: labelled data for per-epoch accuracy and loss.
+        out: directory for ``metrics.jsonl``, ``student.pt``, ``hints.pt`` and ``config.json``.
+        config / settings: a :class:`TrainConfig`, or its fields as keyword arguments.
+    """
+    cfg = config if config is not None else TrainConfig()
+    if settings:
+        cfg = TrainConfig.from_mapping({**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **settings})
+    if cache is not None and teacher is not None:
+        raise KdcacheError("give either a cache or a live teacher, not both")
+    if cfg.hints and cache is None and teacher is None:
+        raise KdcacheError("--hint needs teacher hidden states: pass --cache (dumped with --hidden)")
+    _seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    autocast = _autocast(cfg.amp, dev)
+    student = student.to(dev)
+    check_module_names(student, [h.student for h in cfg.hints], role="student")
+    teacher_hidden = [h.teacher for h in cfg.hints]
+    if cache is not None:
+        data: Dataset = CachedTeacherDataset(dataset, cache, hidden=teacher_hidden,
+                                             in_memory={"yes": True, "no": False}.get(cfg.in_memory, "auto"),
+                                             check_inputs=not cfg.allow_input_mismatch)
+        sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed)
+    else:
+        if teacher is not None:
+            check_module_names(teacher, teacher_hidden)
+        data = _LabelledRows(dataset)
+        sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed)
+    source = _Teacher(teacher, teacher_hidden, dev)
+    kd_loss = KLDivLoss(cfg.temperature)
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "metrics.jsonl").write_text("")
+        except OSError as err:
+            raise KdcacheError(f"cannot write to --out {out_dir}: {err.strerror}") from None
+
+    with HiddenCapture(student, [h.student for h in cfg.hints], role="student") as capture:
+        hint_losses = _probe(student, data, source, capture, cfg, dev, autocast)
+        params = list(student.parameters()) + [p for m in hint_losses for p in m.parameters()]
+        optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                     if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        result = TrainResult(out=out_dir)
+        bar = tqdm(total=cfg.epochs * len(sampler), unit="step", desc="train-student", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            for epoch in range(cfg.epochs):
+                sampler.set_epoch(epoch)
+                record = _epoch(student, loader, source, capture, hint_losses, kd_loss, optimizer, cfg, dev,
+                                autocast, bar)
+                record = {"epoch": epoch + 1, **record}
+                if eval_dataset is not None:
+                    record.update(evaluate(student, eval_dataset, batch_size=max(cfg.batch_size, 256), device=dev))
+                result.metrics.append(record)
+                bar.set_postfix({k: round(v, 4) for k, v in record.items() if k in ("loss", "eval_acc")})
+                if out_dir is not None:
+                    with open(out_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+        finally:
+            bar.close()
+            source.close()
+    if out_dir is not None:
+        _save(out_dir, student, hint_losses, cfg, student_spec, cache)
+    return result
+
+
+def _probe(student: nn.Module, data: Dataset, source: _Teacher, capture: HiddenCapture, cfg: TrainConfig,
+           dev: torch.device, autocast: Any) -> list[nn.Module]:
+    """Run two rows through the student (eval mode, no grad) to check its logits against the
+    teacher's and size the hint projections."""
+    inputs, _, cached = collate(data.__getitems__(list(range(min(2, len(data))))))  # type: ignore[attr-defined]
+    inputs = move_inputs(inputs, dev)
+    student.eval()
+    with torch.no_grad(), autocast():
+        logits = select_output(call_model(student, inputs), None)
+        hidden = capture.take() if cfg.hints else {}
+    student.train()
+    teacher = source.outputs(inputs, cached, dev, autocast)
+    if teacher is not None and tuple(logits.shape[1:]) != tuple(teacher["logits"].shape[1:]):
+        raise KdcacheError(f"the student's logits have shape {tuple(logits.shape[1:])} but the teacher's "
+                           f"{tuple(teacher['logits'].shape[1:])}: the class/vocabulary sizes must agree")
+    losses = [_build_hint_loss(h, hidden[h.student], teacher["hidden"][h.teacher]) for h in cfg.hints] if teacher else []
+    return [m.to(dev) for m in losses]
+
+
+def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: HiddenCapture,
+           hint_losses: list[nn.Module], kd_loss: KLDivLoss, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+           dev: torch.device, autocast: Any, bar: Any) -> dict[str, float]:
+    student.train()
+    sums = torch.zeros(3 + len(hint_losses), device=dev)  # loss, kd, ce, hints...; one sync per epoch
+    rows = steps = 0
+    non_blocking = dev.type == "cuda"
+    t0 = time.perf_counter()
+    for inputs, labels, cached in loader:
+        inputs = move_inputs(inputs, dev, non_blocking=non_blocking)
+        labels = labels.to(dev, non_blocking=non_blocking)
+        teacher = source.outputs(inputs, cached, dev, autocast)
+        with autocast():
+            logits = select_output(call_model(student, inputs), None)
+            hidden = capture.take() if hint_losses else {}
+        labelled = labels >= 0
+        # a batch of unlabelled rows has CE 0 (mean over labelled rows only)
+        ce = F.cross_entropy(logits.float()[labelled], labels[labelled], reduction="sum") / labelled.sum().clamp_min(1)
+        if teacher is None:
+            loss = ce
+            parts = [ce.detach() * 0, ce]
+        else:
+            kd = kd_loss(logits, teacher["logits"])
+            hints = [m(hidden[h.student], teacher["hidden"][h.teacher]) for h, m in zip(cfg.hints, hint_losses)]
+            loss = cfg.alpha * kd + (1 - cfg.alpha) * ce + sum(h.weight * v for h, v in zip(cfg.hints, hints))
+            parts = [kd, ce, *hints]
+        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            optimizer.step()
+        sums += torch.stack([loss.detach().float(), *[p.detach().float() for p in parts]])
+        rows += len(labels)
+        steps += 1
+        bar.update(1)
+    seconds = time.perf_counter() - t0
+    means = (sums / max(steps, 1)).tolist()
+    record = {"loss": means[0], "kd": means[1], "ce": means[2]}
+    record.update({f"hint:{h}": v for h, v in zip(cfg.hints, means[3:])})
+    record.update({"rows": rows, "seconds": round(seconds, 4), "samples_per_s": rows / max(seconds, 1e-9)})
+    return record
+
+
+def _save(out: Path, student: nn.Module, hint_losses: list[nn.Module], cfg: TrainConfig,
+          student_spec: dict[str, Any] | None, cache: Any) -> None:
+    state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    torch.save({"state_dict": state, "spec": student_spec or {"class": type(student).__qualname__}}, out / "student.pt")
+    if hint_losses:
+        torch.save({str(h): m.state_dict() for h, m in zip(cfg.hints, hint_losses)}, out / "hints.pt")
+    cache_path = cache.path if isinstance(cache, TeacherCache) else (str(cache) if cache is not None else None)
+    (out / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": cache_path, "student": student_spec},
+                                                indent=2) + "\n")

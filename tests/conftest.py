@@ -1,0 +1,122 @@
+"""Shared fixtures: small real models written to files (so specs resolve by path) and datasets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+MODELS_PY = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset, TensorDataset
+
+    FORWARD_CALLS = [0]
+
+    class Teacher(nn.Module):
+        def __init__(self, d_in=12, width=32, classes=5):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.Tanh())
+            self.head = nn.Linear(width, classes)
+        def forward(self, x):
+            FORWARD_CALLS[0] += 1
+            return self.head(self.body(x))
+
+    class Student(nn.Module):
+        def __init__(self, d_in=12, width=8, classes=5):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(d_in, width), nn.ReLU())
+            self.head = nn.Linear(width, classes)
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    def teacher(seed=0, **kw):
+        torch.manual_seed(seed)
+        return Teacher(**kw)
+
+    def student(seed=1, **kw):
+        torch.manual_seed(seed)
+        return Student(**kw)
+
+    def dataset(n=300, d_in=12, classes=5, seed=0, unlabelled_from=None, edit_row=None):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, d_in, generator=g)
+        y = torch.randint(0, classes, (n,), generator=g)
+        if unlabelled_from is not None:
+            y[unlabelled_from:] = -1
+        if edit_row is not None:
+            x[edit_row, 0] += 1.0
+        return TensorDataset(x, y)
+
+    class DictItems(Dataset):
+        """HF-style items: a dict of input tensors with a 'label' key."""
+        def __init__(self, n=100):
+            g = torch.Generator().manual_seed(3)
+            self.a, self.b = torch.randn(n, 6, generator=g), torch.randn(n, 6, generator=g)
+            self.y = torch.randint(0, 5, (n,), generator=g)
+        def __len__(self):
+            return len(self.y)
+        def __getitem__(self, i):
+            return {"a": self.a[i], "b": self.b[i], "label": int(self.y[i])}
+
+    class DictTeacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(12, 5)
+        def forward(self, a, b):
+            return {"logits": self.proj(torch.cat([a, b], dim=1)), "extra": a.sum(1)}
+
+    def failing_dataset(n=300, fail_at=None):
+        base = dataset(n)
+        class Failing(Dataset):
+            def __len__(self):
+                return n
+            def __getitem__(self, i):
+                if fail_at is not None and i == fail_at:
+                    raise RuntimeError("simulated crash")
+                return base[i]
+        return Failing()
+''')
+
+
+@pytest.fixture()
+def models_file(tmp_path: Path) -> Path:
+    path = tmp_path / "kd_models.py"
+    path.write_text(MODELS_PY)
+    return path
+
+
+@pytest.fixture()
+def models(models_file: Path):
+    from kdcache.spec import _import_target
+    return _import_target(str(models_file), "test")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m kdcache ARGS`` as a user would; returns the completed process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kdcache", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a cache, by relative path (the zarr.json of the group without run timings)."""
+    import json
+    files = {}
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            data = f.read_bytes()
+            if f.name == "zarr.json" and f.parent == Path(path):
+                meta = json.loads(data)
+                meta["attributes"]["kdcache"].pop("dump", None)
+                data = json.dumps(meta, sort_keys=True).encode()
+            files[str(f.relative_to(path))] = data
+    return files

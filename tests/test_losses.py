@@ -1,0 +1,92 @@
+"""Losses against hand computations: reduction, T^2 scaling, masks, projections."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdcache.losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SoftTargetCrossEntropy
+
+
+def _hand_kl(s, t, T):
+    total = 0.0
+    for srow, trow in zip(s.tolist(), t.tolist()):
+        zs = [v / T for v in srow]
+        zt = [v / T for v in trow]
+        ls = math.log(sum(math.exp(v) for v in zs))
+        lt = math.log(sum(math.exp(v) for v in zt))
+        total += sum(math.exp(b - lt) * ((b - lt) - (a - ls)) for a, b in zip(zs, zt))
+    return total / len(s) * T * T
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_kl_is_batchmean_times_t_squared(T):
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 7), torch.randn(6, 7)
+    assert KLDivLoss(T)(s, t).item() == pytest.approx(_hand_kl(s, t, T), rel=1e-5)
+    ref = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), log_target=True, reduction="batchmean") * T * T
+    assert KLDivLoss(T)(s, t).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert KLDivLoss(T)(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_on_sequences_averages_over_unmasked_tokens():
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    rows_s = torch.cat([s[0, :3], s[1]])
+    rows_t = torch.cat([t[0, :3], t[1]])
+    assert KLDivLoss(2.0)(s, t, mask).item() == pytest.approx(_hand_kl(rows_s, rows_t, 2.0), rel=1e-5)
+    # padding values do not matter
+    s2 = s.clone()
+    s2[0, 3:] = 100.0
+    assert KLDivLoss(2.0)(s2, t, mask).item() == pytest.approx(KLDivLoss(2.0)(s, t, mask).item(), rel=1e-6)
+    assert KLDivLoss(2.0, reduction="none")(s, t).shape == (2, 5)
+
+
+def test_soft_target_ce_is_kl_plus_teacher_entropy():
+    torch.manual_seed(2)
+    s, t, T = torch.randn(5, 6), torch.randn(5, 6), 3.0
+    p_t = F.softmax(t / T, 1)
+    entropy = -(p_t * p_t.log()).sum(1).mean() * T * T
+    assert SoftTargetCrossEntropy(T)(s, t).item() == pytest.approx((KLDivLoss(T)(s, t) + entropy).item(), rel=1e-5)
+
+
+def test_kl_refuses_mismatched_class_counts():
+    with pytest.raises(ValueError, match="differ in shape"):
+        KLDivLoss()(torch.randn(2, 5), torch.randn(2, 6))
+
+
+def test_hidden_mse_and_cosine_by_hand():
+    torch.manual_seed(3)
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    assert HiddenStateLoss("mse")(s, t).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)
+    cos = [(a @ b / (a.norm() * b.norm())).item() for a, b in zip(s, t)]
+    assert HiddenStateLoss("cosine")(s, t).item() == pytest.approx(sum(1 - c for c in cos) / 4, rel=1e-5)
+
+
+def test_hidden_projection_when_dims_differ_linear_and_conv():
+    loss = HiddenStateLoss("mse", student_dim=3, teacher_dim=8)
+    s, t = torch.randn(4, 3), torch.randn(4, 8)
+    assert loss(s, t).item() == pytest.approx(((s @ loss.projection.weight.T - t) ** 2).mean().item(), rel=1e-5)
+    conv = HiddenStateLoss("mse", student_dim=3, teacher_dim=8, conv=True)
+    assert isinstance(conv.projection, torch.nn.Conv2d) and conv.projection.kernel_size == (1, 1)
+    s4, t4 = torch.randn(2, 3, 4, 4), torch.randn(2, 8, 4, 4)
+    proj = torch.einsum("oc,bchw->bohw", conv.projection.weight[:, :, 0, 0], s4)
+    assert conv(s4, t4).item() == pytest.approx(((proj - t4) ** 2).mean().item(), rel=1e-5)
+    assert len(list(conv.parameters())) == 1
+
+
+def test_attention_transfer_by_hand():
+    torch.manual_seed(4)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+
+    def at(x):
+        a = x.pow(2).mean(1).flatten(1)
+        return a / a.norm(dim=1, keepdim=True)
+
+    assert AttentionTransferLoss()(s, t).item() == pytest.approx((at(s) - at(t)).pow(2).mean().item(), rel=1e-5)
+    # a student map of another spatial size is resized to the teacher's
+    assert AttentionTransferLoss()(torch.randn(2, 3, 8, 8), t).ndim == 0
