@@ -318,7 +318,7 @@ def _create(teacher: nn.Module, dataset: Any, path: Path, hidden: tuple[str, ...
         shapes[name] = tuple(t.shape[1:])
     row_bytes = {name: int(np.prod(s, dtype=np.int64)) * codecs[name].stored_dtype.itemsize
                  for name, s in shapes.items()}
-    block_rows, chunks = plan_blocks(row_bytes, block_rows)
+    block_rows, chunks = plan_blocks(row_bytes, len(dataset), block_rows)
     outputs_spec = [OutputSpec(name, OutputSpec.path_for(name), shapes[name], codecs[name].dtype, chunks[name])
                     for name in shapes]
     return TeacherCache.create(path, meta=meta, outputs=outputs_spec, rows=len(dataset), block_rows=block_rows)

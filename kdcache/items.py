@@ -119,12 +119,14 @@ def row_digests(inputs: Any) -> np.ndarray:
     for leaf in _leaves(inputs):
         rows = leaf.detach().cpu().contiguous()
         b = rows.shape[0]
-        raw = rows.reshape(b, -1).view(torch.uint8).numpy() if rows.numel() else np.zeros((b, 0), np.uint8)
-        pad = (-raw.shape[1]) % 8
-        if pad:
-            raw = np.concatenate([raw, np.zeros((b, pad), np.uint8)], axis=1)
-        words = np.ascontiguousarray(raw).view(np.uint64)
-        h = (words * _multipliers(words.shape[1])).sum(axis=1, dtype=np.uint64) + np.uint64(raw.shape[1])
+        raw = rows.reshape(b, -1).view(torch.uint8) if rows.numel() else torch.zeros((b, 0), dtype=torch.uint8)
+        nbytes = raw.shape[1]
+        if nbytes % 8:
+            raw = torch.cat([raw, raw.new_zeros((b, 8 - nbytes % 8))], dim=1)
+        words = raw.view(torch.int64)
+        multipliers = torch.from_numpy(_multipliers(words.shape[1]).view(np.int64))
+        # int64 arithmetic wraps mod 2^64, the same on every path; torch spreads it over threads
+        h = (words * multipliers).sum(dim=1).numpy().view(np.uint64) + np.uint64(nbytes)
         digest = _mix(h) if digest is None else _mix(digest * np.uint64(0x9E3779B97F4A7C15) + _mix(h))
     assert digest is not None
     return digest

@@ -14,20 +14,28 @@ __all__ = ["KLDivLoss", "SoftTargetCrossEntropy", "HiddenStateLoss", "AttentionT
 
 def _reduce(per_item: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
     """Reduce per-row (B,) or per-token (B, L) values: mean over rows / unmasked tokens."""
+    if reduction not in ("batchmean", "sum", "none"):
+        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
     if mask is not None:
         if mask.shape != per_item.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(per_item.shape)}")
-        per_item = per_item * mask.to(per_item.dtype)
-        count = mask.to(per_item.dtype).sum()
-    else:
-        count = torch.tensor(float(per_item.numel()), device=per_item.device)
+        weights = mask.to(per_item.dtype)
+        per_item = per_item * weights
+        if reduction == "batchmean":
+            return per_item.sum() / weights.sum().clamp_min(1.0)
     if reduction == "none":
         return per_item
     if reduction == "sum":
         return per_item.sum()
-    if reduction == "batchmean":
-        return per_item.sum() / count.clamp_min(1.0)
-    raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
+    return per_item.sum() / max(per_item.numel(), 1)
+
+
+def _soft_cross_entropy(student_logits: torch.Tensor, p_teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """Per-row ``-sum p_t log softmax(s/T)`` with torch's fused soft-label cross-entropy."""
+    classes = student_logits.shape[-1]
+    ce = F.cross_entropy((student_logits.float() / t).reshape(-1, classes), p_teacher.reshape(-1, classes),
+                         reduction="none")
+    return ce.reshape(student_logits.shape[:-1])
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -49,6 +57,7 @@ class KLDivLoss(nn.Module):
 
     Shapes: ``student_logits`` and ``teacher_logits`` ``(B, C)`` or ``(B, L, C)``, any float dtype
     (computed in float32); ``mask`` ``(B,)`` or ``(B, L)``, 1 for rows/tokens that count.
+    The teacher's logits are a constant target: no gradient flows into them.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
@@ -61,9 +70,12 @@ class KLDivLoss(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         _check_logits(student_logits, teacher_logits)
         t = self.temperature
-        log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-        log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-        per_item = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+        with torch.no_grad():  # the teacher is a constant target
+            log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+            p_t = log_p_t.exp()
+            neg_entropy = (p_t * log_p_t).sum(dim=-1)
+        # KL(p_t || p_s) = sum p_t log p_t - sum p_t log p_s
+        per_item = _soft_cross_entropy(student_logits, p_t, t) + neg_entropy
         return _reduce(per_item, mask, self.reduction) * (t * t)
 
 
@@ -85,9 +97,9 @@ class SoftTargetCrossEntropy(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         _check_logits(student_logits, teacher_logits)
         t = self.temperature
-        p_t = F.softmax(teacher_logits.float() / t, dim=-1)
-        per_item = -(p_t * F.log_softmax(student_logits.float() / t, dim=-1)).sum(dim=-1)
-        return _reduce(per_item, mask, self.reduction) * (t * t)
+        with torch.no_grad():
+            p_t = F.softmax(teacher_logits.float() / t, dim=-1)
+        return _reduce(_soft_cross_entropy(student_logits, p_t, t), mask, self.reduction) * (t * t)
 
 
 class HiddenStateLoss(nn.Module):

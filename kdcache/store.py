@@ -38,7 +38,7 @@ from .codecs import DenseCodec
 from .errors import KdcacheError
 
 __all__ = ["FORMAT_VERSION", "OutputSpec", "TeacherCache", "DumpLock", "plan_blocks", "fingerprint",
-           "dump_in_progress", "ChunkProblem"]
+           "dump_in_progress", "ChunkProblem", "remove_cache", "is_disk_full"]
 
 FORMAT_VERSION = 1
 BLOCKS = "_blocks"
@@ -72,13 +72,16 @@ class OutputSpec:
         return "logits" if name == "logits" else f"hidden/{name}"
 
 
-def plan_blocks(row_bytes: dict[str, int], block_rows: int | None = None) -> tuple[int, dict[str, int]]:
+def plan_blocks(row_bytes: dict[str, int], rows: int, block_rows: int | None = None) -> tuple[int, dict[str, int]]:
     """Pick the write block and each array's chunk rows (powers of two, chunks divide blocks).
 
-    Each array aims at ~2 MB chunks; the block is the largest chunk, capped at 128 MB of
-    all arrays together, since a block is held in host memory until written.
+    Each array aims at ~2 MB chunks (never more rows than the cache has, rounded up to a
+    power of two, since zarr stores an edge chunk at full size); the block is the largest
+    chunk, capped at 128 MB of all arrays together, since a block is held in host memory
+    until written.
     """
-    ideal = {p: max(1, min(MAX_CHUNK_ROWS, 1 << max(0, (TARGET_CHUNK_BYTES // max(b, 1)).bit_length() - 1)))
+    cap = min(MAX_CHUNK_ROWS, 1 << max(0, rows - 1).bit_length())
+    ideal = {p: max(1, min(cap, 1 << max(0, (TARGET_CHUNK_BYTES // max(b, 1)).bit_length() - 1)))
              for p, b in row_bytes.items()}
     if block_rows is None:
         block_rows = max(ideal.values())

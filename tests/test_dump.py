@@ -252,3 +252,13 @@ def test_checkpoint_is_loaded_into_the_teacher(tmp_path, models_file, models):
         ref = trained(models.dataset().tensors[0])
     got = TeacherCache.open(tmp_path / "c").read("logits", 0, 300)
     np.testing.assert_allclose(got.astype(np.float32), ref.numpy(), atol=2e-3)
+
+
+def test_chunks_are_whole_rows_of_a_few_mb_and_divide_the_block():
+    from kdcache.store import plan_blocks
+    block, chunks = plan_blocks({"logits": 2000, "hidden/x": 200_000}, rows=1_000_000)
+    assert chunks["logits"] * 2000 <= 2 << 20 and chunks["hidden/x"] * 200_000 <= 2 << 20
+    assert chunks["hidden/x"] * 200_000 >= 1 << 20
+    assert all(block % c == 0 for c in chunks.values()) and block * 202_000 <= 128 << 20
+    small_block, small = plan_blocks({"logits": 20}, rows=1200)
+    assert small["logits"] == 2048 and small_block == 2048  # not a 2 MB chunk for 24 KB of data

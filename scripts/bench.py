@@ -1,0 +1,259 @@
+"""Cached KD vs plain training vs online KD, and dump vs inference: the cost of distillation.
+
+Same student, data, batch size and steps for every mode; runs interleaved; median of repeats.
+    python scripts/bench.py --quick     # CPU, small models, under 2 minutes
+    python scripts/bench.py             # full size, on the GPU when present
+Prints a table and writes bench.json (cached_over_plain, online_over_cached,
+ideal_online_over_cached, dump_over_infer, dump_over_infer_hidden, peak_mem_cached_over_plain,
+bytes_per_row, machine, and the same per model pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import kdcache
+from kdcache.items import fetch_batch, move_inputs
+
+
+# ---- model pairs (torchvision-free) -------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet: ``blocks`` per stage, widths ``w, 2w, 4w, 8w``."""
+
+    def __init__(self, width: int = 64, blocks: int = 2, classes: int = 100) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for i in range(4):
+            cout = width * 2 ** i
+            layers.append(nn.Sequential(*[Block(cin if j == 0 else cout, cout, 2 if (i and j == 0) else 1)
+                                          for j in range(blocks)]))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, width: int = 32, classes: int = 100) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, 1, 1), nn.BatchNorm2d(4 * width), nn.ReLU())
+        self.head = nn.Linear(4 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+
+
+def pairs(quick: bool) -> dict[str, dict[str, Any]]:
+    if quick:
+        return {
+            "cnn": dict(teacher=lambda: ResNet(16, 1), student=lambda: SmallCNN(16), shape=(3, 32, 32), rows=1024,
+                        hidden=["layer3", "layer4"], batch=128),
+            "mlp": dict(teacher=lambda: mlp([512, 2048, 2048, 100]), student=lambda: mlp([512, 512, 100]),
+                        shape=(512,), rows=8192, hidden=["1", "3"], batch=256),
+        }
+    return {
+        "cnn": dict(teacher=lambda: ResNet(64, 3), student=lambda: SmallCNN(32), shape=(3, 32, 32), rows=50_000,
+                    hidden=["layer3", "layer4"], batch=256),
+        "mlp": dict(teacher=lambda: mlp([1024, 8192, 8192, 8192, 1000]), student=lambda: mlp([1024, 1024, 1000]),
+                    shape=(1024,), rows=200_000, hidden=["1", "3"], batch=1024),
+    }
+
+
+# ---- measurements ---------------------------------------------------------------------------
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def infer_seconds(teacher: nn.Module, ds: TensorDataset, batch: int, dev: torch.device) -> float:
+    """Teacher inference alone over the dump's batches, outputs discarded."""
+    teacher = teacher.to(dev).eval()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    pin = dev.type == "cuda"
+    sync(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), amp:
+        for start in range(0, len(ds), batch):
+            x, _ = fetch_batch(ds, range(start, min(start + batch, len(ds))))
+            teacher(move_inputs(x.pin_memory() if pin else x, dev, non_blocking=pin))
+    sync(dev)
+    return time.perf_counter() - t0
+
+
+def epoch_seconds(mode: str, pair: dict[str, Any], ds: TensorDataset, cache: Any, teacher: nn.Module,
+                  dev: torch.device, epochs: int = 2) -> float:
+    """Seconds of the last of ``epochs`` epochs of kdcache.train_student in ``mode``."""
+    torch.manual_seed(0)
+    student = pair["student"]()
+    kwargs: dict[str, Any] = {"cache": cache} if mode == "cached" else ({"teacher": teacher} if mode == "online" else {})
+    result = kdcache.train_student(student, ds, epochs=epochs, batch_size=pair["batch"], lr=1e-3, device=str(dev),
+                                   progress=False, **kwargs)
+    return result.metrics[-1]["seconds"]
+
+
+def peak_memory(mode: str, pair_name: str, quick: bool, cache: str, dev: torch.device) -> float:
+    """Peak accelerator bytes (CUDA) or peak process RSS (CPU, in a fresh process) of one mode."""
+    if dev.type == "cuda":
+        return float(json.loads(_mem_probe(mode, pair_name, quick, cache, dev))["peak"])
+    out = subprocess.run([sys.executable, __file__, "--mem-probe", mode, "--pair", pair_name, "--cache", cache,
+                          "--device", str(dev)] + (["--quick"] if quick else []),
+                         capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
+
+
+def _mem_probe(mode: str, pair_name: str, quick: bool, cache: str, dev: torch.device) -> str:
+    pair = pairs(quick)[pair_name]
+    ds = dataset(pair)
+    teacher = pair["teacher"]() if mode == "online" else None
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    epoch_seconds(mode, pair, ds, cache if mode == "cached" else None, teacher, dev, epochs=1)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return json.dumps({"peak": peak})
+
+
+def dataset(pair: dict[str, Any]) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(pair["rows"], *pair["shape"], generator=g),
+                         torch.randint(0, 100, (pair["rows"],), generator=g))
+
+
+def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, repeats: int, tmp: Path) -> dict[str, Any]:
+    ds = dataset(pair)
+    torch.manual_seed(0)
+    teacher = pair["teacher"]().to(dev).eval()
+    quiet = {"progress": False, "log": lambda m: None, "device": dev, "batch_size": pair["batch"]}
+    # 2. dump vs inference, interleaved
+    infer, dump, dump_h = [], [], []
+    caches: dict[str, Any] = {}
+    for r in range(repeats):
+        infer.append(infer_seconds(teacher, ds, pair["batch"], dev))
+        caches["logits"] = kdcache.dump_teacher(teacher, ds, tmp / f"{name}-logits", overwrite=True, **quiet)
+        dump.append(caches["logits"].meta["dump"]["seconds"])
+        caches["hidden"] = kdcache.dump_teacher(teacher, ds, tmp / f"{name}-hidden", hidden=pair["hidden"],
+                                                overwrite=True, **quiet)
+        dump_h.append(caches["hidden"].meta["dump"]["seconds"])
+    # 1. epochs: plain / cached / online, interleaved; the teacher forward alone for the ideal
+    times: dict[str, list[float]] = {"plain": [], "cached": [], "online": [], "teacher_fwd": []}
+    for r in range(repeats):
+        for mode in ("plain", "cached", "online"):
+            times[mode].append(epoch_seconds(mode, pair, ds, caches["logits"], teacher, dev))
+        times["teacher_fwd"].append(infer_seconds(teacher, ds, pair["batch"], dev))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    # 3. peak memory per mode; 4. bytes on disk per row
+    mem = {mode: peak_memory(mode, name, quick, caches["logits"].path, dev) for mode in ("plain", "cached", "online")}
+    sizes = caches["hidden"].nbytes_on_disk()
+    rows = caches["hidden"].rows
+    return {
+        "rows": pair["rows"], "batch_size": pair["batch"],
+        "epoch_s": med, "cached_over_plain": med["cached"] / med["plain"],
+        "online_over_cached": med["online"] / med["cached"],
+        "ideal_online_over_cached": (med["cached"] + med["teacher_fwd"]) / med["cached"],
+        "infer_s": statistics.median(infer), "dump_s": statistics.median(dump), "dump_hidden_s": statistics.median(dump_h),
+        "dump_over_infer": statistics.median(infer) / statistics.median(dump),
+        "dump_over_infer_hidden": statistics.median(infer) / statistics.median(dump_h),
+        "dump_rows_per_s": pair["rows"] / statistics.median(dump),
+        "peak_mem_bytes": mem, "peak_mem_cached_over_plain": mem["cached"] / mem["plain"],
+        "peak_mem_online_over_plain": mem["online"] / mem["plain"],
+        "bytes_per_row": {path: size / rows for path, size in sizes.items()},
+    }
+
+
+def machine(dev: torch.device) -> str:
+    cpu = f"{platform.machine()} {torch.get_num_threads()} torch threads"
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)}, {cpu}"
+    return f"CPU only, {cpu}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU, small models, under 2 minutes")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--pairs", default="cnn,mlp")
+    parser.add_argument("--mem-probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pair", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dev = torch.device(args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda"))
+    if args.mem_probe:
+        print(_mem_probe(args.mem_probe, args.pair, args.quick, args.cache, dev))
+        return
+    repeats = args.repeats or (3 if args.quick else 5)
+    try:
+        import modelopt.torch.distill  # noqa: F401
+        peer = "nvidia-modelopt importable, but its mtd.convert row is not implemented in this script yet"
+    except ImportError:
+        peer = "nvidia-modelopt not installed: no peer row"
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.pairs.split(","):
+            results[name] = bench_pair(name, pairs(args.quick)[name], args.quick, dev, repeats, Path(tmp))
+            r = results[name]
+            print(f"\n[{name}] {r['rows']} rows, batch {r['batch_size']}, median of {repeats}, {machine(dev)}")
+            print(f"  epoch s: plain {r['epoch_s']['plain']:.3f}  cached KD {r['epoch_s']['cached']:.3f}  "
+                  f"online KD {r['epoch_s']['online']:.3f}  teacher fwd alone {r['epoch_s']['teacher_fwd']:.3f}")
+            print(f"  cached_over_plain {r['cached_over_plain']:.3f}  online_over_cached {r['online_over_cached']:.3f}  "
+                  f"(ideal {r['ideal_online_over_cached']:.3f}, reached {r['online_over_cached'] / r['ideal_online_over_cached']:.3f})")
+            print(f"  dump_over_infer {r['dump_over_infer']:.3f} (logits)  {r['dump_over_infer_hidden']:.3f} (+2 hidden)  "
+                  f"dump {r['dump_rows_per_s']:,.0f} rows/s")
+            print(f"  peak mem cached/plain {r['peak_mem_cached_over_plain']:.3f}  online/plain {r['peak_mem_online_over_plain']:.3f}")
+            print("  bytes/row: " + ", ".join(f"{k} {v:,.0f}" for k, v in r["bytes_per_row"].items()))
+    main_pair = results.get("cnn") or next(iter(results.values()))
+    summary = {key: main_pair[key] for key in ("cached_over_plain", "online_over_cached", "ideal_online_over_cached",
+                                               "dump_over_infer", "dump_over_infer_hidden",
+                                               "peak_mem_cached_over_plain", "bytes_per_row")}
+    summary.update({"machine": machine(dev), "mode": "quick" if args.quick else "full", "repeats": repeats,
+                    "peer": peer, "pairs": results})
+    Path("bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{peer}\nwrote bench.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The demo pipeline end to end in miniature, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_pipeline_runs_end_to_end_in_miniature(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--seeds", "2", "--epochs", "3",
+                           "--teacher-epochs", "3", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout
+    for row in ["teacher 64-512-512-10", "labels alone", "distilled from cache", "distilled online"]:
+        assert row in table
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0.5 < summary["teacher"]["acc"] <= 1.0
+    assert all(0.0 <= summary[k]["acc"] <= 1.0 for k in ("labels alone", "distilled from cache", "distilled online"))
+    # the cache was written once and is complete
+    meta = json.loads((tmp_path / "cache" / "zarr.json").read_text())["attributes"]["kdcache"]
+    assert meta["complete"] and meta["rows"] == 1200 and "features" in meta["outputs"]
