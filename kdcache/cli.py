@@ -52,7 +52,7 @@ def dump_teacher_cmd(
     overwrite: bool = typer.Option(False, help="Replace an existing cache at the path (another fingerprint, or redo)."),
     block_rows: Optional[int] = typer.Option(None, help="Rows per write block (default: chosen for ~2 MB chunks)."),
     allow_nonfinite: bool = typer.Option(False, help="Store NaN/inf teacher outputs instead of stopping at the first."),
-    writer_threads: int = typer.Option(4, help="Threads writing blocks in parallel."),
+    writer_threads: int = typer.Option(8, help="Threads writing blocks in parallel."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run the teacher once over the dataset and cache its logits and chosen hidden states."""

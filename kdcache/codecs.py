@@ -52,8 +52,16 @@ class DenseCodec:
         array = host.numpy()
         return array.view(np.uint16) if self.dtype == "bfloat16" else array
 
+    def to_tensor(self, stored: np.ndarray) -> torch.Tensor:
+        """Stored rows (B, ...) -> a tensor of the logical dtype, without copying."""
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.asarray(stored))
+
     def decode(self, stored: np.ndarray) -> torch.Tensor:
         """Stored rows (B, ...) -> float32 tensor (B, ...)."""
-        if self.dtype == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16).float()
-        return torch.from_numpy(np.asarray(stored)).float()
+        return self.to_tensor(stored).float()
+
+    def logical(self, encoded: torch.Tensor) -> torch.Tensor:
+        """An ``encode`` result viewed as its logical dtype (bfloat16 bits back to bfloat16)."""
+        return encoded.view(torch.bfloat16) if self.dtype == "bfloat16" else encoded

@@ -132,6 +132,8 @@ class CachedTeacherDataset(Dataset):
             so a reordered, edited or transformed dataset is refused before a wrong target is
             used. Set False only for a deliberately different input (``--allow-input-mismatch``).
         chunk_cache_bytes: bytes of decoded chunks kept per process when reading from disk.
+        dtype: dtype of the teacher tensors returned; None keeps the stored dtype (float16 or
+            bfloat16: half the bytes to move, convert on the accelerator).
 
     Raises:
         KdcacheError: the cache is incomplete or damaged, or the dataset does not match it.
@@ -139,9 +141,10 @@ class CachedTeacherDataset(Dataset):
 
     def __init__(self, dataset: Any, cache: TeacherCache | str | Path, *, hidden: Sequence[str] | None = None,
                  in_memory: bool | str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 check_inputs: bool = True, chunk_cache_bytes: int = 2 * WINDOW_BYTES) -> None:
+                 check_inputs: bool = True, chunk_cache_bytes: int = 2 * WINDOW_BYTES,
+                 dtype: torch.dtype | None = torch.float32) -> None:
         opened = open_complete_cache(cache)
-        self.dataset, self.path, self.check_inputs = dataset, opened.path, check_inputs
+        self.dataset, self.path, self.check_inputs, self.dtype = dataset, opened.path, check_inputs, dtype
         self.meta = opened.meta
         n = len(dataset)
         if n != opened.rows:
@@ -215,6 +218,10 @@ class CachedTeacherDataset(Dataset):
             out[mask] = self._chunk(name, int(c))[idx[mask] - c * spec.chunk_rows]
         return out
 
+    def _teacher_rows(self, name: str, idx: np.ndarray) -> torch.Tensor:
+        rows = self.outputs[name].codec.to_tensor(self._rows(name, idx))
+        return rows if self.dtype is None else rows.to(self.dtype)
+
     def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
@@ -227,8 +234,8 @@ class CachedTeacherDataset(Dataset):
                                    f"({bad.size} of {idx.size} rows in this batch differ): the dataset was edited, "
                                    "reordered or transformed; use the dumped dataset, or pass --allow-input-mismatch "
                                    "if the difference is deliberate")
-        teacher = {"logits": self.outputs["logits"].codec.decode(self._rows("logits", idx)),
-                   "hidden": {h: self.outputs[h].codec.decode(self._rows(h, idx)) for h in self.hidden}}
+        teacher = {"logits": self._teacher_rows("logits", idx),
+                   "hidden": {h: self._teacher_rows(h, idx) for h in self.hidden}}
         return TeacherBatch(inputs, labels, teacher)
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:

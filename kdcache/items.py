@@ -126,7 +126,7 @@ def row_digests(inputs: Any) -> np.ndarray:
         words = raw.view(torch.int64)
         multipliers = torch.from_numpy(_multipliers(words.shape[1]).view(np.int64))
         # int64 arithmetic wraps mod 2^64, the same on every path; torch spreads it over threads
-        h = (words * multipliers).sum(dim=1).numpy().view(np.uint64) + np.uint64(nbytes)
+        h = torch.mv(words, multipliers).numpy().view(np.uint64) + np.uint64(nbytes)
         digest = _mix(h) if digest is None else _mix(digest * np.uint64(0x9E3779B97F4A7C15) + _mix(h))
     assert digest is not None
     return digest

@@ -181,8 +181,9 @@ class _Teacher:
         if self.module is None:
             if not cached:
                 return None
-            return {"logits": cached["logits"].to(device, non_blocking=True),
-                    "hidden": {k: v.to(device, non_blocking=True) for k, v in cached["hidden"].items()}}
+            # rows arrive in their stored width (half the bytes to move) and widen on the device
+            return {"logits": cached["logits"].to(device, non_blocking=True).float(),
+                    "hidden": {k: v.to(device, non_blocking=True).float() for k, v in cached["hidden"].items()}}
         assert self.capture is not None
         with torch.inference_mode(), autocast():
             logits = select_output(call_model(self.module, inputs), None)
@@ -251,7 +252,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     if cache is not None:
         data: Dataset = CachedTeacherDataset(dataset, cache, hidden=teacher_hidden,
                                              in_memory={"yes": True, "no": False}.get(cfg.in_memory, "auto"),
-                                             check_inputs=not cfg.allow_input_mismatch)
+                                             check_inputs=not cfg.allow_input_mismatch, dtype=None)
         sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed)
     else:
         if teacher is not None:

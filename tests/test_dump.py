@@ -262,3 +262,26 @@ def test_chunks_are_whole_rows_of_a_few_mb_and_divide_the_block():
     assert all(block % c == 0 for c in chunks.values()) and block * 202_000 <= 128 << 20
     small_block, small = plan_blocks({"logits": 20}, rows=1200)
     assert small["logits"] == 2048 and small_block == 2048  # not a 2 MB chunk for 24 KB of data
+
+
+def test_nonfinite_teacher_output_is_reported_with_first_bad_row(tmp_path, models):
+    ds = models.dataset(300)
+    x = ds.tensors[0].clone()
+    x[137, 0] = float("nan")
+    bad = torch.utils.data.TensorDataset(x, ds.tensors[1])
+    with pytest.raises(KdcacheError, match="NaN/inf at row 137 .*--allow-nonfinite"):
+        kdcache.dump_teacher(models.teacher(), bad, tmp_path / "c", batch_size=64, block_rows=64, progress=False)
+    kept = kdcache.dump_teacher(models.teacher(), bad, tmp_path / "c", batch_size=64, block_rows=64,
+                                allow_nonfinite=True, progress=False)
+    logits = kept.read("logits", 0, 300)
+    assert np.isnan(logits[137]).all() and np.isfinite(np.delete(logits, 137, axis=0)).all()
+
+
+def test_float16_overflow_is_reported_as_nonfinite(tmp_path, models):
+    ds = models.dataset(50)
+    teacher = models.teacher()
+    with torch.no_grad():
+        teacher.head.weight.mul_(1e6)  # logits far beyond float16's 65504
+    with pytest.raises(KdcacheError, match="float16 overflows.*--logits-dtype float32"):
+        kdcache.dump_teacher(teacher, ds, tmp_path / "c", progress=False)
+    assert kdcache.dump_teacher(teacher, ds, tmp_path / "c32", logits_dtype="float32", progress=False).complete
