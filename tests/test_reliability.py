@@ -1,0 +1,113 @@
+"""Integrity and concurrency: corrupt chunks are found, one writer per cache, readers wait for dumps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import kdcache
+from kdcache import CachedTeacherDataset, KdcacheError, TeacherCache
+from kdcache.store import DumpLock, dump_in_progress
+
+from conftest import run_cli
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, models):
+    kdcache.dump_teacher(models.teacher(), models.dataset(300), tmp_path / "c", hidden=["body"], block_rows=64,
+                         progress=False)
+    return tmp_path / "c"
+
+
+def _chunk(cache_dir: Path, array: str, index: int) -> Path:
+    return cache_dir / array / "c" / str(index) / "0"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_chunk_is_reported_by_verify_and_refused_by_readers(cache_dir, models, damage):
+    chunk = _chunk(cache_dir, "logits", 2)
+    raw = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        raw[7] ^= 0x01
+        chunk.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        chunk.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:
+        chunk.unlink()
+    result = run_cli("verify", str(cache_dir))
+    assert result.returncode == 1
+    assert "BAD logits chunk 2 (rows 128..191)" in result.stdout
+    with pytest.raises(KdcacheError, match="logits"):
+        data = CachedTeacherDataset(models.dataset(300), cache_dir)
+        for _ in data.loader(64, shuffle=False):
+            pass
+
+
+def test_verify_passes_an_intact_cache(cache_dir):
+    result = run_cli("verify", str(cache_dir))
+    assert result.returncode == 0 and result.stdout.startswith("ok:")
+
+
+def test_reader_refuses_a_cache_under_a_running_dump(cache_dir, models):
+    lock = DumpLock(cache_dir)
+    lock.acquire()
+    try:
+        meta_file = cache_dir / "zarr.json"
+        text = meta_file.read_text()
+        meta_file.write_text(text.replace('"complete": true', '"complete": false'))
+        assert dump_in_progress(cache_dir) is not None
+        with pytest.raises(KdcacheError, match="still being written \\(dump in progress: pid"):
+            CachedTeacherDataset(models.dataset(300), cache_dir)
+    finally:
+        lock.release()
+    assert dump_in_progress(cache_dir) is None
+
+
+def test_two_dumps_started_at_once_write_once(tmp_path, models_file):
+    args = [sys.executable, "-m", "kdcache", "dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset",
+            f"{models_file}:dataset", "--dataset-kwargs", '{"n": 3000}', "--batch-size", "16", "--block-rows", "64",
+            "--out", str(tmp_path / "c"), "--no-progress"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    errs = "".join(err for _, err in outs)
+    assert errs.count("wrote ") == 1 and "cache hit" in errs
+    assert TeacherCache.open(tmp_path / "c").complete
+
+
+def test_lock_of_a_killed_dump_is_recovered(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from kdcache.store import DumpLock; DumpLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(60)"), str(tmp_path / "c")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    assert f"pid {holder.pid}" in (dump_in_progress(tmp_path / "c") or "")
+    with pytest.raises(KdcacheError, match="another dump"):
+        DumpLock(tmp_path / "c").acquire(wait=False)
+    holder.kill()
+    holder.wait()
+    lock = DumpLock(tmp_path / "c")
+    lock.acquire(wait=False)  # the kernel dropped the dead holder's lock
+    lock.release()
+
+
+def test_newer_format_version_is_refused(cache_dir):
+    meta_file = cache_dir / "zarr.json"
+    meta_file.write_text(meta_file.read_text().replace('"format_version": 1', '"format_version": 99'))
+    with pytest.raises(KdcacheError, match="newer kdcache \\(cache format 99"):
+        TeacherCache.open(cache_dir)
+
+
+def test_unwritable_path_is_a_clear_error(tmp_path, models_file):
+    if os.geteuid() == 0:
+        target = "/proc/kdcache-cannot-write-here"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        target = str(tmp_path / "ro" / "c")
+    result = run_cli("dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset", f"{models_file}:dataset",
+                     "--out", target, "--no-progress")
+    assert result.returncode == 2 and "kdcache: error:" in result.stderr and "Traceback" not in result.stderr
