@@ -33,7 +33,7 @@ from .codecs import DenseCodec
 from .errors import KdcacheError
 from .items import (call_model, dataset_digest, fetch_batch, move_inputs, resolve_device, row_digests,
                     select_output)
-from .store import (DumpLock, OutputSpec, TeacherCache, fingerprint, is_disk_full, plan_blocks,
+from .store import (DumpLock, OutputSpec, TeacherCache, fault_point, fingerprint, is_disk_full, plan_blocks,
                     remove_cache)
 
 __all__ = ["dump_teacher", "weights_digest", "default_cache_root"]
@@ -271,6 +271,8 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
                                                "weights_digest": w_digest},
                 "dataset": {**(dataset_info or {}), "length": rows, "digest": data_digest},
                 "output_key": output_key, "amp": amp, "views": 1, "seed": None, "versions": _versions()})
+            fault_point("created")
+        cache.remove_partial_files()  # a killed writer's temp files; we hold the lock
         todo = np.flatnonzero(cache.blocks_record()[:, 0] == 0).tolist()
         if len(todo) < cache.n_blocks:
             log(f"resuming {path}: {cache.n_blocks - len(todo)} of {cache.n_blocks} blocks already written")
@@ -356,6 +358,7 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
                 if event is not None:
                     event.record()
                 writer.put(start, host, host_checks, labels, digests, event)
+                fault_point("batch")
                 bar.update(len(digests))
     finally:
         bar.close()

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -104,6 +105,21 @@ def fingerprint(weights_digest: str, dataset_digest: str, choices: dict[str, Any
     blob = json.dumps({"format": FORMAT_VERSION, "weights": weights_digest, "dataset": dataset_digest,
                        "choices": choices}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_FAULT = os.environ.get("KDCACHE_KILL_AT", "")
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(event: str) -> None:
+    """Crash-test hook: with ``KDCACHE_KILL_AT="event:n"`` the process SIGKILLs itself at the
+    n-th ``event`` (``created``, ``batch``, ``array-written``, ``block``, ``finalize``). Unset, it
+    does nothing."""
+    if not _FAULT or not _FAULT.startswith(event + ":"):
+        return
+    _fault_counts[event] = _fault_counts.get(event, 0) + 1
+    if _fault_counts[event] == int(_FAULT.rsplit(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _lock_path(path: str | Path) -> Path:
@@ -307,8 +323,10 @@ class TeacherCache:
         start, stop = self.block_range(block)
         for name, data in arrays.items():
             self.group[self.outputs[name].path][start:stop] = data
+            fault_point("array-written")
         self.group[ROW_DIGEST][start:stop] = digests
         self.group[BLOCKS][block] = np.array([1, *stats], dtype=np.int64)
+        fault_point("block")
 
     def finalize(self, extra: dict[str, Any]) -> None:
         """Mark the cache complete once every block's record is on disk."""
@@ -320,7 +338,16 @@ class TeacherCache:
         accuracy = {"labelled": labelled, "correct": correct,
                     "accuracy": (correct / labelled) if labelled else None}
         self.meta = {**self.meta, **extra, "teacher_accuracy": accuracy, "complete": True}
+        fault_point("finalize")
         self.group.attrs[ATTR] = self.meta
+
+    def remove_partial_files(self) -> int:
+        """Delete the temp files a killed writer left (zarr writes ``*.partial`` then renames).
+        Call only while holding the dump lock."""
+        leftovers = list(Path(self.path).rglob("*.partial"))
+        for f in leftovers:
+            f.unlink(missing_ok=True)
+        return len(leftovers)
 
     # ---- read side --------------------------------------------------------------------------
     def _read(self, path: str, start: int, stop: int) -> np.ndarray:

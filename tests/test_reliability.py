@@ -111,3 +111,30 @@ def test_unwritable_path_is_a_clear_error(tmp_path, models_file):
     result = run_cli("dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset", f"{models_file}:dataset",
                      "--out", target, "--no-progress")
     assert result.returncode == 2 and "kdcache: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+KILL_POINTS = (["created:1", "finalize:1"] + [f"batch:{n}" for n in (1, 2, 3, 4, 5, 8, 10, 13, 16, 19)]
+               + [f"array-written:{n}" for n in (1, 2, 4, 7)] + [f"block:{n}" for n in (1, 2, 3, 5)])
+
+
+@pytest.mark.slow
+def test_sigkill_at_20_points_resumes_to_byte_identical_cache_and_no_reader_accepts_partial(tmp_path, models_file,
+                                                                                              models):
+    from conftest import store_files
+    code = ("import sys, kd_models, kdcache; kdcache.dump_teacher(kd_models.teacher(), kd_models.dataset(300), "
+            "sys.argv[1], hidden=['body'], batch_size=16, block_rows=64, writer_threads=2, progress=False)")
+    env = {**os.environ, "PYTHONPATH": f"{models_file.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "ref")], env=env).returncode == 0
+    reference = store_files(tmp_path / "ref")
+    assert len(KILL_POINTS) >= 20
+    for point in KILL_POINTS:
+        target = tmp_path / point.replace(":", "-")
+        killed = subprocess.run([sys.executable, "-c", code, str(target)], env={**env, "KDCACHE_KILL_AT": point},
+                                capture_output=True)
+        assert killed.returncode == -9, (point, killed.stderr[-500:])
+        if TeacherCache.exists(target):
+            with pytest.raises(KdcacheError, match="incomplete"):
+                CachedTeacherDataset(models.dataset(300), target)
+        resumed = subprocess.run([sys.executable, "-c", code, str(target)], env=env, capture_output=True)
+        assert resumed.returncode == 0, (point, resumed.stderr[-500:])
+        assert store_files(target) == reference, point
