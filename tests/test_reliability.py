@@ -138,3 +138,33 @@ def test_sigkill_at_20_points_resumes_to_byte_identical_cache_and_no_reader_acce
         resumed = subprocess.run([sys.executable, "-c", code, str(target)], env=env, capture_output=True)
         assert resumed.returncode == 0, (point, resumed.stderr[-500:])
         assert store_files(target) == reference, point
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_is_a_clear_error_and_the_dump_resumes_once_space_is_back(tmp_path, models_file, small_disk):
+    from conftest import store_files
+    args = ["dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset", f"{models_file}:dataset",
+            "--dataset-kwargs", '{"n": 3000}', "--hidden", "body", "--block-rows", "256", "--writer-threads", "1",
+            "--no-progress"]
+    assert run_cli(*args, "--out", str(tmp_path / "ref")).returncode == 0
+    full = run_cli(*args, "--out", str(small_disk / "c"))
+    assert full.returncode == 2, full.stderr
+    lines = [l for l in full.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "disk is full" in lines[0] and "rerun the same command to resume" in lines[0]
+    done_before = int(TeacherCache.open(small_disk / "c").blocks_record()[:, 0].sum())
+    assert done_before >= 1  # finished blocks were kept
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    resumed = run_cli(*args, "--out", str(small_disk / "c"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done_before} of 12 blocks already written" in resumed.stderr
+    assert store_files(small_disk / "c") == store_files(tmp_path / "ref")
