@@ -168,3 +168,67 @@ def test_disk_full_is_a_clear_error_and_the_dump_resumes_once_space_is_back(tmp_
     assert resumed.returncode == 0, resumed.stderr
     assert f"{done_before} of 12 blocks already written" in resumed.stderr
     assert store_files(small_disk / "c") == store_files(tmp_path / "ref")
+
+
+def test_many_readers_train_from_one_cache_at_once(tmp_path, models_file):
+    cache = tmp_path / "c"
+    assert run_cli("dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset", f"{models_file}:dataset",
+                   "--out", str(cache), "--no-progress").returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "kdcache", "train-student", "--student", f"{models_file}:student",
+                               "--dataset", f"{models_file}:dataset", "--cache", str(cache), "--epochs", "2",
+                               "--seed", str(i), "--out", str(tmp_path / f"run{i}"), "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert all((tmp_path / f"run{i}" / "student.pt").exists() for i in range(3))
+
+
+def test_hidden_module_returning_a_tuple_is_reported_and_can_be_indexed(tmp_path):
+    import torch
+    from torch import nn
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x * 2, x.sum(1)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.pair(x)[0])
+
+    ds = torch.utils.data.TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    with pytest.raises(KdcacheError, match="hidden module 'pair' returns a tuple, not a tensor; pick element 0 with 'pair#0'"):
+        kdcache.dump_teacher(Model(), ds, tmp_path / "a", hidden=["pair"], progress=False)
+    cache = kdcache.dump_teacher(Model(), ds, tmp_path / "b", hidden=["pair#0"], progress=False)
+    assert cache.outputs["pair#0"].shape == (4,)
+
+
+def test_non_tensor_teacher_output_is_reported(tmp_path):
+    import torch
+    from torch import nn
+
+    class Words(nn.Module):
+        def forward(self, x):
+            return "not logits"
+
+    ds = torch.utils.data.TensorDataset(torch.randn(10, 4))
+    with pytest.raises(KdcacheError, match="the teacher returns a str"):
+        kdcache.dump_teacher(Words(), ds, tmp_path / "c", progress=False)
+
+
+def test_dataset_items_of_differing_shapes_are_reported(tmp_path, models):
+    import torch
+
+    class Ragged(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.randn(12 if i < 5 else 13), 0
+
+    with pytest.raises(KdcacheError, match="cannot be batched"):
+        kdcache.dump_teacher(models.teacher(), Ragged(), tmp_path / "c", batch_size=10, progress=False)
