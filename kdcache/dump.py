@@ -94,10 +94,10 @@ class _BlockWriter:
         self.thread = threading.Thread(target=self._run, name="kdcache-assemble", daemon=True)
         self.thread.start()
 
-    def put(self, start: int, outputs: dict[str, torch.Tensor], checks: dict[str, Any], labels: torch.Tensor,
-            digests: np.ndarray, event: Any) -> None:
+    def put(self, start: int, outputs: dict[str, torch.Tensor], predicted: torch.Tensor | None,
+            labels: torch.Tensor, digests: np.ndarray, event: Any) -> None:
         self.raise_error()
-        self.queue.put((start, outputs, checks, labels, digests, event))
+        self.queue.put((start, outputs, predicted, labels, digests, event))
 
     def raise_error(self) -> None:
         for f in [f for f in self.futures if f.done()]:
@@ -115,20 +115,17 @@ class _BlockWriter:
                 except BaseException as err:  # handed to the main thread
                     self.error = err
 
-    def _check_finite(self, start: int, finite: dict[str, torch.Tensor]) -> None:
-        for name, ok in finite.items():
-            if not bool(ok.all()):
-                row = start + int((~ok).nonzero()[0, 0])
-                hint = " (float16 overflows above 65504: try --logits-dtype float32)" if self.codecs[name].dtype == "float16" else ""
-                raise KdcacheError(f"teacher output {name!r} is NaN/inf at row {row} (the first bad row){hint}; "
-                                   "fix the teacher or pass --allow-nonfinite to keep such rows")
+    def _check_finite(self, name: str, start: int, stored: np.ndarray) -> None:
+        bad = np.flatnonzero(self.codecs[name].nonfinite_rows(stored))
+        if bad.size:
+            hint = " (float16 overflows above 65504: try --logits-dtype float32)" if self.codecs[name].dtype == "float16" else ""
+            raise KdcacheError(f"teacher output {name!r} is NaN/inf at row {start + int(bad[0])} (the first bad row){hint}; "
+                               "fix the teacher or pass --allow-nonfinite to keep such rows")
 
-    def _accept(self, start: int, outputs: dict[str, torch.Tensor], checks: dict[str, Any], labels: torch.Tensor,
-                digests: np.ndarray, event: Any) -> None:
+    def _accept(self, start: int, outputs: dict[str, torch.Tensor], predicted: torch.Tensor | None,
+                labels: torch.Tensor, digests: np.ndarray, event: Any) -> None:
         if event is not None:
             event.synchronize()
-        if not self.allow_nonfinite:
-            self._check_finite(start, checks["finite"])
         cache, n = self.cache, len(digests)
         block = start // cache.block_rows
         b_start, b_stop = cache.block_range(block)
@@ -141,12 +138,15 @@ class _BlockWriter:
         p = self.pending[block]
         lo = start - b_start
         for name, host in outputs.items():
-            p["arrays"][name][lo:lo + n] = self.codecs[name].to_numpy(host)
+            stored = self.codecs[name].to_numpy(host)
+            if not self.allow_nonfinite:
+                self._check_finite(name, start, stored)
+            p["arrays"][name][lo:lo + n] = stored
         p["digests"][lo:lo + n] = digests
         labelled = labels >= 0
-        if "predicted" in checks:
+        if predicted is not None:
             p["labelled"] += int(labelled.sum())
-            p["correct"] += int((checks["predicted"] == labels)[labelled].sum())
+            p["correct"] += int((predicted == labels)[labelled].sum())
         p["filled"] += n
         if p["filled"] == b_stop - b_start:
             del self.pending[block]
@@ -344,20 +344,15 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
                     if tuple(t.shape) != (len(digests), *cache.outputs[name].shape):
                         raise KdcacheError(f"teacher output {name!r} for rows {start}.. has shape {tuple(t.shape[1:])}, "
                                            f"earlier rows {cache.outputs[name].shape}: dataset items must all have one shape")
-                # narrow on the device, check finiteness and take the argmax there, then copy it all to
-                # pinned memory without blocking the next forward
-                encoded = {name: codecs[name].encode(t) for name, t in outputs.items()}
-                checks = {"finite": {name: torch.isfinite(codecs[name].logical(e)).flatten(1).all(dim=1)
-                                     for name, e in encoded.items()}}
-                if outputs["logits"].ndim == 2:
-                    checks["predicted"] = outputs["logits"].argmax(dim=1)
-                host = {name: e.to("cpu", non_blocking=cuda) for name, e in encoded.items()}
-                host_checks = {k: ({n: t.to("cpu", non_blocking=cuda) for n, t in v.items()} if isinstance(v, dict)
-                                   else v.to("cpu", non_blocking=cuda)) for k, v in checks.items()}
+                # narrow and take the argmax on the device, then copy to pinned memory without
+                # blocking the next forward
+                host = {name: codecs[name].encode(t).to("cpu", non_blocking=cuda) for name, t in outputs.items()}
+                logits = outputs["logits"]
+                predicted = logits.argmax(dim=1).to("cpu", non_blocking=cuda) if logits.ndim == 2 else None
                 event = torch.cuda.Event() if cuda else None
                 if event is not None:
                     event.record()
-                writer.put(start, host, host_checks, labels, digests, event)
+                writer.put(start, host, predicted, labels, digests, event)
                 fault_point("batch")
                 bar.update(len(digests))
     finally:

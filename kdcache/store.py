@@ -25,11 +25,15 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
@@ -210,6 +214,27 @@ class ChunkProblem:
         return f"{self.array} chunk {self.chunk} (rows {self.start}..{self.stop - 1}): {self.reason}"
 
 
+_IO_POOL: ThreadPoolExecutor | None = None
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    global _IO_POOL
+    if _IO_POOL is None:
+        _IO_POOL = ThreadPoolExecutor(min(16, (os.cpu_count() or 2) * 2), thread_name_prefix="kdcache-io")
+    return _IO_POOL
+
+
+def _write_chunk_file(file: Path, rows: np.ndarray) -> None:
+    raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
+    checksum = np.uint32(google_crc32c.value(raw)).tobytes()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
+    with open(tmp, "wb") as f:
+        f.write(raw.data)
+        f.write(checksum)
+    os.replace(tmp, file)
+
+
 def _open_store(path: str | Path, read_only: bool) -> Any:
     return zarr.storage.LocalStore(str(path), read_only=read_only)
 
@@ -322,11 +347,35 @@ class TeacherCache:
         """Write one block's rows of every array, then its completion record."""
         start, stop = self.block_range(block)
         for name, data in arrays.items():
-            self.group[self.outputs[name].path][start:stop] = data
+            self._write_rows(self.outputs[name].path, start, data)
             fault_point("array-written")
-        self.group[ROW_DIGEST][start:stop] = digests
-        self.group[BLOCKS][block] = np.array([1, *stats], dtype=np.int64)
+        self._write_rows(ROW_DIGEST, start, digests)
+        self._write_rows(BLOCKS, block, np.array([[1, *stats]], dtype=np.int64))
         fault_point("block")
+
+    def _write_rows(self, path: str, start: int, data: np.ndarray) -> None:
+        """Write whole chunks of rows ``start:start+len(data)`` (``start`` chunk-aligned).
+
+        On a local store the chunk files are written directly, in parallel, byte for byte as
+        zarr lays them out (C-order little-endian bytes, then their crc32c, edge chunks padded
+        with the fill value 0, written to a temp file and renamed): zarr 3.1 funnels every
+        write through one event-loop thread, which caps a dump near 0.2 GB/s. Elsewhere zarr
+        writes them. tests/test_store.py checks the two give identical files.
+        """
+        array = self.group[path]
+        if not isinstance(self.group.store, zarr.storage.LocalStore) or sys.byteorder != "little":
+            array[start:start + len(data)] = data
+            return
+        chunk_rows = array.chunks[0]
+        jobs = []
+        for lo in range(0, len(data), chunk_rows):
+            rows = data[lo:lo + chunk_rows]
+            if len(rows) < chunk_rows:  # the edge chunk is stored at full size, zero-padded
+                rows = np.concatenate([rows, np.zeros((chunk_rows - len(rows), *rows.shape[1:]), rows.dtype)])
+            key = array.metadata.encode_chunk_key(((start + lo) // chunk_rows,) + (0,) * (array.ndim - 1))
+            jobs.append((Path(self.path) / path / key, rows))
+        for future in [_io_pool().submit(_write_chunk_file, file, rows) for file, rows in jobs]:
+            future.result()
 
     def finalize(self, extra: dict[str, Any]) -> None:
         """Mark the cache complete once every block's record is on disk."""

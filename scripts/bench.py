@@ -124,6 +124,9 @@ def infer_seconds(teacher: nn.Module, ds: TensorDataset, batch: int, dev: torch.
     return time.perf_counter() - t0
 
 
+WORKERS = 0
+
+
 def epoch_seconds(mode: str, pair: dict[str, Any], ds: TensorDataset, cache: Any, teacher: nn.Module,
                   dev: torch.device, epochs: int = 2) -> float:
     """Seconds of the last of ``epochs`` epochs of kdcache.train_student in ``mode``."""
@@ -131,7 +134,7 @@ def epoch_seconds(mode: str, pair: dict[str, Any], ds: TensorDataset, cache: Any
     student = pair["student"]()
     kwargs: dict[str, Any] = {"cache": cache} if mode == "cached" else ({"teacher": teacher} if mode == "online" else {})
     result = kdcache.train_student(student, ds, epochs=epochs, batch_size=pair["batch"], lr=1e-3, device=str(dev),
-                                   progress=False, **kwargs)
+                                   num_workers=WORKERS, progress=False, **kwargs)
     return result.metrics[-1]["seconds"]
 
 
@@ -140,7 +143,7 @@ def peak_memory(mode: str, pair_name: str, quick: bool, cache: str, dev: torch.d
     if dev.type == "cuda":
         return float(json.loads(_mem_probe(mode, pair_name, quick, cache, dev))["peak"])
     out = subprocess.run([sys.executable, __file__, "--mem-probe", mode, "--pair", pair_name, "--cache", cache,
-                          "--device", str(dev)] + (["--quick"] if quick else []),
+                          "--device", str(dev), "--workers", str(WORKERS)] + (["--quick"] if quick else []),
                          capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
 
@@ -217,11 +220,15 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--pairs", default="cnn,mlp")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers for every training mode (default 0 quick, 4 full)")
     parser.add_argument("--mem-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pair", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dev = torch.device(args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda"))
+    global WORKERS
+    WORKERS = args.workers if args.workers is not None else (0 if args.quick else 4)
     if args.mem_probe:
         print(_mem_probe(args.mem_probe, args.pair, args.quick, args.cache, dev))
         return
@@ -236,7 +243,8 @@ def main() -> None:
         for name in args.pairs.split(","):
             results[name] = bench_pair(name, pairs(args.quick)[name], args.quick, dev, repeats, Path(tmp))
             r = results[name]
-            print(f"\n[{name}] {r['rows']} rows, batch {r['batch_size']}, median of {repeats}, {machine(dev)}")
+            print(f"\n[{name}] {r['rows']} rows, batch {r['batch_size']}, {WORKERS} loader workers, median of {repeats}, "
+                  f"{machine(dev)}")
             print(f"  epoch s: plain {r['epoch_s']['plain']:.3f}  cached KD {r['epoch_s']['cached']:.3f}  "
                   f"online KD {r['epoch_s']['online']:.3f}  teacher fwd alone {r['epoch_s']['teacher_fwd']:.3f}")
             print(f"  cached_over_plain {r['cached_over_plain']:.3f}  online_over_cached {r['online_over_cached']:.3f}  "
@@ -250,6 +258,7 @@ def main() -> None:
                                                "dump_over_infer", "dump_over_infer_hidden",
                                                "peak_mem_cached_over_plain", "bytes_per_row")}
     summary.update({"machine": machine(dev), "mode": "quick" if args.quick else "full", "repeats": repeats,
+                    "loader_workers": WORKERS,
                     "peer": peer, "pairs": results})
     Path("bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{peer}\nwrote bench.json")
