@@ -220,7 +220,7 @@ _IO_POOL: ThreadPoolExecutor | None = None
 def _io_pool() -> ThreadPoolExecutor:
     global _IO_POOL
     if _IO_POOL is None:
-        _IO_POOL = ThreadPoolExecutor(min(16, (os.cpu_count() or 2) * 2), thread_name_prefix="kdcache-io")
+        _IO_POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="kdcache-io")
     return _IO_POOL
 
 

@@ -109,17 +109,31 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class _InputBatches(torch.utils.data.Dataset):
+    """Batch i of the inputs, read as kdcache's dump reads them (for inference alone)."""
+
+    def __init__(self, ds: TensorDataset, batch: int) -> None:
+        self.ds, self.batch = ds, batch
+
+    def __len__(self) -> int:
+        return -(-len(self.ds) // self.batch)
+
+    def __getitem__(self, i: int) -> Any:
+        return fetch_batch(self.ds, range(i * self.batch, min((i + 1) * self.batch, len(self.ds))))[0]
+
+
 def infer_seconds(teacher: nn.Module, ds: TensorDataset, batch: int, dev: torch.device) -> float:
-    """Teacher inference alone over the dump's batches, outputs discarded."""
+    """Teacher inference alone over the dump's batches and input pipeline, outputs discarded."""
     teacher = teacher.to(dev).eval()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     pin = dev.type == "cuda"
+    loader = torch.utils.data.DataLoader(_InputBatches(ds, batch), batch_size=None, num_workers=WORKERS,
+                                         pin_memory=pin, prefetch_factor=4 if WORKERS else None)
     sync(dev)
     t0 = time.perf_counter()
     with torch.inference_mode(), amp:
-        for start in range(0, len(ds), batch):
-            x, _ = fetch_batch(ds, range(start, min(start + batch, len(ds))))
-            teacher(move_inputs(x.pin_memory() if pin else x, dev, non_blocking=pin))
+        for x in loader:
+            teacher(move_inputs(x, dev, non_blocking=pin))
     sync(dev)
     return time.perf_counter() - t0
 
@@ -170,10 +184,11 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
     ds = dataset(pair)
     torch.manual_seed(0)
     teacher = pair["teacher"]().to(dev).eval()
-    quiet = {"progress": False, "log": lambda m: None, "device": dev, "batch_size": pair["batch"]}
+    quiet = {"progress": False, "log": lambda m: None, "device": dev, "batch_size": pair["batch"], "num_workers": WORKERS}
     # 2. dump vs inference, interleaved
     infer, dump, dump_h = [], [], []
     caches: dict[str, Any] = {}
+    infer_seconds(teacher, ds, pair["batch"], dev)  # warm-up: lazy init, autotuning, thread pools
     for r in range(repeats):
         infer.append(infer_seconds(teacher, ds, pair["batch"], dev))
         caches["logits"] = kdcache.dump_teacher(teacher, ds, tmp / f"{name}-logits", overwrite=True, **quiet)
