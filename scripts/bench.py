@@ -247,7 +247,7 @@ def main() -> None:
     if args.mem_probe:
         print(_mem_probe(args.mem_probe, args.pair, args.quick, args.cache, dev))
         return
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or 5
     try:
         import modelopt.torch.distill  # noqa: F401
         peer = "nvidia-modelopt importable, but its mtd.convert row is not implemented in this script yet"
