@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import kdcache
-from kdcache import CachedTeacherDataset, ChunkShuffleBatchSampler, KdcacheError, TeacherCache
+from kdcache import CachedTeacherDataset, ChunkShuffleBatchSampler, KdcacheError
 
 
 @pytest.fixture()

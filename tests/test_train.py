@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kdcache
 from kdcache import CachedTeacherDataset, KdcacheError, KLDivLoss, collate
