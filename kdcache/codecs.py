@@ -70,7 +70,3 @@ class DenseCodec:
             bits = stored.view(np.uint16)
             exponent = np.uint16(0x7C00 if self.dtype == "float16" else 0x7F80)
         return ((bits & exponent) == exponent).reshape(len(stored), -1).any(axis=1)
-
-    def logical(self, encoded: torch.Tensor) -> torch.Tensor:
-        """An ``encode`` result viewed as its logical dtype (bfloat16 bits back to bfloat16)."""
-        return encoded.view(torch.bfloat16) if self.dtype == "bfloat16" else encoded

@@ -235,6 +235,11 @@ def _write_chunk_file(file: Path, rows: np.ndarray) -> None:
     os.replace(tmp, file)
 
 
+def _chunk_key(path: str, array: Any, chunk: int) -> str:
+    """Store key of row-chunk ``chunk`` of the array at ``path`` (chunks span every other axis)."""
+    return f"{path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
+
+
 def _open_store(path: str | Path, read_only: bool) -> Any:
     return zarr.storage.LocalStore(str(path), read_only=read_only)
 
@@ -372,8 +377,7 @@ class TeacherCache:
             rows = data[lo:lo + chunk_rows]
             if len(rows) < chunk_rows:  # the edge chunk is stored at full size, zero-padded
                 rows = np.concatenate([rows, np.zeros((chunk_rows - len(rows), *rows.shape[1:]), rows.dtype)])
-            key = array.metadata.encode_chunk_key(((start + lo) // chunk_rows,) + (0,) * (array.ndim - 1))
-            jobs.append((Path(self.path) / path / key, rows))
+            jobs.append((Path(self.path) / _chunk_key(path, array, (start + lo) // chunk_rows), rows))
         for future in [_io_pool().submit(_write_chunk_file, file, rows) for file, rows in jobs]:
             future.result()
 
@@ -417,8 +421,7 @@ class TeacherCache:
         array = self.group[path]
         chunk_rows = array.chunks[0]
         for c in range(-(-array.shape[0] // chunk_rows)):
-            key = f"{path}/{array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))}"
-            yield c, c * chunk_rows, min((c + 1) * chunk_rows, array.shape[0]), key
+            yield c, c * chunk_rows, min((c + 1) * chunk_rows, array.shape[0]), _chunk_key(path, array, c)
 
     def _stored_keys(self, path: str) -> set[str]:
         async def listing() -> list[str]:
