@@ -43,6 +43,12 @@ def dump_teacher_cmd(
     output_key: Optional[str] = typer.Option(None, help="Pick the logits from a tuple (index), dict (key) or object (attribute)."),
     logits_dtype: str = typer.Option("float16", help="Stored logits dtype: float16, float32 or bfloat16."),
     hidden_dtype: str = typer.Option("float16", help="Stored hidden-state dtype: float16, float32 or bfloat16."),
+    topk: Optional[int] = typer.Option(None, help="Store the K largest logits per position + ids + logsumexp (sparse; large vocabularies)."),
+    sample_k: Optional[int] = typer.Option(None, help="Store N ids sampled from the teacher per position, as unique ids + counts (unbiased sparse KD)."),
+    sample_temperature: float = typer.Option(1.0, help="Temperature of the distribution --sample-k draws from."),
+    vocab_size: Optional[int] = typer.Option(None, help="Real vocabulary size when the teacher's output layer is padded."),
+    mask_key: str = typer.Option("attention_mask", help="Inputs key of the (B, L) attention mask; padding is stored as zeros and masked."),
+    seed: Optional[int] = typer.Option(None, help="Seed of --sample-k draws (and of augmentation views)."),
     batch_size: int = typer.Option(256, help="Teacher batch size."),
     num_workers: int = typer.Option(0, help="DataLoader workers preparing batches."),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda[:N]."),
@@ -64,7 +70,8 @@ def dump_teacher_cmd(
     model = load_model(teacher, t_kwargs, checkpoint)
     data = load_dataset(dataset, d_kwargs)
     cache = dump_teacher(model, data, out, hidden=hidden, output_key=output_key, logits_dtype=logits_dtype,
-                         hidden_dtype=hidden_dtype, batch_size=batch_size, num_workers=num_workers, device=device,
+                         hidden_dtype=hidden_dtype, topk=topk, sample_k=sample_k, sample_temperature=sample_temperature,
+                         vocab_size=vocab_size, mask_key=mask_key, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
                          amp=amp, cache_root=cache_root, overwrite=overwrite, block_rows=block_rows,
                          allow_nonfinite=allow_nonfinite, writer_threads=writer_threads, progress=progress,
                          teacher_info={"spec": teacher, "kwargs": t_kwargs,
@@ -184,9 +191,21 @@ def info_cmd(path: Path = typer.Argument(..., help="A cache directory.")) -> Non
              f"rows         {cache.rows}  (block {cache.block_rows} rows)",
              f"teacher      {teacher.get('spec') or teacher.get('class')}  weights {teacher.get('weights_digest')}",
              f"dataset      {meta['dataset'].get('spec', '?')}  length {meta['dataset']['length']}  digest {meta['dataset']['digest']}"]
+    tokens = meta.get("tokens") or cache.rows
     for name, o in cache.outputs.items():
-        lines.append(f"  {o.path:<24} shape ({cache.rows}, {', '.join(map(str, o.shape))})  {o.dtype:<8} "
-                     f"chunk {o.chunk_rows} rows  {_size(sizes[o.path])} on disk ({sizes[o.path] / cache.rows:.0f} B/row)")
+        codec = o.codec.params()
+        what = o.dtype if codec["name"] == "dense" else " ".join(f"{k}={v}" for k, v in codec.items())
+        lines.append(f"  {name}: shape ({cache.rows}, {', '.join(map(str, o.shape))})  {what}")
+        for a in o.arrays.values():
+            per = f"{sizes[a.path] / tokens:.1f} B/token" if meta.get("mask_key") or tokens != cache.rows \
+                else f"{sizes[a.path] / cache.rows:.0f} B/row"
+            lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  chunk "
+                         f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk ({per})")
+    vocab = meta.get("vocab") or {}
+    if vocab.get("padded", 0) > 1:
+        lines.append(f"vocabulary   {vocab['real']} classes (output layer {vocab['padded']})"
+                     + (f"; padding masked by inputs[{meta['mask_key']!r}], {tokens} real tokens"
+                        if meta.get("mask_key") else ""))
     acc = meta.get("teacher_accuracy") or {}
     if acc.get("labelled"):
         lines.append(f"teacher accuracy on the transfer set's labels: {acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']})")
@@ -218,7 +237,7 @@ def ls_cmd(root: Optional[Path] = typer.Argument(None, help="Cache root [$KDCACH
             typer.echo(f"{entry}  unreadable: {err}")
             continue
         found += 1
-        outputs = ",".join(o.path for o in cache.outputs.values())
+        outputs = ",".join(a.path for o in cache.outputs.values() for a in o.arrays.values())
         teacher = cache.meta.get("teacher", {})
         size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
         typer.echo(f"{entry}  {'complete' if cache.complete else 'incomplete'}  {cache.rows} rows  {outputs}  "

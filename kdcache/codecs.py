@@ -1,18 +1,32 @@
 """Output codecs: how one teacher output is encoded on the dump side and decoded on the read side.
 
-Each codec keeps both directions side by side so the round trip is tested in one place.
+A codec turns a teacher output of per-row shape ``(*P, V)`` into one or more stored arrays,
+each with one row per cache row, and back. Both directions sit side by side so the round trip
+is tested in one place.
+
+- :class:`DenseCodec` — every value, float16/float32/bfloat16 (one array).
+- :class:`TopKCodec` — per position the K largest logits (float16), their class ids packed in
+  the fewest bits that hold the vocabulary, and the row's log-partition (float32), so the kept
+  classes' exact probabilities and the tail mass are known.
+- :class:`SampledCodec` — Random-Sampling KD (Anshumann et al., 2025): N class ids drawn with
+  replacement from ``softmax(logits / T)``, seeded per row, stored as unique ids plus counts.
+
+Encoding runs on the teacher's device so the device-to-host copy moves the stored width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Union
 
 import numpy as np
 import torch
 
 from .errors import KdcacheError
 
-__all__ = ["DenseCodec", "DTYPES"]
+__all__ = ["DenseCodec", "TopKCodec", "SampledCodec", "Codec", "DTYPES", "codec_from_meta", "pack_ids",
+           "unpack_ids", "index_bits"]
 
 # logical dtype -> (torch dtype on the wire, numpy dtype on disk)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
@@ -23,17 +37,27 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 }
 
 
+def _nonfinite(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """(B,) bool: rows holding a NaN or inf, read off the exponent bits (~10 GB/s)."""
+    if dtype == "float32":
+        bits, exponent = stored.view(np.uint32), np.uint32(0x7F800000)
+    else:
+        bits = stored.view(np.uint16)
+        exponent = np.uint16(0x7C00 if dtype == "float16" else 0x7F80)
+    return ((bits & exponent) == exponent).reshape(len(stored), -1).any(axis=1)
+
+
+def _to_numpy(host: torch.Tensor) -> np.ndarray:
+    array = host.numpy()
+    return array.view(np.uint16) if array.dtype == np.int16 else array
+
+
 @dataclass(frozen=True)
 class DenseCodec:
-    """Every value of the output, one row per sample, in ``dtype`` (float32|float16|bfloat16).
-
-    ``encode`` runs on the teacher's device (so the device-to-host copy moves the stored
-    width, not float32); ``to_numpy`` turns that host tensor into the on-disk array;
-    ``decode`` turns stored rows back into float32 tensors.
-    """
+    """Every value of the output, one row per sample, in ``dtype`` (float32|float16|bfloat16)."""
 
     dtype: str = "float16"
-    name: str = "dense"
+    name = "dense"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -43,14 +67,19 @@ class DenseCodec:
     def stored_dtype(self) -> np.dtype:
         return DTYPES[self.dtype][1]
 
-    def encode(self, output: torch.Tensor) -> torch.Tensor:
-        """Teacher output (B, ...) any float dtype -> (B, ...) in the storage width, same device."""
-        out = output.detach().to(DTYPES[self.dtype][0])
-        return out.view(torch.int16) if self.dtype == "bfloat16" else out
+    def params(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype}
 
-    def to_numpy(self, host: torch.Tensor) -> np.ndarray:
-        array = host.numpy()
-        return array.view(np.uint16) if self.dtype == "bfloat16" else array
+    def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Stored arrays for an output of per-row ``shape``: key -> (per-row shape, numpy dtype)."""
+        return {"": (shape, self.stored_dtype)}
+
+    def encode(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Teacher output (B, ...) any float dtype -> the stored arrays, same device."""
+        out = output.detach().to(DTYPES[self.dtype][0])
+        return {"": out.view(torch.int16) if self.dtype == "bfloat16" else out}
+
+    to_numpy = staticmethod(_to_numpy)
 
     def to_tensor(self, stored: np.ndarray) -> torch.Tensor:
         """Stored rows (B, ...) -> a tensor of the logical dtype, without copying."""
@@ -58,15 +87,220 @@ class DenseCodec:
             return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.asarray(stored))
 
-    def decode(self, stored: np.ndarray) -> torch.Tensor:
-        """Stored rows (B, ...) -> float32 tensor (B, ...)."""
-        return self.to_tensor(stored).float()
+    def decode(self, stored: dict[str, np.ndarray] | np.ndarray, dtype: torch.dtype | None = torch.float32,
+               ) -> torch.Tensor:
+        """Stored rows (``{"": array}`` or the array) -> tensor (B, ...) in ``dtype`` (None keeps
+        the stored width)."""
+        rows = self.to_tensor(stored[""] if isinstance(stored, dict) else stored)
+        return rows if dtype is None else rows.to(dtype)
 
-    def nonfinite_rows(self, stored: np.ndarray) -> np.ndarray:
-        """(B,) bool: rows holding a NaN or inf, read off the exponent bits (~10 GB/s)."""
-        if self.dtype == "float32":
-            bits, exponent = stored.view(np.uint32), np.uint32(0x7F800000)
-        else:
-            bits = stored.view(np.uint16)
-            exponent = np.uint16(0x7C00 if self.dtype == "float16" else 0x7F80)
-        return ((bits & exponent) == exponent).reshape(len(stored), -1).any(axis=1)
+    def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
+        return _nonfinite(stored, self.dtype)
+
+
+def index_bits(vocab: int) -> int:
+    """Fewest bits that hold every class id in ``range(vocab)``."""
+    return max(1, (vocab - 1).bit_length())
+
+
+def pack_ids(ids: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., K) integer ids < 2**bits -> (..., ceil(K*bits/8)) uint8, little-endian bit order."""
+    shifts = torch.arange(bits, device=ids.device, dtype=torch.int64)
+    flat = ((ids.long().unsqueeze(-1) >> shifts) & 1).to(torch.uint8).flatten(-2)
+    pad = (-flat.shape[-1]) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=ids.device)
+    return (flat.view(*flat.shape[:-1], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_ids(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_ids`: (..., nbytes) uint8 -> (..., K) int64."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    flat = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :k * bits]
+    weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(bits, device=packed.device)
+    return (flat.view(*flat.shape[:-1], k, bits).long() * weights).sum(-1)
+
+
+def _check_vocab(k: int, vocab: int, what: str) -> None:
+    if k < 1:
+        raise KdcacheError(f"{what} must be >= 1, got {k}")
+    if vocab < 1:
+        raise KdcacheError(f"vocabulary size must be >= 1, got {vocab}")
+
+
+@dataclass(frozen=True)
+class TopKCodec:
+    """The K largest logits per position, their ids (bit-packed) and the row's logsumexp.
+
+    ``vocab`` is the real vocabulary: columns at and beyond it (a padded output layer) are
+    dropped before top-k and logsumexp, so the stored distribution is over real classes only.
+    """
+
+    k: int
+    vocab: int
+    name = "topk"
+
+    def __post_init__(self) -> None:
+        _check_vocab(self.k, self.vocab, "--topk")
+        if self.k > self.vocab:
+            raise KdcacheError(f"--topk {self.k} is larger than the vocabulary ({self.vocab} classes)")
+
+    @property
+    def bits(self) -> int:
+        return index_bits(self.vocab)
+
+    def params(self) -> dict[str, Any]:
+        return {"name": self.name, "k": self.k, "vocab": self.vocab, "index_bits": self.bits}
+
+    def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        prefix = shape[:-1]
+        return {"values": ((*prefix, self.k), np.dtype("float16")),
+                "indices": ((*prefix, math.ceil(self.k * self.bits / 8)), np.dtype("uint8")),
+                "logsumexp": (prefix, np.dtype("float32"))}
+
+    def encode(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        z = output.detach()[..., :self.vocab].float()
+        values, ids = z.topk(self.k, dim=-1)
+        return {"values": values.half(), "indices": pack_ids(ids, self.bits), "logsumexp": z.logsumexp(-1)}
+
+    to_numpy = staticmethod(_to_numpy)
+
+    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """-> ``{"values": (B, *P, K), "indices": int64 (B, *P, K), "logsumexp": float32 (B, *P)}``."""
+        values = torch.from_numpy(np.asarray(stored["values"]))
+        return {"values": values if dtype is None else values.to(dtype),
+                "indices": unpack_ids(torch.from_numpy(np.asarray(stored["indices"])), self.k, self.bits),
+                "logsumexp": torch.from_numpy(np.asarray(stored["logsumexp"]))}
+
+    def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
+        return _nonfinite(stored, "float16" if key == "values" else "float32") if key != "indices" else None
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow on any device."""
+    hi, lo = x >> 16, x & 0xFFFF
+    return ((((hi * c) & 0xFFFF) << 16) + lo * c) & _M32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seed: int, rows: torch.Tensor, positions: int, draws: int) -> torch.Tensor:
+    """(B, positions, draws) float64 uniforms in [0, 1), a pure function of (seed, row,
+    position, draw): the same whatever the batch, device or process that computes them."""
+    dev = rows.device
+    h = _fmix32(torch.full((1,), seed & _M32, dtype=torch.int64, device=dev) ^ 0x6B646361)
+    h = _fmix32(h ^ (rows.long() & _M32)).view(-1, 1, 1)
+    h = _fmix32(h ^ torch.arange(positions, device=dev).view(1, -1, 1))
+    j = torch.arange(draws, device=dev).view(1, 1, -1)
+    hi = _fmix32(h ^ (2 * j))
+    lo = _fmix32(h ^ (2 * j + 1))
+    return (hi.double() * 2.0**21 + (lo >> 11).double()) / 2.0**53
+
+
+@dataclass(frozen=True)
+class SampledCodec:
+    """N ids drawn with replacement from ``softmax(logits[..., :vocab] / temperature)`` per
+    position, stored as up to N unique ids (bit-packed) with their counts (count 0 = unused).
+
+    The draws are a pure function of (seed, row, position): a resumed or multi-process dump
+    stores the same samples. ``counts / N`` is an unbiased estimate of the teacher's
+    distribution at ``temperature``, hence of the KD gradient (Anshumann et al., 2025).
+    """
+
+    n: int
+    vocab: int
+    temperature: float = 1.0
+    seed: int = 0
+    name = "sampled"
+
+    def __post_init__(self) -> None:
+        _check_vocab(self.n, self.vocab, "--sample-k")
+        if self.n > 65535:
+            raise KdcacheError(f"--sample-k must be <= 65535, got {self.n}")
+        if not self.temperature > 0:
+            raise KdcacheError(f"--sample-temperature must be > 0, got {self.temperature}")
+
+    @property
+    def bits(self) -> int:
+        return index_bits(self.vocab)
+
+    @property
+    def count_dtype(self) -> np.dtype:
+        return np.dtype("uint8") if self.n <= 255 else np.dtype("uint16")
+
+    def params(self) -> dict[str, Any]:
+        return {"name": self.name, "n": self.n, "vocab": self.vocab, "temperature": self.temperature,
+                "seed": self.seed, "index_bits": self.bits}
+
+    def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        prefix = shape[:-1]
+        return {"ids": ((*prefix, math.ceil(self.n * self.bits / 8)), np.dtype("uint8")),
+                "counts": ((*prefix, self.n), self.count_dtype)}
+
+    def encode(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if rows is None:
+            raise ValueError("SampledCodec.encode needs the cache rows of the batch (its seeds)")
+        b = output.shape[0]
+        z = output.detach()[..., :self.vocab].reshape(b, -1, min(self.vocab, output.shape[-1]))
+        positions = z.shape[1]
+        u = counter_uniforms(self.seed, rows.to(z.device), positions, self.n)
+        ids = torch.empty((b, positions, self.n), dtype=torch.int64, device=z.device)
+        step = max(1, (1 << 24) // z.shape[-1])  # float64 CDFs of at most 16M values at a time
+        flat_z, flat_u, flat_ids = z.reshape(-1, z.shape[-1]), u.reshape(-1, self.n), ids.view(-1, self.n)
+        for s in range(0, flat_z.shape[0], step):
+            p = torch.softmax(flat_z[s:s + step].double() / self.temperature, dim=-1)
+            cdf = p.cumsum(-1)
+            drawn = torch.searchsorted(cdf, flat_u[s:s + step] * cdf[:, -1:], right=True)
+            flat_ids[s:s + step] = drawn.clamp_max(z.shape[-1] - 1)
+        ordered = ids.sort(dim=-1).values
+        new = torch.ones_like(ordered, dtype=torch.bool)
+        new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+        slot = new.long().cumsum(-1) - 1
+        unique = torch.zeros_like(ordered).scatter_(-1, slot, ordered)
+        counts = torch.zeros_like(ordered).scatter_add_(-1, slot, torch.ones_like(ordered))
+        prefix = output.shape[:-1]
+        return {"ids": pack_ids(unique, self.bits).view(*prefix, -1),
+                "counts": counts.to(torch.uint8 if self.n <= 255 else torch.int32).view(*prefix, self.n)}
+
+    def to_numpy(self, host: torch.Tensor) -> np.ndarray:
+        array = host.numpy()
+        return array.astype(np.uint16) if array.dtype == np.int32 else array
+
+    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """-> ``{"ids": int64 (B, *P, N), "counts": float32 (B, *P, N)}`` (count 0: unused slot)."""
+        counts = torch.from_numpy(np.asarray(stored["counts"]).astype(np.float32))
+        return {"ids": unpack_ids(torch.from_numpy(np.asarray(stored["ids"])), self.n, self.bits), "counts": counts}
+
+    def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
+        return None
+
+
+Codec = Union[DenseCodec, TopKCodec, SampledCodec]
+
+
+def codec_from_meta(meta: dict[str, Any], dtype: str | None = None) -> Codec:
+    """The codec recorded in a cache's attrs (format 1 caches hold only dense outputs)."""
+    params = dict(meta or {"name": "dense", "dtype": dtype or "float16"})
+    name = params.pop("name", "dense")
+    params.pop("index_bits", None)
+    kinds = {"dense": DenseCodec, "topk": TopKCodec, "sampled": SampledCodec}
+    if name not in kinds:
+        raise KdcacheError(f"unknown output codec {name!r} in the cache; upgrade kdcache")
+    if name == "dense" and "dtype" not in params:
+        params["dtype"] = dtype or "float16"
+    return kinds[name](**params)
+
+
+def codec_params(codec: Codec) -> dict[str, Any]:
+    return {**asdict(codec), **codec.params()}

@@ -159,12 +159,14 @@ class CachedTeacherDataset(Dataset):
             raise KdcacheError(f"cache {opened.path} holds no hidden output {unknown[0]!r}; it has {opened.hidden_names}")
         self.hidden = tuple(names)
         self.outputs = {name: opened.outputs[name] for name in ("logits", *self.hidden)}
+        self.arrays = {a.path: a for o in self.outputs.values() for a in o.arrays.values()}
+        self.mask_key: str | None = opened.meta.get("mask_key")
         opened.check_chunks()
         self.digests = opened.row_digests()
         need = sum(o.row_bytes for o in self.outputs.values()) * opened.rows
         self.in_memory = need <= memory_budget if in_memory == "auto" else bool(in_memory)
         self.block_rows = opened.block_rows
-        self._arrays = {name: opened.read(name, 0, opened.rows) for name in self.outputs} if self.in_memory else None
+        self._arrays = {p: opened.read_array(p, 0, opened.rows) for p in self.arrays} if self.in_memory else None
         self._chunk_cache_bytes = chunk_cache_bytes
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._chunk_bytes = 0
@@ -193,13 +195,13 @@ class CachedTeacherDataset(Dataset):
         row_bytes = sum(o.row_bytes for o in self.outputs.values())
         return max(self.block_rows, self._chunk_cache_bytes // 2 // max(row_bytes, 1) // self.block_rows * self.block_rows)
 
-    def _chunk(self, name: str, c: int) -> np.ndarray:
-        key = (name, c)
+    def _chunk(self, path: str, c: int) -> np.ndarray:
+        key = (path, c)
         if key in self._chunks:
             self._chunks.move_to_end(key)
             return self._chunks[key]
-        chunk_rows = self.outputs[name].chunk_rows
-        data = self._cache().read(name, c * chunk_rows, min((c + 1) * chunk_rows, len(self)))
+        chunk_rows = self.arrays[path].chunk_rows
+        data = self._cache().read_array(path, c * chunk_rows, min((c + 1) * chunk_rows, len(self)))
         self._chunks[key] = data
         self._chunk_bytes += data.nbytes
         while self._chunk_bytes > self._chunk_cache_bytes and len(self._chunks) > 1:
@@ -207,20 +209,20 @@ class CachedTeacherDataset(Dataset):
             self._chunk_bytes -= old.nbytes
         return data
 
-    def _rows(self, name: str, idx: np.ndarray) -> np.ndarray:
+    def _rows(self, path: str, idx: np.ndarray) -> np.ndarray:
         if self._arrays is not None:
-            return self._arrays[name][idx]
-        spec = self.outputs[name]
+            return self._arrays[path][idx]
+        spec = self.arrays[path]
         chunk_ids = idx // spec.chunk_rows
-        out = np.empty((len(idx), *spec.shape), spec.codec.stored_dtype)
+        out = np.empty((len(idx), *spec.shape), spec.dtype)
         for c in np.unique(chunk_ids):
             mask = chunk_ids == c
-            out[mask] = self._chunk(name, int(c))[idx[mask] - c * spec.chunk_rows]
+            out[mask] = self._chunk(path, int(c))[idx[mask] - c * spec.chunk_rows]
         return out
 
-    def _teacher_rows(self, name: str, idx: np.ndarray) -> torch.Tensor:
-        rows = self.outputs[name].codec.to_tensor(self._rows(name, idx))
-        return rows if self.dtype is None else rows.to(self.dtype)
+    def _teacher_rows(self, name: str, idx: np.ndarray) -> Any:
+        spec = self.outputs[name]
+        return spec.codec.decode({key: self._rows(a.path, idx) for key, a in spec.arrays.items()}, self.dtype)
 
     def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
         idx = np.asarray(indices, dtype=np.int64)
@@ -236,6 +238,8 @@ class CachedTeacherDataset(Dataset):
                                    "if the difference is deliberate")
         teacher = {"logits": self._teacher_rows("logits", idx),
                    "hidden": {h: self._teacher_rows(h, idx) for h in self.hidden}}
+        if self.mask_key is not None:  # sequences: 1 for real tokens, 0 for padding
+            teacher["mask"] = inputs[self.mask_key].bool()
         return TeacherBatch(inputs, labels, teacher)
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .capture import HiddenCapture, check_module_names
-from .codecs import DenseCodec
+from .codecs import Codec, DenseCodec, SampledCodec, TopKCodec
 from .errors import KdcacheError
 from .items import (call_model, dataset_digest, fetch_batch, move_inputs, resolve_device, row_digests,
                     select_output)
-from .store import (DumpLock, OutputSpec, TeacherCache, fault_point, fingerprint, is_disk_full, plan_blocks,
+from .store import (ArrayInfo, DumpLock, OutputSpec, TeacherCache, fault_point, fingerprint, is_disk_full, plan_blocks,
                     remove_cache)
 
 __all__ = ["dump_teacher", "weights_digest", "default_cache_root"]
@@ -84,7 +84,9 @@ class _BlockWriter:
 
     def __init__(self, cache: TeacherCache, threads: int, allow_nonfinite: bool, depth: int = 4) -> None:
         self.cache, self.allow_nonfinite = cache, allow_nonfinite
-        self.codecs = {name: o.codec for name, o in cache.outputs.items()}
+        # array path -> (output name, codec key, codec)
+        self.arrays = {a.path: (name, key, o.codec) for name, o in cache.outputs.items() for key, a in o.arrays.items()}
+        self.infos = {a.path: a for o in cache.outputs.values() for a in o.arrays.values()}
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="kdcache-write")
         self.slots = threading.Semaphore(max(1, threads) + 1)  # blocks held in memory at once
@@ -96,9 +98,9 @@ class _BlockWriter:
         self.thread.start()
 
     def put(self, start: int, outputs: dict[str, torch.Tensor], predicted: torch.Tensor | None,
-            labels: torch.Tensor, digests: np.ndarray, event: Any) -> None:
+            labels: torch.Tensor, digests: np.ndarray, tokens: int, event: Any) -> None:
         self.raise_error()
-        self.queue.put((start, outputs, predicted, labels, digests, event))
+        self.queue.put((start, outputs, predicted, labels, digests, tokens, event))
 
     def raise_error(self) -> None:
         for f in [f for f in self.futures if f.done()]:
@@ -116,15 +118,17 @@ class _BlockWriter:
                 except BaseException as err:  # handed to the main thread
                     self.error = err
 
-    def _check_finite(self, name: str, start: int, stored: np.ndarray) -> None:
-        bad = np.flatnonzero(self.codecs[name].nonfinite_rows(stored))
-        if bad.size:
-            hint = " (float16 overflows above 65504: try --logits-dtype float32)" if self.codecs[name].dtype == "float16" else ""
+    def _check_finite(self, path: str, start: int, stored: np.ndarray) -> None:
+        name, key, codec = self.arrays[path]
+        nonfinite = codec.nonfinite_rows(key, stored)
+        bad = np.flatnonzero(nonfinite) if nonfinite is not None else ()
+        if len(bad):
+            hint = " (float16 overflows above 65504: try --logits-dtype float32)" if stored.dtype == np.float16 else ""
             raise KdcacheError(f"teacher output {name!r} is NaN/inf at row {start + int(bad[0])} (the first bad row){hint}; "
                                "fix the teacher or pass --allow-nonfinite to keep such rows")
 
     def _accept(self, start: int, outputs: dict[str, torch.Tensor], predicted: torch.Tensor | None,
-                labels: torch.Tensor, digests: np.ndarray, event: Any) -> None:
+                labels: torch.Tensor, digests: np.ndarray, tokens: int, event: Any) -> None:
         if event is not None:
             event.synchronize()
         cache, n = self.cache, len(digests)
@@ -133,29 +137,31 @@ class _BlockWriter:
         if block not in self.pending:
             self.slots.acquire()
             self.pending[block] = {
-                "arrays": {name: np.empty((b_stop - b_start, *o.shape), o.codec.stored_dtype)
-                           for name, o in cache.outputs.items()},
-                "digests": np.empty(b_stop - b_start, np.uint64), "filled": 0, "labelled": 0, "correct": 0}
+                "arrays": {path: np.empty((b_stop - b_start, *a.shape), a.dtype) for path, a in self.infos.items()},
+                "digests": np.empty(b_stop - b_start, np.uint64), "filled": 0, "labelled": 0, "correct": 0,
+                "tokens": 0}
         p = self.pending[block]
         lo = start - b_start
-        for name, host in outputs.items():
-            stored = self.codecs[name].to_numpy(host)
+        for path, host in outputs.items():
+            stored = self.arrays[path][2].to_numpy(host)
             if not self.allow_nonfinite:
-                self._check_finite(name, start, stored)
-            p["arrays"][name][lo:lo + n] = stored
+                self._check_finite(path, start, stored)
+            p["arrays"][path][lo:lo + n] = stored
         p["digests"][lo:lo + n] = digests
         labelled = labels >= 0
         if predicted is not None:
             p["labelled"] += int(labelled.sum())
             p["correct"] += int((predicted == labels)[labelled].sum())
         p["filled"] += n
+        p["tokens"] += tokens
         if p["filled"] == b_stop - b_start:
             del self.pending[block]
             self.futures.append(self.pool.submit(self._write, block, p))
 
     def _write(self, block: int, p: dict[str, Any]) -> None:
         try:
-            self.cache.write_block(block, p["arrays"], p["digests"], (p["filled"], p["labelled"], p["correct"]))
+            self.cache.write_block(block, p["arrays"], p["digests"],
+                                   (p["filled"], p["labelled"], p["correct"], p["tokens"]))
             self.bytes_written += sum(a.nbytes for a in p["arrays"].values())
         except OSError as err:
             what = "the disk is full" if is_disk_full(err) else (err.strerror or str(err))
@@ -190,7 +196,9 @@ def _versions() -> dict[str, str]:
 
 def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None, *,
                  hidden: Sequence[str] = (), output_key: str | None = None, logits_dtype: str = "float16",
-                 hidden_dtype: str = "float16", batch_size: int = 256, num_workers: int = 0,
+                 hidden_dtype: str = "float16", topk: int | None = None, sample_k: int | None = None,
+                 sample_temperature: float = 1.0, vocab_size: int | None = None,
+                 mask_key: str = "attention_mask", seed: int | None = None, batch_size: int = 256, num_workers: int = 0,
                  device: str | torch.device | None = None, amp: str = "auto",
                  cache_root: str | Path | None = None, overwrite: bool = False, block_rows: int | None = None,
                  allow_nonfinite: bool = False, writer_threads: int = 8, progress: bool = True,
@@ -205,6 +213,14 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         hidden: dotted submodule names whose outputs are stored under ``hidden/<name>``.
         output_key: picks the logits from a tuple (index), dict (key) or object (attribute).
         logits_dtype, hidden_dtype: ``float16`` (default), ``float32`` or ``bfloat16``.
+        topk: store the K largest logits per position, their ids and the logsumexp
+            (``topk/*``) instead of dense logits.
+        sample_k: store N ids sampled from ``softmax(logits / sample_temperature)`` per position
+            as unique ids + counts (``sampled/*``), seeded per row by ``seed`` (default 0).
+        vocab_size: the real vocabulary when the output layer is padded (default: its width);
+            sparse forms keep only real classes, and students must match one of the two sizes.
+        mask_key: the inputs' key of a ``(B, L)`` attention mask; positions where it is 0 are
+            padding, stored as zeros and returned as the ``mask`` of stage two.
         amp: ``auto`` (bf16 on CUDA, none on CPU), ``bf16``, ``fp16`` or ``none``.
         overwrite: replace a cache with another fingerprint (or redo the same one).
         block_rows: rows per write block (default: chosen for ~2 MB chunks).
@@ -221,7 +237,14 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         raise KdcacheError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
-    codecs = {"logits": DenseCodec(logits_dtype), **{h: DenseCodec(hidden_dtype) for h in hidden}}
+    if topk is not None and sample_k is not None:
+        raise KdcacheError("--topk and --sample-k are two ways to store the logits: choose one")
+    if vocab_size is not None and vocab_size < 1:
+        raise KdcacheError(f"--vocab-size must be >= 1, got {vocab_size}")
+    formats = {"logits": (logits_dtype, topk, sample_k, sample_temperature, vocab_size, seed or 0),
+               **{h: (hidden_dtype, None, None, 1.0, None, 0) for h in hidden}}
+    for fmt in formats.values():
+        _codec(fmt, vocab_size or max(topk or 1, sample_k or 1))  # fail early on a bad choice
     rows = len(dataset)
     if rows == 0:
         raise KdcacheError("the dataset is empty: nothing to dump")
@@ -230,6 +253,9 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
     w_digest = weights_digest(teacher)
     choices = {"output_key": output_key, "hidden": list(hidden), "logits_dtype": logits_dtype,
                "hidden_dtype": hidden_dtype, "amp": amp}
+    if topk is not None or sample_k is not None or vocab_size is not None:
+        choices.update(topk=topk, sample_k=sample_k, sample_temperature=sample_temperature, vocab_size=vocab_size,
+                       seed=seed)
     fp = fingerprint(w_digest, data_digest, choices)
     path = Path(out) if out is not None else Path(cache_root or default_cache_root()) / fp
     if path.exists() and not path.is_dir():
@@ -267,7 +293,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
             return TeacherCache.open(path)
         teacher = teacher.to(dev).eval()
         if cache is None:
-            cache = _create(teacher, dataset, path, hidden, output_key, codecs, amp, dev, block_rows, {
+            cache = _create(teacher, dataset, path, hidden, output_key, formats, mask_key, amp, dev, block_rows, {
                 "fingerprint": fp, "teacher": {**(teacher_info or {}), "class": type(teacher).__qualname__,
                                                "weights_digest": w_digest},
                 "dataset": {**(dataset_info or {}), "length": rows, "digest": data_digest},
@@ -300,28 +326,67 @@ def _forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key
         return {"logits": select_output(output, output_key), **capture.take()}
 
 
+def _codec(fmt: tuple[Any, ...], classes: int) -> Codec:
+    """The codec of one output: (dtype, topk, sample_k, sample_temperature, vocab_size, seed)."""
+    dtype, topk, sample_k, temperature, vocab_size, seed = fmt
+    vocab = vocab_size or classes
+    if vocab > classes:
+        raise KdcacheError(f"--vocab-size {vocab} is larger than the teacher's {classes} output classes")
+    if topk is not None:
+        return TopKCodec(topk, vocab)
+    if sample_k is not None:
+        return SampledCodec(sample_k, vocab, float(temperature), int(seed))
+    return DenseCodec(dtype)
+
+
+def _input_mask(inputs: Any, mask_key: str | None) -> torch.Tensor | None:
+    """The (B, L) attention mask of dict inputs, as bool, or None."""
+    if not mask_key or not isinstance(inputs, dict) or mask_key not in inputs:
+        return None
+    mask = inputs[mask_key]
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        raise KdcacheError(f"inputs[{mask_key!r}] must be a (batch, length) tensor, got "
+                           f"{getattr(mask, 'shape', type(mask).__name__)}")
+    return mask.bool()
+
+
 def _create(teacher: nn.Module, dataset: Any, path: Path, hidden: tuple[str, ...], output_key: str | None,
-            codecs: dict[str, DenseCodec], amp: str, dev: torch.device, block_rows: int | None,
+            formats: dict[str, tuple[Any, ...]], mask_key: str, amp: str, dev: torch.device, block_rows: int | None,
             meta: dict[str, Any]) -> TeacherCache:
     """Learn the output shapes from a forward pass on two rows, then create the empty store."""
     probe_rows = list(range(min(2, len(dataset))))
     inputs, _ = fetch_batch(dataset, probe_rows)
     with HiddenCapture(teacher, hidden) as capture:
         outputs = _forward(teacher, capture, move_inputs(inputs, dev), output_key, amp, dev)
-    shapes = {}
+    specs = []
     for name, t in outputs.items():
         if t.ndim == 0 or t.shape[0] != len(probe_rows):
             raise KdcacheError(f"teacher output {name!r} has shape {tuple(t.shape)} for a batch of "
                                f"{len(probe_rows)}: its first axis must be the batch")
         if not t.is_floating_point():
             raise KdcacheError(f"teacher output {name!r} is {t.dtype}, not floating point")
-        shapes[name] = tuple(t.shape[1:])
-    row_bytes = {name: int(np.prod(s, dtype=np.int64)) * codecs[name].stored_dtype.itemsize
-                 for name, s in shapes.items()}
+        if t.ndim == 1 and formats[name][1:3] != (None, None):
+            raise KdcacheError("--topk/--sample-k need logits with a class axis, (B, C) or (B, L, V)")
+        codec = _codec(formats[name], int(t.shape[-1]) if t.ndim > 1 else 1)
+        shape = tuple(t.shape[1:])
+        specs.append((name, shape, codec, OutputSpec.paths_for(name, codec, shape)))
+    row_bytes = {p: int(np.prod(s, dtype=np.int64)) * d.itemsize for *_, paths in specs for p, s, d in paths.values()}
     block_rows, chunks = plan_blocks(row_bytes, len(dataset), block_rows)
-    outputs_spec = [OutputSpec(name, OutputSpec.path_for(name), shapes[name], codecs[name].dtype, chunks[name])
-                    for name in shapes]
+    outputs_spec = [OutputSpec(name, shape, codec, {key: ArrayInfo(p, s, d, chunks[p]) for key, (p, s, d) in paths.items()})
+                    for name, shape, codec, paths in specs]
+    logits = outputs["logits"]
+    classes = int(logits.shape[-1]) if logits.ndim > 1 else 1
+    meta = {**meta, "vocab": {"real": formats["logits"][4] or classes, "padded": classes},
+            "mask_key": mask_key if _input_mask(inputs, mask_key) is not None else None}
     return TeacherCache.create(path, meta=meta, outputs=outputs_spec, rows=len(dataset), block_rows=block_rows)
+
+
+def _zero_padding(arrays: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Store padding positions (mask 0) as zeros: never as real tokens."""
+    if mask is None:
+        return arrays
+    return {k: (v.masked_fill(~mask.view(*mask.shape, *([1] * (v.ndim - 2))), 0)
+                if v.ndim >= 2 and tuple(v.shape[:2]) == tuple(mask.shape) else v) for k, v in arrays.items()}
 
 
 def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int], hidden: tuple[str, ...],
@@ -331,34 +396,47 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
     cuda = dev.type == "cuda"
     loader = DataLoader(_Batches(dataset, batches), batch_size=None, shuffle=False, num_workers=num_workers,
                         pin_memory=cuda, prefetch_factor=4 if num_workers else None)
-    codecs = {name: o.codec for name, o in cache.outputs.items()}
     writer = _BlockWriter(cache, writer_threads, allow_nonfinite)
+    mask_key = cache.meta.get("mask_key")
+    logits_spec = cache.outputs["logits"]
+    positions = int(np.prod(logits_spec.shape[:-1], dtype=np.int64)) if len(logits_spec.shape) > 1 else 1
     total = sum(b - a for a, b in batches)
     bar = tqdm(total=total, unit="rows", unit_scale=True, desc="dump-teacher", disable=not progress,
                dynamic_ncols=True)
     t0 = time.perf_counter()
+    tokens_done = 0
     try:
         with HiddenCapture(teacher, hidden) as capture:
             for start, inputs, labels, digests in loader:
+                n = len(digests)
+                mask = _input_mask(inputs, mask_key)
+                tokens = int(mask.sum()) if mask is not None else n * positions
                 outputs = _forward(teacher, capture, move_inputs(inputs, dev, non_blocking=cuda), output_key, amp, dev)
+                rows = torch.arange(start, start + n, device=dev)
+                dev_mask = mask.to(dev, non_blocking=cuda) if mask is not None else None
+                host = {}
                 for name, t in outputs.items():
-                    if tuple(t.shape) != (len(digests), *cache.outputs[name].shape):
+                    spec = cache.outputs[name]
+                    if tuple(t.shape) != (n, *spec.shape):
                         raise KdcacheError(f"teacher output {name!r} for rows {start}.. has shape {tuple(t.shape[1:])}, "
-                                           f"earlier rows {cache.outputs[name].shape}: dataset items must all have one shape")
-                # narrow and take the argmax on the device, then copy to pinned memory without
-                # blocking the next forward
-                host = {name: codecs[name].encode(t).to("cpu", non_blocking=cuda) for name, t in outputs.items()}
+                                           f"earlier rows {spec.shape}: dataset items must all have one shape")
+                    # narrow on the device, then copy to pinned memory without blocking the next forward
+                    encoded = _zero_padding(spec.codec.encode(t, rows), dev_mask)
+                    host.update({spec.arrays[key].path: v.to("cpu", non_blocking=cuda) for key, v in encoded.items()})
                 logits = outputs["logits"]
-                predicted = logits.argmax(dim=1).to("cpu", non_blocking=cuda) if logits.ndim == 2 else None
+                predicted = (logits.argmax(dim=-1).to("cpu", non_blocking=cuda)
+                             if logits.ndim >= 2 and tuple(logits.shape[:-1]) == tuple(labels.shape) else None)
                 event = torch.cuda.Event() if cuda else None
                 if event is not None:
                     event.record()
-                writer.put(start, host, predicted, labels, digests, event)
+                writer.put(start, host, predicted, labels, digests, tokens, event)
                 fault_point("batch")
-                bar.update(len(digests))
+                tokens_done += tokens
+                bar.update(n)
     finally:
         bar.close()
         writer.close()
     seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 3), "rows": total, "rows_per_s": round(total / max(seconds, 1e-9), 1),
+            "tokens": tokens_done, "tokens_per_s": round(tokens_done / max(seconds, 1e-9), 1),
             "mb_per_s": round(writer.bytes_written / 1e6 / max(seconds, 1e-9), 2)}

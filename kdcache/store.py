@@ -6,7 +6,7 @@ Layout (a **contract**, see README "Cache format"):
 - ``logits``                 (rows, *out_shape)  raw teacher logits, float16 by default
 - ``hidden/<module.name>``   (rows, *shape)      one array per captured module output
 - ``_row_digest``            (rows,) uint64      digest of each row's input (alignment check)
-- ``_blocks``                (blocks, 4) int64   completion record: done, rows, labelled, correct
+- ``_blocks``                (blocks, 5) int64   completion record: done, rows, labelled, correct, tokens
 - group attrs ``kdcache``: format version, fingerprint, teacher, dataset, outputs, versions,
   ``complete``, and the dump's timings under ``dump``.
 
@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,14 +39,15 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
-from .codecs import DenseCodec
+from .codecs import Codec, codec_from_meta, codec_params
 from .errors import KdcacheError
 
-__all__ = ["FORMAT_VERSION", "OutputSpec", "TeacherCache", "DumpLock", "plan_blocks", "fingerprint",
+__all__ = ["FORMAT_VERSION", "ArrayInfo", "OutputSpec", "TeacherCache", "DumpLock", "plan_blocks", "fingerprint",
            "dump_in_progress", "ChunkProblem", "remove_cache", "is_disk_full"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: multi-array codecs (top-k, sampled), tokens column; reads 1
 BLOCKS = "_blocks"
+BLOCK_FIELDS = 5  # done, rows, labelled, correct, tokens
 ROW_DIGEST = "_row_digest"
 ATTR = "kdcache"
 TARGET_CHUNK_BYTES = 2 << 20
@@ -55,26 +56,64 @@ MAX_CHUNK_ROWS = 1 << 16
 
 
 @dataclass(frozen=True)
-class OutputSpec:
-    """One stored teacher output: ``logits`` or a hidden module, with its per-row shape."""
+class ArrayInfo:
+    """One stored array: its path in the group, per-row shape, stored dtype and chunk rows."""
 
-    name: str
     path: str
     shape: tuple[int, ...]
-    dtype: str
+    dtype: np.dtype
     chunk_rows: int
 
     @property
-    def codec(self) -> DenseCodec:
-        return DenseCodec(self.dtype)
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One teacher output (``logits`` or a hidden module): its per-row shape, the codec that
+    stores it and the arrays the codec writes (codec key -> :class:`ArrayInfo`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    codec: Codec
+    arrays: dict[str, ArrayInfo]
+
+    @property
+    def dtype(self) -> str:
+        return getattr(self.codec, "dtype", "float16")
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.codec.stored_dtype.itemsize
+        return sum(a.row_bytes for a in self.arrays.values())
 
     @staticmethod
-    def path_for(name: str) -> str:
-        return "logits" if name == "logits" else f"hidden/{name}"
+    def base_path(name: str, codec: Codec) -> str:
+        if name != "logits":
+            return f"hidden/{name}"
+        return "logits" if codec.name == "dense" else codec.name
+
+    @staticmethod
+    def paths_for(name: str, codec: Codec, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:
+        """Codec key -> (array path, per-row shape, stored dtype) of an output."""
+        base = OutputSpec.base_path(name, codec)
+        return {key: (f"{base}/{key}" if key else base, s, d) for key, (s, d) in codec.arrays(shape).items()}
+
+    def to_meta(self) -> dict[str, Any]:
+        primary = next(iter(self.arrays.values()))
+        return {"shape": list(self.shape), "codec": codec_params(self.codec), "dtype": self.dtype,
+                "path": primary.path, "stored_dtype": str(primary.dtype), "chunk_rows": primary.chunk_rows,
+                "arrays": {key: {"path": a.path, "shape": list(a.shape), "stored_dtype": str(a.dtype),
+                                 "chunk_rows": a.chunk_rows} for key, a in self.arrays.items()}}
+
+    @classmethod
+    def from_meta(cls, name: str, o: dict[str, Any]) -> "OutputSpec":
+        codec = codec_from_meta(o["codec"] if isinstance(o.get("codec"), dict) else None, o.get("dtype"))
+        arrays = o.get("arrays") or {"": {"path": o["path"], "shape": o["shape"], "stored_dtype": o["stored_dtype"],
+                                          "chunk_rows": o["chunk_rows"]}}  # format 1: one dense array
+        return cls(name, tuple(o["shape"]), codec,
+                   {key: ArrayInfo(a["path"], tuple(a["shape"]), np.dtype(a["stored_dtype"]), int(a["chunk_rows"]))
+                    for key, a in arrays.items()})
 
 
 def plan_blocks(row_bytes: dict[str, int], rows: int, block_rows: int | None = None) -> tuple[int, dict[str, int]]:
@@ -261,10 +300,8 @@ class TeacherCache:
             raise KdcacheError(f"{path} was written by a newer kdcache (cache format {version}, this one reads "
                                f"<= {FORMAT_VERSION}); upgrade kdcache")
         self.meta: dict[str, Any] = meta
-        self.outputs: dict[str, OutputSpec] = {
-            name: OutputSpec(name=name, path=o["path"], shape=tuple(o["shape"]), dtype=o["dtype"],
-                             chunk_rows=int(o["chunk_rows"]))
-            for name, o in meta["outputs"].items()}
+        self.outputs: dict[str, OutputSpec] = {name: OutputSpec.from_meta(name, o)
+                                               for name, o in meta["outputs"].items()}
 
     # ---- create / open ------------------------------------------------------------------
     @classmethod
@@ -274,16 +311,14 @@ class TeacherCache:
         n_blocks = -(-rows // block_rows)
         meta = {**meta, "format_version": FORMAT_VERSION, "rows": rows, "block_rows": block_rows,
                 "blocks": n_blocks, "complete": False,
-                "outputs": {o.name: {**{k: v for k, v in asdict(o).items() if k != "name"},
-                                     "shape": list(o.shape), "codec": o.codec.name,
-                                     "stored_dtype": str(o.codec.stored_dtype)} for o in outputs}}
+                "outputs": {o.name: o.to_meta() for o in outputs}}
         try:
             group = zarr.open_group(store=_open_store(path, False), mode="w-", zarr_format=3)
-            for o in outputs:
-                cls._create_array(group, o.path, (rows, *o.shape), o.codec.stored_dtype, o.chunk_rows)
+            for a in (a for o in outputs for a in o.arrays.values()):
+                cls._create_array(group, a.path, (rows, *a.shape), a.dtype, a.chunk_rows)
             cls._create_array(group, ROW_DIGEST, (rows,), np.dtype("uint64"), block_rows)
             # one chunk per block so each block's record is its own file, written after its data
-            cls._create_array(group, BLOCKS, (n_blocks, 4), np.dtype("int64"), 1)
+            cls._create_array(group, BLOCKS, (n_blocks, BLOCK_FIELDS), np.dtype("int64"), 1)
             group.attrs[ATTR] = meta
         except OSError as err:
             raise KdcacheError(f"cannot create cache at {path}: {err.strerror or err}; "
@@ -344,15 +379,16 @@ class TeacherCache:
 
     # ---- dump side --------------------------------------------------------------------------
     def blocks_record(self) -> np.ndarray:
-        """(blocks, 4) int64: done flag, rows, labelled rows, rows the teacher got right."""
+        """(blocks, 5) int64: done flag, rows, labelled rows/tokens, those the teacher got right,
+        real tokens (format 1 caches have the first 4 columns)."""
         return self._read(BLOCKS, 0, self.n_blocks)
 
     def write_block(self, block: int, arrays: dict[str, np.ndarray], digests: np.ndarray,
-                    stats: tuple[int, int, int]) -> None:
+                    stats: tuple[int, ...]) -> None:
         """Write one block's rows of every array, then its completion record."""
         start, stop = self.block_range(block)
-        for name, data in arrays.items():
-            self._write_rows(self.outputs[name].path, start, data)
+        for path, data in arrays.items():
+            self._write_rows(path, start, data)
             fault_point("array-written")
         self._write_rows(ROW_DIGEST, start, digests)
         self._write_rows(BLOCKS, block, np.array([[1, *stats]], dtype=np.int64))
@@ -390,7 +426,8 @@ class TeacherCache:
         labelled, correct = int(record[:, 2].sum()), int(record[:, 3].sum())
         accuracy = {"labelled": labelled, "correct": correct,
                     "accuracy": (correct / labelled) if labelled else None}
-        self.meta = {**self.meta, **extra, "teacher_accuracy": accuracy, "complete": True}
+        tokens = int(record[:, 4].sum()) if record.shape[1] > 4 else None
+        self.meta = {**self.meta, **extra, "teacher_accuracy": accuracy, "tokens": tokens, "complete": True}
         fault_point("finalize")
         self.group.attrs[ATTR] = self.meta
 
@@ -411,8 +448,18 @@ class TeacherCache:
                                f"run kdcache verify {self.path}, then dump again") from None
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Stored rows ``start:stop`` of output ``name`` (stored dtype, checksums checked)."""
-        return self._read(self.outputs[name].path, start, stop)
+        """Stored rows ``start:stop`` of dense output ``name`` (stored dtype, checksums checked)."""
+        arrays = self.read_output(name, start, stop)
+        if list(arrays) != [""]:
+            raise KdcacheError(f"output {name!r} is stored as {self.outputs[name].codec.name}; use read_output")
+        return arrays[""]
+
+    def read_output(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` of every array of output ``name``: codec key -> stored rows."""
+        return {key: self._read(a.path, start, stop) for key, a in self.outputs[name].arrays.items()}
+
+    def read_array(self, path: str, start: int, stop: int) -> np.ndarray:
+        return self._read(path, start, stop)
 
     def row_digests(self) -> np.ndarray:
         return self._read(ROW_DIGEST, 0, self.rows)
@@ -429,7 +476,7 @@ class TeacherCache:
         return set(sync(listing()))
 
     def array_paths(self) -> list[str]:
-        return [o.path for o in self.outputs.values()] + [ROW_DIGEST, BLOCKS]
+        return [a.path for o in self.outputs.values() for a in o.arrays.values()] + [ROW_DIGEST, BLOCKS]
 
     def missing_chunks(self) -> list[ChunkProblem]:
         """Chunks whose file is gone (zarr would silently read them as zeros)."""

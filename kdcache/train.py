@@ -25,7 +25,7 @@ from .capture import HiddenCapture, check_module_names
 from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatch, collate
 from .errors import KdcacheError
 from .items import call_model, fetch_batch, move_inputs, resolve_device, select_output
-from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss
+from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 from .store import TeacherCache
 
 __all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate"]
@@ -73,7 +73,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     momentum: float = 0.9
-    temperature: float = 4.0
+    temperature: float | None = None  # 4.0; a sampled cache's own sampling temperature
     alpha: float = 0.9
     hints: tuple[Hint, ...] = ()
     seed: int = 0
@@ -85,7 +85,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
-                  (self.lr > 0, "lr must be > 0"), (self.temperature > 0, "temperature must be > 0"),
+                  (self.lr > 0, "lr must be > 0"), (self.temperature is None or self.temperature > 0, "temperature must be > 0"),
                   (0.0 <= self.alpha <= 1.0, "alpha must be within [0, 1]"),
                   (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
                   (self.amp in ("auto", "bf16", "fp16", "none"), "amp must be auto, bf16, fp16 or none"),
@@ -182,17 +182,52 @@ class _Teacher:
             if not cached:
                 return None
             # rows arrive in their stored width (half the bytes to move) and widen on the device
-            return {"logits": cached["logits"].to(device, non_blocking=True).float(),
-                    "hidden": {k: v.to(device, non_blocking=True).float() for k, v in cached["hidden"].items()}}
+            logits = move_inputs(cached["logits"], device, non_blocking=True)
+            out = {"logits": logits.float() if isinstance(logits, torch.Tensor) else logits,
+                   "hidden": {k: v.to(device, non_blocking=True).float() for k, v in cached["hidden"].items()}}
+            if "mask" in cached:
+                out["mask"] = cached["mask"].to(device, non_blocking=True)
+            return out
         assert self.capture is not None
         with torch.inference_mode(), autocast():
             logits = select_output(call_model(self.module, inputs), None)
             hidden = self.capture.take()
-        return {"logits": logits.float(), "hidden": {k: v.float() for k, v in hidden.items()}}
+        out = {"logits": logits.float(), "hidden": {k: v.float() for k, v in hidden.items()}}
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        if isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:-1]:
+            out["mask"] = mask.bool()
+        return out
 
     def close(self) -> None:
         if self.capture is not None:
             self.capture.__exit__(None, None, None)
+
+
+class _KDTerm:
+    """The KD term for where the teacher's logits come from: dense (cache or online), top-k or
+    sampled cache; student logits are cut to the real vocabulary when the output layer is padded."""
+
+    def __init__(self, meta: dict[str, Any] | None, temperature: float | None) -> None:
+        codec = (meta or {}).get("outputs", {}).get("logits", {}).get("codec") or {"name": "dense"}
+        self.kind = codec["name"] if isinstance(codec, dict) else "dense"
+        self.vocab = ((meta or {}).get("vocab") or {}).get("real")
+        if self.kind == "sampled":
+            sampled_at = float(codec["temperature"])
+            if temperature is not None and temperature != sampled_at:
+                raise KdcacheError(f"this cache was sampled at temperature {sampled_at:g}: train with --temperature "
+                                   f"{sampled_at:g} (or leave it out), or dump again with --sample-temperature {temperature:g}")
+            temperature = sampled_at
+        self.temperature = 4.0 if temperature is None else float(temperature)
+        self.loss = {"dense": KLDivLoss, "topk": TopKKLDivLoss, "sampled": SampledKLDivLoss}[self.kind](self.temperature)
+
+    def __call__(self, student_logits: torch.Tensor, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.vocab is not None and student_logits.shape[-1] > self.vocab:
+            student_logits = student_logits[..., :self.vocab]
+        if self.kind == "topk":
+            return self.loss(student_logits, teacher["values"], teacher["indices"], teacher["logsumexp"], mask)
+        if self.kind == "sampled":
+            return self.loss(student_logits, teacher["ids"], teacher["counts"], mask)
+        return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
 
 
 def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device: str | torch.device | None = None,
@@ -260,7 +295,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         data = _LabelledRows(dataset)
         sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed)
     source = _Teacher(teacher, teacher_hidden, dev)
-    kd_loss = KLDivLoss(cfg.temperature)
+    kd_loss = _KDTerm(data.meta if isinstance(data, CachedTeacherDataset) else None, cfg.temperature)
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0)
     out_dir = Path(out) if out is not None else None
@@ -312,15 +347,28 @@ def _probe(student: nn.Module, data: Dataset, source: _Teacher, capture: HiddenC
         hidden = capture.take() if cfg.hints else {}
     student.train()
     teacher = source.outputs(inputs, cached, dev, autocast)
-    if teacher is not None and tuple(logits.shape[1:]) != tuple(teacher["logits"].shape[1:]):
-        raise KdcacheError(f"the student's logits have shape {tuple(logits.shape[1:])} but the teacher's "
-                           f"{tuple(teacher['logits'].shape[1:])}: the class/vocabulary sizes must agree")
+    if teacher is not None:
+        _check_vocabulary(tuple(logits.shape[1:]), teacher["logits"], getattr(data, "meta", None))
     losses = [_build_hint_loss(h, hidden[h.student], teacher["hidden"][h.teacher]) for h in cfg.hints] if teacher else []
     return [m.to(dev) for m in losses]
 
 
+def _check_vocabulary(student: tuple[int, ...], teacher: Any, meta: dict[str, Any] | None) -> None:
+    """Refuse a student whose positions or vocabulary disagree with the teacher's."""
+    if meta is None:  # online teacher: the shapes must be equal
+        expected, sizes = tuple(teacher.shape[1:]), {int(teacher.shape[-1])}
+    else:
+        expected = tuple(meta["outputs"]["logits"]["shape"])
+        vocab = meta.get("vocab") or {"real": expected[-1], "padded": expected[-1]}
+        sizes = {int(vocab["real"]), int(vocab["padded"])}
+    if student[:-1] != expected[:-1] or (student and student[-1] not in sizes):
+        what = " or ".join(str(v) for v in sorted(sizes))
+        raise KdcacheError(f"the student's logits have shape {student} but the teacher's {expected}: positions must "
+                           f"agree and the vocabulary/class count must be {what} (the teacher's real or padded size)")
+
+
 def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: HiddenCapture,
-           hint_losses: list[nn.Module], kd_loss: KLDivLoss, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+           hint_losses: list[nn.Module], kd_loss: _KDTerm, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
            dev: torch.device, autocast: Any, bar: Any) -> dict[str, float]:
     student.train()
     sums = torch.zeros(3 + len(hint_losses), device=dev)  # loss, kd, ce, hints...; one sync per epoch
@@ -341,7 +389,7 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
             loss = ce
             parts = [ce.detach() * 0, ce]
         else:
-            kd = kd_loss(logits, teacher["logits"])
+            kd = kd_loss(logits, teacher["logits"], teacher.get("mask"))
             hints = [m(hidden[h.student], teacher["hidden"][h.teacher]) for h, m in zip(cfg.hints, hint_losses)]
             loss = cfg.alpha * kd + (1 - cfg.alpha) * ce + sum(h.weight * v for h, v in zip(cfg.hints, hints))
             parts = [kd, ce, *hints]

@@ -11,7 +11,7 @@ import pytest
 
 import kdcache
 from kdcache import CachedTeacherDataset, KdcacheError, TeacherCache
-from kdcache.store import DumpLock, dump_in_progress
+from kdcache.store import FORMAT_VERSION, DumpLock, dump_in_progress
 
 from conftest import run_cli
 
@@ -96,7 +96,7 @@ def test_lock_of_a_killed_dump_is_recovered(tmp_path):
 
 def test_newer_format_version_is_refused(cache_dir):
     meta_file = cache_dir / "zarr.json"
-    meta_file.write_text(meta_file.read_text().replace('"format_version": 1', '"format_version": 99'))
+    meta_file.write_text(meta_file.read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 99'))
     with pytest.raises(KdcacheError, match="newer kdcache \\(cache format 99"):
         TeacherCache.open(cache_dir)
 

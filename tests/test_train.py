@@ -91,7 +91,7 @@ def test_unknown_hint_module_is_refused(dumped, models):
 
 def test_student_with_other_class_count_is_refused(dumped, models):
     ds, _, cache = dumped
-    with pytest.raises(KdcacheError, match="class/vocabulary sizes must agree"):
+    with pytest.raises(KdcacheError, match="vocabulary/class count must be 5"):
         kdcache.train_student(models.student(classes=6), ds, cache, progress=False)
 
 
