@@ -57,7 +57,7 @@ class TeacherBatch(Sequence):
 
     def __getitem__(self, i: int) -> Any:  # type: ignore[override]
         inputs, labels, teacher = self.collated
-        return (_row(inputs, i), int(labels[i]), _row(teacher, i))
+        return (_row(inputs, i), (int(labels[i]) if labels.ndim == 1 else labels[i]), _row(teacher, i))
 
 
 def _row(value: Any, i: int) -> Any:

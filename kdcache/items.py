@@ -38,14 +38,28 @@ def _as_label(value: Any) -> int | None:
     return None
 
 
-def split_item(item: Any) -> tuple[Any, int]:
-    """Return ``(inputs, label)``; the label is -1 for an unlabelled row."""
+def _token_labels(value: Any) -> torch.Tensor | None:
+    """Per-position integer labels (L,) of a sequence item (negative = ignored), or None."""
+    if isinstance(value, np.ndarray) and value.ndim >= 1 and np.issubdtype(value.dtype, np.integer):
+        value = torch.from_numpy(value)
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        return value.long()
+    return None
+
+
+def split_item(item: Any) -> tuple[Any, int | torch.Tensor]:
+    """Return ``(inputs, label)``; the label is -1 for an unlabelled row, or a (L,) tensor of
+    token labels for a sequence (negative entries are ignored)."""
     if isinstance(item, dict):
         for key in LABEL_KEYS:
             if key in item:
                 label = _as_label(item[key])
                 if label is None:
-                    raise KdcacheError(f"dataset item's {key!r} must be an integer class id, got {item[key]!r}")
+                    label = _token_labels(item[key])
+                if label is None:
+                    raise KdcacheError(f"dataset item's {key!r} must be an integer class id or a tensor of "
+                                       f"token ids, got {item[key]!r}")
                 return {k: v for k, v in item.items() if k != key}, label
         return item, -1
     if isinstance(item, (tuple, list)) and len(item) == 2:
@@ -75,7 +89,14 @@ def fetch_batch(dataset: Any, indices: Sequence[int]) -> tuple[Any, torch.Tensor
     except (RuntimeError, TypeError) as err:
         raise KdcacheError(f"dataset items of rows {indices[0]}..{indices[-1]} cannot be batched "
                            f"(do all inputs have the same shape and type?): {err}") from None
-    return inputs, torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    labels = [p[1] for p in pairs]
+    if any(isinstance(y, torch.Tensor) for y in labels):
+        try:
+            return inputs, torch.stack([y if isinstance(y, torch.Tensor) else torch.full_like(labels[0], -1)
+                                        for y in labels])
+        except RuntimeError as err:
+            raise KdcacheError(f"token labels of rows {indices[0]}..{indices[-1]} differ in length: {err}") from None
+    return inputs, torch.tensor(labels, dtype=torch.long)
 
 
 def _leaves(inputs: Any) -> list[torch.Tensor]:

@@ -73,6 +73,41 @@ MODELS_PY = textwrap.dedent('''
         def forward(self, a, b):
             return {"logits": self.proj(torch.cat([a, b], dim=1)), "extra": a.sum(1)}
 
+    class TinyLM(nn.Module):
+        """A causal toy LM: embedding, one GRU layer, a head over a padded vocabulary."""
+        def __init__(self, vocab=40, padded=48, width=16, seed=0, sharp=4.0):
+            super().__init__()
+            self.sharp = sharp
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(vocab, width)
+            self.rnn = nn.GRU(width, width, batch_first=True)
+            self.head = nn.Linear(width, padded)
+        def forward(self, input_ids, attention_mask=None):
+            h, _ = self.rnn(self.embed(input_ids))
+            return {"logits": self.sharp * self.head(h)}
+
+    def tiny_lm(**kw):
+        return TinyLM(**kw)
+
+    class Tokens(Dataset):
+        """Right- and left-padded token rows of varied length, with shifted token labels."""
+        def __init__(self, n=40, length=12, vocab=40, seed=5):
+            g = torch.Generator().manual_seed(seed)
+            self.ids = torch.randint(1, vocab, (n, length), generator=g)
+            lengths = torch.randint(3, length + 1, (n,), generator=g)
+            pos = torch.arange(length)
+            self.mask = torch.stack([(pos < l) if i % 3 else (pos >= length - l) for i, l in enumerate(lengths)]).long()
+            self.ids[self.mask == 0] = 0
+            self.labels = torch.full((n, length), -100)
+            self.labels[:, :-1] = torch.where(self.mask[:, 1:] == 1, self.ids[:, 1:], -100)
+        def __len__(self):
+            return len(self.ids)
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+    def tokens(**kw):
+        return Tokens(**kw)
+
     def failing_dataset(n=300, fail_at=None):
         base = dataset(n)
         class Failing(Dataset):

@@ -1,0 +1,193 @@
+"""Sparse logits for large vocabularies and sequences: top-k and sampled caches, masks, losses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from kdcache import CachedTeacherDataset, KdcacheError, TeacherCache, dump_teacher, train_student
+from kdcache.codecs import SampledCodec, TopKCodec, counter_uniforms, pack_ids, unpack_ids
+from kdcache.items import fetch_batch
+from kdcache.losses import KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
+
+VOCAB, PADDED = 40, 48
+
+
+def _teacher_logits(models, ds):
+    inputs, _ = fetch_batch(ds, range(len(ds)))
+    with torch.no_grad():
+        logits = models.tiny_lm()(**inputs)["logits"]
+    return logits, inputs["attention_mask"].bool()
+
+
+@pytest.fixture()
+def topk_cache(tmp_path, models):
+    ds = models.tokens()
+    cache = dump_teacher(models.tiny_lm(), ds, tmp_path / "topk", topk=8, vocab_size=VOCAB, batch_size=16,
+                         progress=False, log=lambda m: None)
+    return ds, cache
+
+
+def test_topk_cache_stores_torch_topk_and_logsumexp_of_real_tokens(topk_cache, models):
+    ds, cache = topk_cache
+    logits, mask = _teacher_logits(models, ds)
+    stored = cache.read_output("logits", 0, len(ds))
+    assert set(stored) == {"values", "indices", "logsumexp"} and "logits" not in cache.group
+    values, ids = logits[..., :VOCAB].topk(8, dim=-1)
+    got = TopKCodec(8, VOCAB).decode(stored)
+    assert torch.equal(got["indices"][mask], ids[mask])
+    torch.testing.assert_close(got["values"][mask], values[mask], atol=2e-2, rtol=1e-3)  # float16
+    torch.testing.assert_close(got["logsumexp"][mask], logits[..., :VOCAB].logsumexp(-1)[mask])
+    # padding is not stored as tokens: zero values, ids and logsumexp
+    assert not stored["values"][~mask.numpy()].any() and not stored["logsumexp"][~mask.numpy()].any()
+    meta = cache.meta
+    assert meta["vocab"] == {"real": VOCAB, "padded": PADDED} and meta["mask_key"] == "attention_mask"
+    assert meta["tokens"] == int(mask.sum())
+    assert meta["outputs"]["logits"]["codec"] == {"name": "topk", "k": 8, "vocab": VOCAB, "index_bits": 6}
+    assert stored["indices"].shape == (len(ds), 12, 6)  # 8 ids x 6 bits = 6 bytes
+
+
+@pytest.mark.parametrize("bits", [1, 6, 15, 17, 24])
+def test_id_packing_round_trips(bits):
+    ids = torch.randint(0, 2**bits, (3, 5, 13))
+    packed = pack_ids(ids, bits)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-13 * bits // 8)
+    assert torch.equal(unpack_ids(packed, 13, bits), ids)
+
+
+def test_top32_of_a_32k_vocabulary_fits_128_bytes_per_token():
+    arrays = TopKCodec(32, 32000).arrays((2048, 32000))
+    per_token = sum(int(np.prod(shape[1:])) * dtype.itemsize for shape, dtype in arrays.values())
+    assert per_token == 64 + 60 + 4  # float16 values, 15-bit ids, float32 logsumexp
+    sampled = SampledCodec(32, 32000).arrays((2048, 32000))
+    assert sum(int(np.prod(s[1:])) * d.itemsize for s, d in sampled.values()) == 60 + 32
+
+
+def test_sampled_cache_counts_draws_per_real_token_and_is_batch_independent(tmp_path, models):
+    ds = models.tokens()
+    a = dump_teacher(models.tiny_lm(), ds, tmp_path / "a", sample_k=16, vocab_size=VOCAB, seed=3, batch_size=16,
+                     progress=False, log=lambda m: None)
+    b = dump_teacher(models.tiny_lm(), ds, tmp_path / "b", sample_k=16, vocab_size=VOCAB, seed=3, batch_size=5,
+                     block_rows=8, progress=False, log=lambda m: None)
+    _, mask = _teacher_logits(models, ds)
+    got = SampledCodec(16, VOCAB, 1.0, 3).decode(a.read_output("logits", 0, len(ds)))
+    assert torch.all(got["counts"].sum(-1)[mask] == 16) and torch.all(got["counts"].sum(-1)[~mask] == 0)
+    assert int(got["ids"].max()) < VOCAB
+    other = SampledCodec(16, VOCAB, 1.0, 3).decode(b.read_output("logits", 0, len(ds)))
+    assert all(torch.equal(got[k], other[k]) for k in got)  # seeded per row, not per batch
+    assert a.meta["outputs"]["logits"]["codec"]["temperature"] == 1.0
+
+
+def test_sampled_counts_are_an_unbiased_estimate_of_the_teacher():
+    z = torch.randn(1, 10).repeat(4000, 1) * 2
+    codec = SampledCodec(8, 10, temperature=2.0, seed=0)
+    got = codec.decode({k: codec.to_numpy(v) for k, v in codec.encode(z, torch.arange(4000)).items()})
+    freq = torch.zeros(10).scatter_add_(0, got["ids"].flatten(), got["counts"].flatten()) / (8 * 4000)
+    torch.testing.assert_close(freq, torch.softmax(z[0] / 2, -1), atol=0.01, rtol=0)
+    u = counter_uniforms(0, torch.arange(1000), 1, 8)
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.02
+
+
+def test_topk_loss_equals_dense_loss_when_k_is_the_vocabulary():
+    torch.manual_seed(0)
+    student = torch.randn(3, 5, 30, requires_grad=True)
+    teacher = torch.randn(3, 5, 30) * 3
+    mask = torch.rand(3, 5) > 0.3
+    values, ids = teacher.topk(30, dim=-1)
+    for t in (1.0, 4.0):
+        dense = KLDivLoss(t)(student, teacher, mask)
+        sparse = TopKKLDivLoss(t)(student, values, ids, teacher.logsumexp(-1), mask)
+        torch.testing.assert_close(sparse, dense)
+        g_dense, = torch.autograd.grad(dense, student)
+        g_sparse, = torch.autograd.grad(sparse, student)
+        torch.testing.assert_close(g_sparse, g_dense)
+
+
+def test_topk_loss_at_t1_is_the_kl_of_kept_classes_plus_tail():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(4, 20), torch.randn(4, 20) * 2
+    values, ids = teacher.topk(5, dim=-1)
+    p = torch.softmax(teacher, -1)
+    q = torch.softmax(student, -1)
+    pk, qk = p.gather(-1, ids), q.gather(-1, ids)
+    pt, qt = 1 - pk.sum(-1), 1 - qk.sum(-1)
+    expected = ((pk * (pk / qk).log()).sum(-1) + pt * (pt / qt).log()).mean()
+    torch.testing.assert_close(TopKKLDivLoss(1.0)(student, values, ids, teacher.logsumexp(-1)), expected)
+
+
+def test_masked_positions_do_not_count_in_any_kd_loss():
+    torch.manual_seed(2)
+    student, teacher = torch.randn(2, 6, 12), torch.randn(2, 6, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    noisy = student.clone()
+    noisy[~mask] += 100 * torch.randn_like(noisy[~mask])
+    values, ids = teacher.topk(4, -1)
+    codec = SampledCodec(8, 12)
+    sampled = codec.decode({k: codec.to_numpy(v) for k, v in codec.encode(teacher, torch.arange(2)).items()})
+    losses = [lambda s: KLDivLoss(2.0)(s, teacher, mask),
+              lambda s: TopKKLDivLoss(2.0)(s, values, ids, teacher.logsumexp(-1), mask),
+              lambda s: SampledKLDivLoss(1.0)(s, sampled["ids"], sampled["counts"], mask)]
+    for loss in losses:
+        torch.testing.assert_close(loss(noisy), loss(student))
+        assert float(loss(student)) > 0
+
+
+def test_dataset_returns_sparse_teacher_and_padding_mask(topk_cache):
+    ds, cache = topk_cache
+    data = CachedTeacherDataset(ds, cache)
+    inputs, labels, teacher = data.__getitems__([0, 3, 7]).collated
+    assert torch.equal(teacher["mask"], inputs["attention_mask"].bool())
+    assert teacher["logits"]["values"].shape == (3, 12, 8) and teacher["logits"]["indices"].dtype == torch.int64
+    assert labels.shape == (3, 12)
+    row = data[3]  # per-row access works for sparse outputs too
+    assert row[2]["logits"]["values"].shape == (12, 8)
+
+
+def test_student_distils_from_topk_and_sampled_caches_and_wrong_vocabulary_is_refused(tmp_path, topk_cache, models):
+    ds, cache = topk_cache
+    teacher_logits, mask = _teacher_logits(models, ds)
+    p_t = torch.softmax(teacher_logits[..., :VOCAB], -1)
+
+    def kl_to_teacher(student):
+        with torch.no_grad():
+            logq = torch.log_softmax(student(**fetch_batch(ds, range(len(ds)))[0])["logits"][..., :VOCAB], -1)
+        return float((p_t * (p_t.log() - logq)).sum(-1)[mask].mean())
+
+    sampled = dump_teacher(models.tiny_lm(), ds, tmp_path / "s", sample_k=16, vocab_size=VOCAB, progress=False,
+                           log=lambda m: None)
+    for cache_path, padded in ((cache, VOCAB), (sampled, PADDED)):
+        student = models.tiny_lm(width=8, padded=padded, seed=4)
+        before = kl_to_teacher(student)
+        result = train_student(student, ds, cache_path, epochs=15, lr=0.02, alpha=1.0, batch_size=8,
+                               progress=False, temperature=None)
+        assert result.final["kd"] > 0 and kl_to_teacher(student) < 0.7 * before
+    with pytest.raises(KdcacheError, match="vocabulary/class count must be 40 or 48"):
+        train_student(models.tiny_lm(width=8, padded=44), ds, cache, epochs=1, progress=False)
+    with pytest.raises(KdcacheError, match="sampled at temperature 1"):
+        train_student(models.tiny_lm(width=8), ds, sampled, epochs=1, temperature=4.0, progress=False)
+
+
+def test_cli_topk_dump_info_and_training(tmp_path, models_file):
+    spec = f"{models_file}:"
+    out = run_cli("dump-teacher", "--teacher", spec + "tiny_lm", "--dataset", spec + "tokens", "--topk", "4",
+                  "--vocab-size", "40", "--out", str(tmp_path / "c"), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    info = run_cli("info", str(tmp_path / "c"))
+    assert info.returncode == 0 and "topk/indices" in info.stdout and "B/token" in info.stdout, info.stdout
+    assert "40 classes (output layer 48)" in info.stdout
+    train = run_cli("train-student", "--student", spec + "tiny_lm", "--student-kwargs", '{"width": 8}',
+                    "--dataset", spec + "tokens", "--cache", str(tmp_path / "c"), "--epochs", "2",
+                    "--out", str(tmp_path / "run"), "--no-progress")
+    assert train.returncode == 0, train.stderr
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["kd"] > 0
+    both = run_cli("dump-teacher", "--teacher", spec + "tiny_lm", "--dataset", spec + "tokens", "--topk", "4",
+                   "--sample-k", "4", "--out", str(tmp_path / "d"))
+    assert both.returncode == 2 and "choose one" in both.stderr and "Traceback" not in both.stderr
+    big = run_cli("dump-teacher", "--teacher", spec + "tiny_lm", "--dataset", spec + "tokens", "--topk", "41",
+                  "--vocab-size", "40", "--out", str(tmp_path / "e"))
+    assert big.returncode == 2 and "larger than the vocabulary" in big.stderr
+    assert TeacherCache.exists(tmp_path / "c")
