@@ -48,7 +48,8 @@ def dump_teacher_cmd(
     sample_temperature: float = typer.Option(1.0, help="Temperature of the distribution --sample-k draws from."),
     vocab_size: Optional[int] = typer.Option(None, help="Real vocabulary size when the teacher's output layer is padded."),
     mask_key: str = typer.Option("attention_mask", help="Inputs key of the (B, L) attention mask; padding is stored as zeros and masked."),
-    seed: Optional[int] = typer.Option(None, help="Seed of --sample-k draws (and of augmentation views)."),
+    views: Optional[int] = typer.Option(None, help="Store K augmented views per sample (row = sample*K + view), each made by the dataset's transform under RNGs seeded from (seed, sample, view)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of augmentation views and of --sample-k draws [0]."),
     batch_size: int = typer.Option(256, help="Teacher batch size."),
     num_workers: int = typer.Option(0, help="DataLoader workers preparing batches."),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda[:N]."),
@@ -71,7 +72,7 @@ def dump_teacher_cmd(
     data = load_dataset(dataset, d_kwargs)
     cache = dump_teacher(model, data, out, hidden=hidden, output_key=output_key, logits_dtype=logits_dtype,
                          hidden_dtype=hidden_dtype, topk=topk, sample_k=sample_k, sample_temperature=sample_temperature,
-                         vocab_size=vocab_size, mask_key=mask_key, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
+                         vocab_size=vocab_size, mask_key=mask_key, views=views, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
                          amp=amp, cache_root=cache_root, overwrite=overwrite, block_rows=block_rows,
                          allow_nonfinite=allow_nonfinite, writer_threads=writer_threads, progress=progress,
                          teacher_info={"spec": teacher, "kwargs": t_kwargs,
@@ -119,6 +120,7 @@ def train_student_cmd(
     amp: Optional[str] = typer.Option(None, help="Autocast: auto, bf16, fp16 or none [auto]."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [0]."),
     in_memory: Optional[str] = typer.Option(None, help="Hold the cache in memory: auto, yes or no [auto]."),
+    view: Optional[str] = typer.Option(None, help="Cache of K augmentation views: epoch e reads view (e % K) 'cycle' or a seeded 'random' one [cycle]."),
     allow_input_mismatch: Optional[bool] = typer.Option(None, "--allow-input-mismatch", help="Accept inputs that differ from what the teacher saw (deliberate)."),
     out: Optional[Path] = typer.Option(None, help="Directory for metrics.jsonl, student.pt, hints.pt, config.json [student-out]."),
     config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
@@ -133,7 +135,8 @@ def train_student_cmd(
                  online_teacher_kwargs=online_teacher_kwargs, online_teacher_checkpoint=online_teacher_checkpoint,
                  temperature=temperature, alpha=alpha, hints=hint or None, epochs=epochs, batch_size=batch_size, lr=lr,
                  optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
-                 num_workers=num_workers, in_memory=in_memory, allow_input_mismatch=allow_input_mismatch, out=out)
+                 num_workers=num_workers, in_memory=in_memory, allow_input_mismatch=allow_input_mismatch, view=view,
+                 out=out)
     values = {**_load_config(config), **{k: v for k, v in flags.items() if v is not None}}
     if "hint" in values:
         values["hints"] = values.pop("hint")
@@ -248,7 +251,13 @@ def ls_cmd(root: Optional[Path] = typer.Argument(None, help="Cache root [$KDCACH
 
 @app.command("verify")
 @_user_errors
-def verify_cmd(path: Path = typer.Argument(..., help="A cache directory.")) -> None:
+def verify_cmd(
+    path: Path = typer.Argument(..., help="A cache directory."),
+    replay: int = typer.Option(0, help="Also regenerate N random rows' inputs (views replayed from their seeds, no "
+                                      "teacher) and check they hash to what the dump recorded."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset spec for --replay [the one recorded in the cache]."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset [recorded]."),
+) -> None:
     """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
     from .store import TeacherCache
 
@@ -258,7 +267,26 @@ def verify_cmd(path: Path = typer.Argument(..., help="A cache directory.")) -> N
         typer.echo(f"BAD {problem}")
     if not cache.complete:
         typer.echo(f"cache {path} is incomplete: rerun its dump-teacher command to finish it")
-    if problems or not cache.complete:
+    bad_rows: list[int] = []
+    if replay > 0:
+        from .dataset import replay_mismatches
+        from .spec import load_dataset, parse_kwargs
+
+        recorded = cache.meta.get("dataset", {})
+        spec = dataset or recorded.get("spec")
+        if not spec:
+            raise KdcacheError("--replay needs the dataset: this cache records no dataset spec, pass --dataset")
+        kwargs = parse_kwargs(dataset_kwargs, "--dataset-kwargs") if dataset_kwargs else (recorded.get("kwargs") or {})
+        bad_rows, checked = replay_mismatches(load_dataset(spec, kwargs), cache, replay)
+        for row in bad_rows[:20]:
+            sample, view = divmod(row, cache.views)
+            typer.echo(f"BAD replay: view {view} of sample {sample} (row {row}) differs from the input the teacher saw")
+        if bad_rows:
+            typer.echo(f"{len(bad_rows)} of {checked} replayed rows differ: the dataset changed or its transform is not "
+                       "deterministic under a seed (draw randomness from torch, numpy.random or random)")
+        else:
+            typer.echo(f"replay: {checked} rows regenerated, every input matches its dump-time digest")
+    if problems or bad_rows or not cache.complete:
         raise typer.Exit(1)
     typer.echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
 

@@ -11,7 +11,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,11 +20,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .errors import KdcacheError
 from .items import dataset_digest, fetch_batch, row_digests
-from .store import TeacherCache, dump_in_progress
+from .store import VIEW_PARAMS, TeacherCache, dump_in_progress
+from .views import ViewedDataset
 
-__all__ = ["CachedTeacherDataset", "TeacherBatch", "ChunkShuffleBatchSampler", "collate", "open_complete_cache"]
+__all__ = ["CachedTeacherDataset", "TeacherBatch", "ChunkShuffleBatchSampler", "collate", "open_complete_cache",
+           "replay_mismatches"]
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
+_VIEW_MISMATCH = ("the dataset changed, or its transform draws from a generator kdcache does not seed (draw from "
+                  "torch, numpy.random or random); kdcache verify --replay N checks a cache")
 WINDOW_BYTES = 256 << 20
 
 
@@ -84,15 +88,18 @@ class ChunkShuffleBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, rows: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 unit_rows: int | None = None, window_units: int = 1, drop_last: bool = False) -> None:
+                 unit_rows: int | None = None, window_units: int = 1, drop_last: bool = False,
+                 on_epoch: Callable[[int], None] | None = None) -> None:
         if batch_size < 1:
             raise KdcacheError(f"batch size must be >= 1, got {batch_size}")
         self.rows, self.batch_size, self.shuffle, self.seed = rows, batch_size, shuffle, seed
         self.unit_rows, self.window_units, self.drop_last = unit_rows, max(1, window_units), drop_last
-        self.epoch = 0
+        self.epoch, self.on_epoch = 0, on_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.on_epoch is not None:  # e.g. the dataset's augmentation view
+            self.on_epoch(epoch)
 
     def order(self) -> np.ndarray:
         if not self.shuffle:
@@ -134,6 +141,14 @@ class CachedTeacherDataset(Dataset):
         chunk_cache_bytes: bytes of decoded chunks kept per process when reading from disk.
         dtype: dtype of the teacher tensors returned; None keeps the stored dtype (float16 or
             bfloat16: half the bytes to move, convert on the accelerator).
+        view: for a cache of K augmentation views per sample, which view item ``i`` is after
+            :meth:`set_epoch` ``(e)``: ``"cycle"`` -> ``(e + view_offset) % K``, ``"random"`` -> a
+            view drawn from ``(seed, e, i)``. The input is regenerated with that view's seed, so it
+            is bit-identical to the teacher's (checked by its digest).
+
+    Item ``i`` is sample ``i``: ``len(self)`` is the number of samples, not of cache rows. The
+    teacher value is a tensor for dense outputs, ``{"values", "indices", "logsumexp"}`` for top-k
+    and ``{"ids", "counts"}`` for sampled logits; sequence caches add ``"mask"`` (1 = real token).
 
     Raises:
         KdcacheError: the cache is incomplete or damaged, or the dataset does not match it.
@@ -142,15 +157,28 @@ class CachedTeacherDataset(Dataset):
     def __init__(self, dataset: Any, cache: TeacherCache | str | Path, *, hidden: Sequence[str] | None = None,
                  in_memory: bool | str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  check_inputs: bool = True, chunk_cache_bytes: int = 2 * WINDOW_BYTES,
-                 dtype: torch.dtype | None = torch.float32) -> None:
+                 dtype: torch.dtype | None = torch.float32, view: str = "cycle", view_offset: int = 0) -> None:
         opened = open_complete_cache(cache)
         self.dataset, self.path, self.check_inputs, self.dtype = dataset, opened.path, check_inputs, dtype
         self.meta = opened.meta
+        if view not in ("cycle", "random"):
+            raise KdcacheError(f"view must be 'cycle' or 'random', got {view!r}")
+        self.views, self.view, self.view_offset, self.epoch = opened.views, view, int(view_offset), 0
+        self.source = dataset
+        if opened.seed is not None:  # rows are seeded (sample, view) pairs
+            params = opened.read_array(VIEW_PARAMS, 0, opened.rows) if opened.view_params is not None else None
+            self.source = ViewedDataset(dataset, opened.views, opened.seed, params)
+            if params is not None and not self.source.explicit:
+                raise KdcacheError(f"cache {opened.path} stores explicit augmentation parameters but the dataset has no "
+                                   "sample_params/apply_params methods: use the dataset the cache was dumped from")
         n = len(dataset)
-        if n != opened.rows:
-            raise KdcacheError(f"the dataset has {n} rows but cache {opened.path} has {opened.rows}: "
+        if n * opened.views != opened.rows:
+            raise KdcacheError(f"the dataset has {n} rows but cache {opened.path} has {opened.rows // opened.views}: "
                                "use the dataset the cache was dumped from, or dump this one")
-        if check_inputs and dataset_digest(dataset) != opened.meta["dataset"]["digest"]:
+        if check_inputs and dataset_digest(self.source) != opened.meta["dataset"]["digest"]:
+            if opened.seed is not None:
+                raise KdcacheError(f"the views regenerated from their seeds differ from the ones cache {opened.path} was "
+                                   f"dumped from: {_VIEW_MISMATCH}")
             raise KdcacheError(f"the dataset's content differs from the one cache {opened.path} was dumped from "
                                "(input digest mismatch): use that dataset, or dump this one")
         names = opened.hidden_names if hidden is None else list(hidden)
@@ -187,7 +215,23 @@ class CachedTeacherDataset(Dataset):
         return self._handle
 
     def __len__(self) -> int:
-        return len(self.digests)
+        return len(self.digests) // self.views
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch's augmentation view (as ``DistributedSampler.set_epoch``). DataLoader
+        workers see it when they start: use ``persistent_workers=False`` (as :meth:`loader` does)."""
+        self.epoch = int(epoch)
+
+    def cache_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Cache rows of samples ``indices`` at the current epoch's view."""
+        if self.views == 1:
+            return indices
+        if self.view == "cycle":
+            view = np.full(len(indices), (self.epoch + self.view_offset) % self.views)
+        else:
+            view = np.random.default_rng([int(self.meta["seed"]), self.epoch, 0x5EED]).integers(
+                0, self.views, len(self))[indices]
+        return indices * self.views + view
 
     @property
     def window_rows(self) -> int:
@@ -225,13 +269,18 @@ class CachedTeacherDataset(Dataset):
         return spec.codec.decode({key: self._rows(a.path, idx) for key, a in spec.arrays.items()}, self.dtype)
 
     def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+        samples = np.asarray(indices, dtype=np.int64)
+        if samples.size and (samples.min() < 0 or samples.max() >= len(self)):
             raise IndexError(f"row index out of range for a cache of {len(self)} rows")
-        inputs, labels = fetch_batch(self.dataset, idx.tolist())
+        idx = self.cache_rows(samples)
+        inputs, labels = fetch_batch(self.source, idx.tolist())
         if self.check_inputs:
             bad = np.flatnonzero(row_digests(inputs) != self.digests[idx])
             if bad.size:
+                if self.meta.get("seed") is not None:
+                    sample, view = divmod(int(idx[bad[0]]), self.views)
+                    raise KdcacheError(f"view {view} of sample {sample} is not the input the teacher saw at dump time "
+                                       f"({bad.size} of {idx.size} rows in this batch differ): {_VIEW_MISMATCH}")
                 raise KdcacheError(f"dataset row {int(idx[bad[0]])} is not the input the teacher saw at dump time "
                                    f"({bad.size} of {idx.size} rows in this batch differ): the dataset was edited, "
                                    "reordered or transformed; use the dumped dataset, or pass --allow-input-mismatch "
@@ -248,10 +297,14 @@ class CachedTeacherDataset(Dataset):
     def batch_sampler(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                       drop_last: bool = False) -> ChunkShuffleBatchSampler:
         """A shuffling batch sampler that suits how this dataset reads (memory or chunks)."""
+        on_epoch = self.set_epoch if self.views > 1 else None
         if self.in_memory:
-            return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, unit_rows=self.block_rows,
-                                        window_units=self.window_rows // self.block_rows, drop_last=drop_last)
+            return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                            on_epoch=on_epoch)
+        unit = max(1, self.block_rows // self.views)  # samples whose rows share a block
+        return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, unit_rows=unit,
+                                        window_units=max(1, self.window_rows // self.block_rows), drop_last=drop_last,
+                                        on_epoch=on_epoch)
 
     def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
                drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> DataLoader:
@@ -261,9 +314,35 @@ class CachedTeacherDataset(Dataset):
                                                                  drop_last=drop_last),
                           collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
                           worker_init_fn=_limit_zarr_threads if num_workers else None,
-                          persistent_workers=num_workers > 0, **kwargs)
+                          persistent_workers=num_workers > 0 and self.views == 1, **kwargs)
 
 
 def _limit_zarr_threads(worker_id: int) -> None:
     """Each worker reads its own batches: keep zarr's own pools small so workers don't oversubscribe."""
     zarr.config.set({"threading.max_workers": 2, "async.concurrency": 4})
+
+
+def replay_mismatches(dataset: Any, cache: TeacherCache | str | Path, n: int, *, seed: int = 0,
+                      batch_size: int = 256) -> tuple[list[int], int]:
+    """Regenerate ``n`` random rows' inputs (each view's transform under its recorded seed, no
+    teacher) and compare their digests with those recorded at dump time.
+
+    Returns ``(rows that differ, rows checked)``: a nondeterministic transform, an edited
+    dataset or a changed RNG shows up as rows that differ.
+    """
+    opened = TeacherCache.open(cache.path if isinstance(cache, TeacherCache) else cache)
+    source = dataset
+    if opened.seed is not None:
+        params = opened.read_array(VIEW_PARAMS, 0, opened.rows) if opened.view_params is not None else None
+        source = ViewedDataset(dataset, opened.views, opened.seed, params)
+    if len(source) != opened.rows:
+        raise KdcacheError(f"the dataset gives {len(source)} rows but cache {opened.path} has {opened.rows}: "
+                           "use the dataset the cache was dumped from")
+    rows = np.sort(np.random.default_rng(seed).choice(opened.rows, size=min(n, opened.rows), replace=False))
+    recorded = opened.row_digests()
+    bad: list[int] = []
+    for s in range(0, len(rows), batch_size):
+        part = rows[s:s + batch_size]
+        inputs, _ = fetch_batch(source, part.tolist())
+        bad += part[row_digests(inputs) != recorded[part]].tolist()
+    return bad, len(rows)

@@ -31,9 +31,10 @@ from . import __version__
 from .capture import HiddenCapture, check_module_names
 from .codecs import Codec, DenseCodec, SampledCodec, TopKCodec
 from .errors import KdcacheError
+from .views import ViewedDataset
 from .items import (call_model, dataset_digest, fetch_batch, move_inputs, resolve_device, row_digests,
                     select_output)
-from .store import (ArrayInfo, DumpLock, OutputSpec, TeacherCache, fault_point, fingerprint, is_disk_full, plan_blocks,
+from .store import (VIEW_PARAMS, ArrayInfo, DumpLock, OutputSpec, TeacherCache, fault_point, fingerprint, is_disk_full, plan_blocks,
                     remove_cache)
 
 __all__ = ["dump_teacher", "weights_digest", "default_cache_root"]
@@ -65,7 +66,8 @@ def weights_digest(model: nn.Module) -> str:
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Item i is batch i of the dump: (first row, inputs, labels, input digests)."""
+    """Item i is batch i of the dump: (first row, inputs, labels, input digests, explicit view
+    parameters or None)."""
 
     def __init__(self, dataset: Any, batches: Sequence[tuple[int, int]]) -> None:
         self.dataset, self.batches = dataset, list(batches)
@@ -73,10 +75,13 @@ class _Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[int, Any, torch.Tensor, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[int, Any, torch.Tensor, np.ndarray, torch.Tensor | None]:
         start, stop = self.batches[i]
         inputs, labels = fetch_batch(self.dataset, range(start, stop))
-        return start, inputs, labels, row_digests(inputs)
+        params = None
+        if isinstance(self.dataset, ViewedDataset) and self.dataset.explicit:
+            params = torch.stack([self.dataset.draw_params(r) for r in range(start, stop)])
+        return start, inputs, labels, row_digests(inputs), params
 
 
 class _BlockWriter:
@@ -87,6 +92,9 @@ class _BlockWriter:
         # array path -> (output name, codec key, codec)
         self.arrays = {a.path: (name, key, o.codec) for name, o in cache.outputs.items() for key, a in o.arrays.items()}
         self.infos = {a.path: a for o in cache.outputs.values() for a in o.arrays.values()}
+        if cache.view_params is not None:  # explicit augmentation parameters, stored like an output
+            self.infos[VIEW_PARAMS] = cache.view_params
+            self.arrays[VIEW_PARAMS] = ("view parameters", "", DenseCodec("float32"))
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="kdcache-write")
         self.slots = threading.Semaphore(max(1, threads) + 1)  # blocks held in memory at once
@@ -198,7 +206,8 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
                  hidden: Sequence[str] = (), output_key: str | None = None, logits_dtype: str = "float16",
                  hidden_dtype: str = "float16", topk: int | None = None, sample_k: int | None = None,
                  sample_temperature: float = 1.0, vocab_size: int | None = None,
-                 mask_key: str = "attention_mask", seed: int | None = None, batch_size: int = 256, num_workers: int = 0,
+                 mask_key: str = "attention_mask", views: int | None = None, seed: int | None = None, batch_size: int = 256,
+                 num_workers: int = 0,
                  device: str | torch.device | None = None, amp: str = "auto",
                  cache_root: str | Path | None = None, overwrite: bool = False, block_rows: int | None = None,
                  allow_nonfinite: bool = False, writer_threads: int = 8, progress: bool = True,
@@ -219,6 +228,9 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
             as unique ids + counts (``sampled/*``), seeded per row by ``seed`` (default 0).
         vocab_size: the real vocabulary when the output layer is padded (default: its width);
             sparse forms keep only real classes, and students must match one of the two sizes.
+        views, seed: with ``views`` K (1 or more), row ``r`` is view ``r % K`` of sample
+            ``r // K``, made by the dataset's own transform under RNGs seeded from
+            ``(seed, sample, view)`` (see :mod:`kdcache.views`); ``seed`` also seeds ``sample_k``.
         mask_key: the inputs' key of a ``(B, L)`` attention mask; positions where it is 0 are
             padding, stored as zeros and returned as the ``mask`` of stage two.
         amp: ``auto`` (bf16 on CUDA, none on CPU), ``bf16``, ``fp16`` or ``none``.
@@ -245,14 +257,18 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
                **{h: (hidden_dtype, None, None, 1.0, None, 0) for h in hidden}}
     for fmt in formats.values():
         _codec(fmt, vocab_size or max(topk or 1, sample_k or 1))  # fail early on a bad choice
-    rows = len(dataset)
-    if rows == 0:
+    samples = len(dataset)
+    if samples == 0:
         raise KdcacheError("the dataset is empty: nothing to dump")
+    if views is not None:  # rows are (sample, view) pairs, each view's transform seeded
+        dataset = ViewedDataset(dataset, views, seed or 0)
 
     data_digest = dataset_digest(dataset)
     w_digest = weights_digest(teacher)
     choices = {"output_key": output_key, "hidden": list(hidden), "logits_dtype": logits_dtype,
                "hidden_dtype": hidden_dtype, "amp": amp}
+    if isinstance(dataset, ViewedDataset):
+        choices.update(views=views, seed=seed or 0, explicit_params=dataset.explicit)
     if topk is not None or sample_k is not None or vocab_size is not None:
         choices.update(topk=topk, sample_k=sample_k, sample_temperature=sample_temperature, vocab_size=vocab_size,
                        seed=seed)
@@ -296,8 +312,9 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
             cache = _create(teacher, dataset, path, hidden, output_key, formats, mask_key, amp, dev, block_rows, {
                 "fingerprint": fp, "teacher": {**(teacher_info or {}), "class": type(teacher).__qualname__,
                                                "weights_digest": w_digest},
-                "dataset": {**(dataset_info or {}), "length": rows, "digest": data_digest},
-                "output_key": output_key, "amp": amp, "views": 1, "seed": None, "versions": _versions()})
+                "dataset": {**(dataset_info or {}), "length": samples, "digest": data_digest},
+                "output_key": output_key, "amp": amp, "views": views or 1,
+                "seed": (seed or 0) if isinstance(dataset, ViewedDataset) else None, "versions": _versions()})
             fault_point("created")
         cache.remove_partial_files()  # a killed writer's temp files; we hold the lock
         todo = np.flatnonzero(cache.blocks_record()[:, 0] == 0).tolist()
@@ -356,6 +373,9 @@ def _create(teacher: nn.Module, dataset: Any, path: Path, hidden: tuple[str, ...
     """Learn the output shapes from a forward pass on two rows, then create the empty store."""
     probe_rows = list(range(min(2, len(dataset))))
     inputs, _ = fetch_batch(dataset, probe_rows)
+    view_params = None
+    if isinstance(dataset, ViewedDataset) and dataset.explicit:
+        view_params = {"shape": list(dataset.draw_params(0).shape)}
     with HiddenCapture(teacher, hidden) as capture:
         outputs = _forward(teacher, capture, move_inputs(inputs, dev), output_key, amp, dev)
     specs = []
@@ -376,7 +396,7 @@ def _create(teacher: nn.Module, dataset: Any, path: Path, hidden: tuple[str, ...
                     for name, shape, codec, paths in specs]
     logits = outputs["logits"]
     classes = int(logits.shape[-1]) if logits.ndim > 1 else 1
-    meta = {**meta, "vocab": {"real": formats["logits"][4] or classes, "padded": classes},
+    meta = {**meta, "vocab": {"real": formats["logits"][4] or classes, "padded": classes}, "view_params": view_params,
             "mask_key": mask_key if _input_mask(inputs, mask_key) is not None else None}
     return TeacherCache.create(path, meta=meta, outputs=outputs_spec, rows=len(dataset), block_rows=block_rows)
 
@@ -407,7 +427,7 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
     tokens_done = 0
     try:
         with HiddenCapture(teacher, hidden) as capture:
-            for start, inputs, labels, digests in loader:
+            for start, inputs, labels, digests, params in loader:
                 n = len(digests)
                 mask = _input_mask(inputs, mask_key)
                 tokens = int(mask.sum()) if mask is not None else n * positions
@@ -429,6 +449,8 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
                 event = torch.cuda.Event() if cuda else None
                 if event is not None:
                     event.record()
+                if params is not None:
+                    host[VIEW_PARAMS] = params
                 writer.put(start, host, predicted, labels, digests, tokens, event)
                 fault_point("batch")
                 tokens_done += tokens

@@ -6,6 +6,7 @@ Layout (a **contract**, see README "Cache format"):
 - ``logits``                 (rows, *out_shape)  raw teacher logits, float16 by default
 - ``hidden/<module.name>``   (rows, *shape)      one array per captured module output
 - ``_row_digest``            (rows,) uint64      digest of each row's input (alignment check)
+- ``_view_params``           (rows, P) float32   explicit augmentation parameters (optional)
 - ``_blocks``                (blocks, 5) int64   completion record: done, rows, labelled, correct, tokens
 - group attrs ``kdcache``: format version, fingerprint, teacher, dataset, outputs, versions,
   ``complete``, and the dump's timings under ``dump``.
@@ -49,6 +50,7 @@ FORMAT_VERSION = 2  # 2: multi-array codecs (top-k, sampled), tokens column; rea
 BLOCKS = "_blocks"
 BLOCK_FIELDS = 5  # done, rows, labelled, correct, tokens
 ROW_DIGEST = "_row_digest"
+VIEW_PARAMS = "_view_params"
 ATTR = "kdcache"
 TARGET_CHUNK_BYTES = 2 << 20
 MAX_BLOCK_BYTES = 128 << 20
@@ -317,6 +319,9 @@ class TeacherCache:
             for a in (a for o in outputs for a in o.arrays.values()):
                 cls._create_array(group, a.path, (rows, *a.shape), a.dtype, a.chunk_rows)
             cls._create_array(group, ROW_DIGEST, (rows,), np.dtype("uint64"), block_rows)
+            if meta.get("view_params"):
+                cls._create_array(group, VIEW_PARAMS, (rows, *meta["view_params"]["shape"]), np.dtype("float32"),
+                                  block_rows)
             # one chunk per block so each block's record is its own file, written after its data
             cls._create_array(group, BLOCKS, (n_blocks, BLOCK_FIELDS), np.dtype("int64"), 1)
             group.attrs[ATTR] = meta
@@ -368,6 +373,20 @@ class TeacherCache:
     @property
     def fingerprint(self) -> str:
         return str(self.meta["fingerprint"])
+
+    @property
+    def views(self) -> int:
+        return int(self.meta.get("views") or 1)
+
+    @property
+    def seed(self) -> int | None:
+        return self.meta.get("seed")
+
+    @property
+    def view_params(self) -> ArrayInfo | None:
+        """The explicit augmentation parameters array, when the dataset records them."""
+        vp = self.meta.get("view_params")
+        return ArrayInfo(VIEW_PARAMS, tuple(vp["shape"]), np.dtype("float32"), self.block_rows) if vp else None
 
     @property
     def hidden_names(self) -> list[str]:
@@ -476,7 +495,8 @@ class TeacherCache:
         return set(sync(listing()))
 
     def array_paths(self) -> list[str]:
-        return [a.path for o in self.outputs.values() for a in o.arrays.values()] + [ROW_DIGEST, BLOCKS]
+        extra = [VIEW_PARAMS] if self.view_params is not None else []
+        return [a.path for o in self.outputs.values() for a in o.arrays.values()] + [ROW_DIGEST, *extra, BLOCKS]
 
     def missing_chunks(self) -> list[ChunkProblem]:
         """Chunks whose file is gone (zarr would silently read them as zeros)."""

@@ -82,6 +82,7 @@ class TrainConfig:
     num_workers: int = 0
     in_memory: str = "auto"
     allow_input_mismatch: bool = False
+    view: str = "cycle"
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -90,7 +91,8 @@ class TrainConfig:
                   (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
                   (self.amp in ("auto", "bf16", "fp16", "none"), "amp must be auto, bf16, fp16 or none"),
                   (self.in_memory in ("auto", "yes", "no"), "in_memory must be auto, yes or no"),
-                  (self.num_workers >= 0, "num_workers must be >= 0")]
+                  (self.num_workers >= 0, "num_workers must be >= 0"),
+                  (self.view in ("cycle", "random"), "view must be cycle or random")]
         for ok, message in checks:
             if not ok:
                 raise KdcacheError(f"bad training setting: {message}")
@@ -287,7 +289,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     if cache is not None:
         data: Dataset = CachedTeacherDataset(dataset, cache, hidden=teacher_hidden,
                                              in_memory={"yes": True, "no": False}.get(cfg.in_memory, "auto"),
-                                             check_inputs=not cfg.allow_input_mismatch, dtype=None)
+                                             check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view)
         sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed)
     else:
         if teacher is not None:
@@ -297,7 +299,9 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     source = _Teacher(teacher, teacher_hidden, dev)
     kd_loss = _KDTerm(data.meta if isinstance(data, CachedTeacherDataset) else None, cfg.temperature)
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0)
+                        pin_memory=dev.type == "cuda",
+                        # workers must restart to see a new epoch's augmentation view
+                        persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         try:

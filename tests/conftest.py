@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 MODELS_PY = textwrap.dedent('''
+    import random
+    import numpy as np
     import torch
     from torch import nn
     from torch.utils.data import Dataset, TensorDataset
@@ -107,6 +109,47 @@ MODELS_PY = textwrap.dedent('''
 
     def tokens(**kw):
         return Tokens(**kw)
+
+    class Augmented(Dataset):
+        """Rows with a random shift, noise and scale drawn from torch, numpy and random's global
+        generators; ``nondeterministic`` adds noise from a private unseeded generator."""
+        def __init__(self, n=48, d=12, nondeterministic=False):
+            g = torch.Generator().manual_seed(7)
+            self.x, self.y = torch.randn(n, d, generator=g), torch.randint(0, 5, (n,), generator=g)
+            self.nondeterministic = nondeterministic
+            self.private = np.random.default_rng()
+        def __len__(self):
+            return len(self.x)
+        def __getitem__(self, i):
+            x = torch.roll(self.x[i], int(torch.randint(-2, 3, ())))
+            x = x + 0.1 * torch.from_numpy(np.random.normal(size=x.shape)).float()
+            x = x * random.uniform(0.9, 1.1)
+            if self.nondeterministic:
+                x = x + 0.01 * float(self.private.normal())
+            return x, int(self.y[i])
+
+    def augmented(**kw):
+        return Augmented(**kw)
+
+    class ParamAugmented(Augmented):
+        """Records its augmentation explicitly: (shift, scale) drawn from the given generator."""
+        def sample_params(self, i, generator):
+            return torch.tensor([float(torch.randint(-2, 3, (), generator=generator)),
+                                 0.9 + 0.2 * float(torch.rand((), generator=generator))])
+        def apply_params(self, i, params):
+            return torch.roll(self.x[i], int(params[0])) * float(params[1]), int(self.y[i])
+
+    def param_augmented(**kw):
+        return ParamAugmented(**kw)
+
+    class Recording(nn.Module):
+        """Wraps a teacher and keeps every input batch it sees."""
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.seen = inner, []
+        def forward(self, x):
+            self.seen.append(x.detach().clone())
+            return self.inner(x)
 
     def failing_dataset(n=300, fail_at=None):
         base = dataset(n)
