@@ -114,7 +114,7 @@ def train_teacher(model: CausalLM, ds: Windows, steps: int, batch: int, lr: floa
         opt.step()
         sched.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()

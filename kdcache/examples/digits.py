@@ -5,6 +5,10 @@ Specs for the CLI:
               kdcache.examples.digits:transfer  the same 1,200 images, only 120 labelled (12 per
                                                 class), the rest -1: Hinton's transfer set
               kdcache.examples.digits:test      597 held-out labelled images
+              kdcache.examples.digits:augmented_train / augmented_transfer
+                                                the same, randomly shifted and noised on every read
+                                                (for --views; ``fresh=true`` draws from a private
+                                                generator that no seed controls)
     models    kdcache.examples.digits:teacher   64-512-512-10 MLP with dropout
               kdcache.examples.digits:student   64-16-10 MLP
 Both models expose ``features`` (the last hidden layer) for hints.
@@ -19,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import KdcacheError
 
-__all__ = ["MLP", "teacher", "student", "train", "transfer", "test", "labelled", "data_file"]
+__all__ = ["MLP", "AugmentedDigits", "teacher", "student", "train", "transfer", "test", "labelled",
+           "augmented_train", "augmented_transfer", "data_file"]
 
 
 def data_file() -> Path:
@@ -69,6 +74,41 @@ def labelled() -> TensorDataset:
 def test() -> TensorDataset:
     """597 held-out labelled images."""
     return _split("test")
+
+
+class AugmentedDigits(Dataset):
+    """Digits shifted by up to ``shift`` pixels (zero fill) plus Gaussian noise on every read.
+
+    The randomness comes from torch's global generator, so ``dump-teacher --views K`` can seed
+    each view and stage two can replay it; with ``fresh=True`` it comes from a private generator
+    instead, so every read is a new augmentation that no seed reproduces.
+    """
+
+    def __init__(self, base: TensorDataset, shift: int = 1, noise: float = 0.1, fresh: bool = False) -> None:
+        self.x, self.y = base.tensors
+        self.shift, self.noise = shift, noise
+        self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little")) if fresh else None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g, s = self.generator, self.shift
+        image = self.x[i].view(8, 8)
+        dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=g))
+        shifted = torch.zeros_like(image)
+        shifted[max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)] = \
+            image[max(-dy, 0):8 + min(-dy, 0), max(-dx, 0):8 + min(-dx, 0)]
+        noisy = shifted + self.noise * torch.randn(8, 8, generator=g)
+        return noisy.flatten(), int(self.y[i])
+
+
+def augmented_train(shift: int = 1, noise: float = 0.1, fresh: bool = False) -> AugmentedDigits:
+    return AugmentedDigits(train(), shift, noise, fresh)
+
+
+def augmented_transfer(shift: int = 1, noise: float = 0.1, fresh: bool = False) -> AugmentedDigits:
+    return AugmentedDigits(transfer(), shift, noise, fresh)
 
 
 class MLP(nn.Module):
