@@ -84,17 +84,18 @@ class ChunkShuffleBatchSampler(Sampler[list[int]]):
     rows are shuffled within windows of ``window_units`` blocks and cut into batches.
 
     With ``unit_rows=None`` it is a plain shuffle of all rows. ``set_epoch(e)`` reseeds it as
-    ``DistributedSampler`` does; the order depends on (seed, epoch) only.
+    ``DistributedSampler`` does; the order depends on (seed, epoch) only. With ``world`` > 1,
+    rank ``rank`` takes batches ``rank, rank + world, ...`` (the last ``< world`` are dropped).
     """
 
     def __init__(self, rows: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  unit_rows: int | None = None, window_units: int = 1, drop_last: bool = False,
-                 on_epoch: Callable[[int], None] | None = None) -> None:
+                 on_epoch: Callable[[int], None] | None = None, rank: int = 0, world: int = 1) -> None:
         if batch_size < 1:
             raise KdcacheError(f"batch size must be >= 1, got {batch_size}")
         self.rows, self.batch_size, self.shuffle, self.seed = rows, batch_size, shuffle, seed
         self.unit_rows, self.window_units, self.drop_last = unit_rows, max(1, window_units), drop_last
-        self.epoch, self.on_epoch = 0, on_epoch
+        self.epoch, self.on_epoch, self.rank, self.world = 0, on_epoch, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -116,14 +117,15 @@ class ChunkShuffleBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
-                return
-            yield batch.tolist()
+        starts = range(0, len(order), self.batch_size)
+        # under DDP every rank takes every world-th batch (whole batches keep chunk locality),
+        # and all ranks take the same number of steps
+        for start in list(starts)[self.rank:len(self) * self.world:self.world]:
+            yield order[start:start + self.batch_size].tolist()
 
     def __len__(self) -> int:
-        return self.rows // self.batch_size if self.drop_last else -(-self.rows // self.batch_size)
+        batches = self.rows // self.batch_size if self.drop_last else -(-self.rows // self.batch_size)
+        return batches // self.world
 
 
 class CachedTeacherDataset(Dataset):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .capture import HiddenCapture, check_module_names
 from .codecs import Codec, DenseCodec, SampledCodec, TopKCodec
 from .errors import KdcacheError
@@ -247,7 +247,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
     check_module_names(teacher, hidden)
     if batch_size < 1:
         raise KdcacheError(f"--batch-size must be >= 1, got {batch_size}")
-    dev = resolve_device(device)
+    dev = resolve_device(distributed.local_device(device))
     amp = _resolve_amp(amp, dev)
     if topk is not None and sample_k is not None:
         raise KdcacheError("--topk and --sample-k are two ways to store the logits: choose one")
@@ -293,23 +293,28 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
             return None
         return cache
 
-    if not overwrite and TeacherCache.exists(path):
-        cache = existing()
-        if cache is not None and cache.complete:
-            log(f"cache hit: {path}")
-            return TeacherCache.open(path)
+    rank, world = distributed.world()
+    if distributed.broadcast(fp) != fp:
+        raise KdcacheError(f"rank {rank} sees another teacher or dataset than rank 0 (fingerprint {fp}): give every "
+                           "rank the same checkpoint and data")
+    lock: DumpLock | None = None
 
-    lock = DumpLock(path)
-    lock.acquire(on_wait=lambda who: log(f"waiting for the dump already writing {path} ({who})"))
-    try:
+    def prepare() -> TeacherCache | None:
+        """Rank 0: the cache to fill (created or resumed, lock held), or None on a cache hit."""
+        nonlocal lock, overwrite
+        if not overwrite and TeacherCache.exists(path):
+            cache = existing()
+            if cache is not None and cache.complete:
+                return None
+        lock = DumpLock(path)
+        lock.acquire(on_wait=lambda who: log(f"waiting for the dump already writing {path} ({who})"))
         cache = existing()
         overwrite = False  # done: a dump that waited on this lock must not remove our cache
         if cache is not None and cache.complete:
-            log(f"cache hit: {path}")
-            return TeacherCache.open(path)
-        teacher = teacher.to(dev).eval()
+            return None
         if cache is None:
-            cache = _create(teacher, dataset, path, hidden, output_key, formats, mask_key, amp, dev, block_rows, {
+            cache = _create(teacher.to(dev).eval(), dataset, path, hidden, output_key, formats, mask_key, amp, dev,
+                            block_rows, {
                 "fingerprint": fp, "teacher": {**(teacher_info or {}), "class": type(teacher).__qualname__,
                                                "weights_digest": w_digest},
                 "dataset": {**(dataset_info or {}), "length": samples, "digest": data_digest},
@@ -317,17 +322,49 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
                 "seed": (seed or 0) if isinstance(dataset, ViewedDataset) else None, "versions": _versions()})
             fault_point("created")
         cache.remove_partial_files()  # a killed writer's temp files; we hold the lock
+        return cache
+
+    try:
+        # rank 0 creates or resumes the store; the others wait for its word, then share the blocks
+        cache, status = None, "run"
+        if rank == 0:
+            try:
+                cache = prepare()
+                status = "hit" if cache is None else "run"
+            except BaseException as err:
+                if world > 1:
+                    distributed.broadcast(f"error: {err}")
+                raise
+        status = distributed.broadcast(status)
+        if status.startswith("error: "):
+            raise KdcacheError(f"rank 0 could not prepare the cache ({status[7:]})")
+        if status == "hit":
+            if rank == 0:
+                log(f"cache hit: {path}")
+            return TeacherCache.open(path)
+        teacher = teacher.to(dev).eval()
+        cache = cache or TeacherCache.open(path, mode="r+")
         todo = np.flatnonzero(cache.blocks_record()[:, 0] == 0).tolist()
-        if len(todo) < cache.n_blocks:
+        if rank == 0 and len(todo) < cache.n_blocks:
             log(f"resuming {path}: {cache.n_blocks - len(todo)} of {cache.n_blocks} blocks already written")
-        stats = _run(teacher, dataset, cache, todo, hidden, output_key, amp, dev, batch_size, num_workers,
-                     writer_threads, allow_nonfinite, progress)
-        cache.finalize({"dump": {**stats, "device": str(dev), "batch_size": batch_size, "num_workers": num_workers}})
-        log(f"wrote {path}")
+        stats = _run(teacher, dataset, cache, [b for b in todo if b % world == rank], hidden, output_key, amp, dev,
+                     batch_size, num_workers, writer_threads, allow_nonfinite, progress and rank == 0)
+        every = distributed.gather(stats)  # also a barrier: every rank's blocks are on disk
+        if rank == 0:
+            seconds = max(st["seconds"] for st in every)
+            total = {k: sum(st[k] for st in every) for k in ("rows", "tokens")}
+            mb = sum(st["mb_per_s"] * st["seconds"] for st in every)
+            stats = {**stats, **total, "seconds": seconds, "rows_per_s": round(total["rows"] / max(seconds, 1e-9), 1),
+                     "tokens_per_s": round(total["tokens"] / max(seconds, 1e-9), 1),
+                     "mb_per_s": round(mb / max(seconds, 1e-9), 2), "processes": world}
+            cache.finalize({"dump": {**stats, "device": str(dev), "batch_size": batch_size,
+                                     "num_workers": num_workers}})
+            log(f"wrote {path}")
+        distributed.barrier()
         return TeacherCache.open(path)
     finally:
-        lock.release()
-
+        if lock is not None:
+            lock.release()
 
 def _forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key: str | None, amp: str,
              dev: torch.device) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .capture import HiddenCapture, check_module_names
 from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatch, collate
 from .errors import KdcacheError
@@ -281,7 +282,8 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     if cfg.hints and cache is None and teacher is None:
         raise KdcacheError("--hint needs teacher hidden states: pass --cache (dumped with --hidden)")
     _seed_everything(cfg.seed)
-    dev = resolve_device(cfg.device)
+    rank, world = distributed.world()  # under torchrun: DDP on the student, each rank its share of batches
+    dev = resolve_device(distributed.local_device(cfg.device))
     autocast = _autocast(cfg.amp, dev)
     student = student.to(dev)
     check_module_names(student, [h.student for h in cfg.hints], role="student")
@@ -291,18 +293,21 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
                                              in_memory={"yes": True, "no": False}.get(cfg.in_memory, "auto"),
                                              check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view)
         sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed)
+        sampler.rank, sampler.world = rank, world
     else:
         if teacher is not None:
             check_module_names(teacher, teacher_hidden)
         data = _LabelledRows(dataset)
-        sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed)
+        sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
+                                           world=world)
     source = _Teacher(teacher, teacher_hidden, dev)
     kd_loss = _KDTerm(data.meta if isinstance(data, CachedTeacherDataset) else None, cfg.temperature)
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda",
                         # workers must restart to see a new epoch's augmentation view
                         persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1)
-    out_dir = Path(out) if out is not None else None
+    out_dir = Path(out) if out is not None and rank == 0 else None
+    progress = progress and rank == 0
     if out_dir is not None:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,15 +321,18 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
                      if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
         result = TrainResult(out=out_dir)
+        model: nn.Module = student
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
         bar = tqdm(total=cfg.epochs * len(sampler), unit="step", desc="train-student", disable=not progress,
                    dynamic_ncols=True)
         try:
             for epoch in range(cfg.epochs):
                 sampler.set_epoch(epoch)
-                record = _epoch(student, loader, source, capture, hint_losses, kd_loss, optimizer, cfg, dev,
+                record = _epoch(model, loader, source, capture, hint_losses, kd_loss, optimizer, cfg, dev,
                                 autocast, bar)
                 record = {"epoch": epoch + 1, **record}
-                if eval_dataset is not None:
+                if eval_dataset is not None and rank == 0:
                     record.update(evaluate(student, eval_dataset, batch_size=max(cfg.batch_size, 256), device=dev))
                 result.metrics.append(record)
                 bar.set_postfix({k: round(v, 4) for k, v in record.items() if k in ("loss", "eval_acc")})
@@ -375,6 +383,7 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
            hint_losses: list[nn.Module], kd_loss: _KDTerm, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
            dev: torch.device, autocast: Any, bar: Any) -> dict[str, float]:
     student.train()
+    world = distributed.world()[1]
     sums = torch.zeros(3 + len(hint_losses), device=dev)  # loss, kd, ce, hints...; one sync per epoch
     rows = steps = 0
     non_blocking = dev.type == "cuda"
@@ -400,12 +409,20 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
+            if world > 1:  # hint projections live outside the DDP-wrapped student
+                for p in (p for m in hint_losses for p in m.parameters() if p.grad is not None):
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
             optimizer.step()
         sums += torch.stack([loss.detach().float(), *[p.detach().float() for p in parts]])
         rows += len(labels)
         steps += 1
         bar.update(1)
     seconds = time.perf_counter() - t0
+    if world > 1:  # every rank's share of the epoch
+        totals = torch.cat([sums, torch.tensor([rows, steps], dtype=sums.dtype, device=dev)])
+        torch.distributed.all_reduce(totals)
+        sums, rows, steps = totals[:-2], int(totals[-2]), int(totals[-1])
     means = (sums / max(steps, 1)).tolist()
     record = {"loss": means[0], "kd": means[1], "ce": means[2]}
     record.update({f"hint:{h}": v for h, v in zip(cfg.hints, means[3:])})
