@@ -54,8 +54,8 @@ def dump_teacher_cmd(
     num_workers: int = typer.Option(0, help="DataLoader workers preparing batches."),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda[:N]."),
     amp: str = typer.Option("auto", help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none."),
-    out: Optional[Path] = typer.Option(None, help="Cache directory to write (default: CACHE_ROOT/<fingerprint>)."),
-    cache_root: Optional[Path] = typer.Option(None, help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
+    out: Optional[str] = typer.Option(None, help="Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>)."),
+    cache_root: Optional[str] = typer.Option(None, help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
     overwrite: bool = typer.Option(False, help="Replace an existing cache at the path (another fingerprint, or redo)."),
     block_rows: Optional[int] = typer.Option(None, help="Rows per write block (default: chosen for ~2 MB chunks)."),
     allow_nonfinite: bool = typer.Option(False, help="Store NaN/inf teacher outputs instead of stopping at the first."),
@@ -179,7 +179,7 @@ def _size(n: float) -> str:
 
 @app.command("info")
 @_user_errors
-def info_cmd(path: Path = typer.Argument(..., help="A cache directory.")) -> None:
+def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) -> None:
     """Describe a cache: rows, outputs (shape, dtype, bytes), fingerprint, teacher, completeness."""
     from .store import TeacherCache, dump_in_progress
 
@@ -252,7 +252,7 @@ def ls_cmd(root: Optional[Path] = typer.Argument(None, help="Cache root [$KDCACH
 @app.command("verify")
 @_user_errors
 def verify_cmd(
-    path: Path = typer.Argument(..., help="A cache directory."),
+    path: str = typer.Argument(..., help="A cache directory or URL."),
     replay: int = typer.Option(0, help="Also regenerate N random rows' inputs (views replayed from their seeds, no "
                                       "teacher) and check they hash to what the dump recorded."),
     dataset: Optional[str] = typer.Option(None, help="Dataset spec for --replay [the one recorded in the cache]."),

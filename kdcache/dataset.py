@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .errors import KdcacheError
 from .items import dataset_digest, fetch_batch, row_digests
-from .store import VIEW_PARAMS, TeacherCache, dump_in_progress
+from .store import VIEW_PARAMS, TeacherCache, dump_in_progress, is_remote
 from .views import ViewedDataset
 
 __all__ = ["CachedTeacherDataset", "TeacherBatch", "ChunkShuffleBatchSampler", "collate", "open_complete_cache",
@@ -219,6 +219,12 @@ class CachedTeacherDataset(Dataset):
     def __len__(self) -> int:
         return len(self.digests) // self.views
 
+    @property
+    def worker_context(self) -> str | None:
+        """DataLoader ``multiprocessing_context`` safe for this dataset: workers that read an
+        object-store cache must not inherit the parent's fsspec event loop (DESIGN.md)."""
+        return "forkserver" if is_remote(self.path) and not self.in_memory else None
+
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch's augmentation view (as ``DistributedSampler.set_epoch``). DataLoader
         workers see it when they start: use ``persistent_workers=False`` (as :meth:`loader` does)."""
@@ -316,7 +322,8 @@ class CachedTeacherDataset(Dataset):
                                                                  drop_last=drop_last),
                           collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
                           worker_init_fn=_limit_zarr_threads if num_workers else None,
-                          persistent_workers=num_workers > 0 and self.views == 1, **kwargs)
+                          persistent_workers=num_workers > 0 and self.views == 1,
+                          multiprocessing_context=self.worker_context if num_workers else None, **kwargs)
 
 
 def _limit_zarr_threads(worker_id: int) -> None:

@@ -34,7 +34,7 @@ from .errors import KdcacheError
 from .views import ViewedDataset
 from .items import (call_model, dataset_digest, fetch_batch, move_inputs, resolve_device, row_digests,
                     select_output)
-from .store import (VIEW_PARAMS, ArrayInfo, DumpLock, OutputSpec, TeacherCache, fault_point, fingerprint, is_disk_full, plan_blocks,
+from .store import (VIEW_PARAMS, ArrayInfo, is_remote, DumpLock, OutputSpec, TeacherCache, fault_point, fingerprint, is_disk_full, plan_blocks,
                     remove_cache)
 
 __all__ = ["dump_teacher", "weights_digest", "default_cache_root"]
@@ -273,13 +273,15 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         choices.update(topk=topk, sample_k=sample_k, sample_temperature=sample_temperature, vocab_size=vocab_size,
                        seed=seed)
     fp = fingerprint(w_digest, data_digest, choices)
-    path = Path(out) if out is not None else Path(cache_root or default_cache_root()) / fp
-    if path.exists() and not path.is_dir():
+    root = str(cache_root or default_cache_root())
+    where = str(out) if out is not None else (f"{root.rstrip('/')}/{fp}" if is_remote(root) else str(Path(root) / fp))
+    path: Any = where if is_remote(where) else Path(where)  # a URL stays a string
+    if isinstance(path, Path) and path.exists() and not path.is_dir():
         raise KdcacheError(f"{path} is a file, not a cache directory; choose another --out")
 
     def existing() -> TeacherCache | None:
         if not TeacherCache.exists(path):
-            if path.exists() and any(path.iterdir()):
+            if isinstance(path, Path) and path.exists() and any(path.iterdir()):
                 if not overwrite:
                     raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another --out or pass --overwrite")
                 remove_cache(path)

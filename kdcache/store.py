@@ -44,7 +44,7 @@ from .codecs import Codec, codec_from_meta, codec_params
 from .errors import KdcacheError
 
 __all__ = ["FORMAT_VERSION", "ArrayInfo", "OutputSpec", "TeacherCache", "DumpLock", "plan_blocks", "fingerprint",
-           "dump_in_progress", "ChunkProblem", "remove_cache", "is_disk_full"]
+           "dump_in_progress", "ChunkProblem", "remove_cache", "is_disk_full", "is_remote"]
 
 FORMAT_VERSION = 2  # 2: multi-array codecs (top-k, sampled), tokens column; reads 1
 BLOCKS = "_blocks"
@@ -180,6 +180,7 @@ class DumpLock:
 
     def __init__(self, path: str | Path) -> None:
         self.file = _lock_path(path)
+        self.remote = is_remote(path)  # object storage: no lock (run one dump per remote cache)
         self._fd: int | None = None
 
     def holder(self) -> str:
@@ -190,6 +191,8 @@ class DumpLock:
         return f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
 
     def acquire(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> None:
+        if self.remote:
+            return
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -226,7 +229,10 @@ class DumpLock:
 
 
 def dump_in_progress(path: str | Path) -> str | None:
-    """``"pid N on HOST"`` when a live dump holds the cache's lock, else None."""
+    """``"pid N on HOST"`` when a live dump holds the cache's lock, else None (object storage
+    has no lock)."""
+    if is_remote(path):
+        return None
     file = _lock_path(path)
     if not file.exists():
         return None
@@ -281,8 +287,27 @@ def _chunk_key(path: str, array: Any, chunk: int) -> str:
     return f"{path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
 
 
+def is_remote(path: str | Path) -> bool:
+    """True for an fsspec URL (``s3://bucket/prefix``, ``gs://...``), False for a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
 def _open_store(path: str | Path, read_only: bool) -> Any:
+    """A LocalStore, or zarr's fsspec store for a URL (credentials and endpoint from the usual
+    environment variables, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)."""
+    if is_remote(path):
+        try:
+            return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only)
+        except ImportError as err:
+            raise KdcacheError(f"{path}: object storage needs fsspec and its backend ({err.name}); "
+                               "pip install 'kdcache[s3]'") from None
     return zarr.storage.LocalStore(str(path), read_only=read_only)
+
+
+def _remote_fs(path: str) -> tuple[Any, str]:
+    """A synchronous fsspec filesystem for the URL, and the path within it."""
+    import fsspec
+    return fsspec.core.url_to_fs(str(path))
 
 
 class TeacherCache:
@@ -316,8 +341,10 @@ class TeacherCache:
                 "outputs": {o.name: o.to_meta() for o in outputs}}
         try:
             group = zarr.open_group(store=_open_store(path, False), mode="w-", zarr_format=3)
+            # on object storage each write block is one shard object per array (whole-shard writes)
+            shard = block_rows if is_remote(path) else None
             for a in (a for o in outputs for a in o.arrays.values()):
-                cls._create_array(group, a.path, (rows, *a.shape), a.dtype, a.chunk_rows)
+                cls._create_array(group, a.path, (rows, *a.shape), a.dtype, a.chunk_rows, shard)
             cls._create_array(group, ROW_DIGEST, (rows,), np.dtype("uint64"), block_rows)
             if meta.get("view_params"):
                 cls._create_array(group, VIEW_PARAMS, (rows, *meta["view_params"]["shape"]), np.dtype("float32"),
@@ -331,17 +358,18 @@ class TeacherCache:
         return cls(path, group)
 
     @staticmethod
-    def _create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> None:
-        group.create_array(name, shape=shape, chunks=(chunk_rows, *shape[1:]), dtype=dtype, fill_value=0,
-                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
+    def _create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int,
+                      shard_rows: int | None = None) -> None:
+        shards = (shard_rows, *shape[1:]) if shard_rows and shard_rows > chunk_rows else None
+        group.create_array(name, shape=shape, chunks=(chunk_rows, *shape[1:]), shards=shards, dtype=dtype,
+                           fill_value=0, compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "TeacherCache":
         """Open an existing cache (complete or not) for reading, or with ``mode="r+"`` to resume it."""
-        p = Path(path)
-        if p.exists() and not p.is_dir():
+        if not is_remote(path) and Path(path).exists() and not Path(path).is_dir():
             raise KdcacheError(f"{path} is a file, not a cache directory")
-        if not (p / "zarr.json").exists():
+        if not TeacherCache.exists(path):
             raise KdcacheError(f"no cache at {path}; run kdcache dump-teacher first (or check the path)")
         try:
             group = zarr.open_group(store=_open_store(path, mode == "r"), mode=mode, zarr_format=3)
@@ -351,6 +379,11 @@ class TeacherCache:
 
     @staticmethod
     def exists(path: str | Path) -> bool:
+        if is_remote(path):
+            try:
+                return bool(sync(_open_store(path, True).exists("zarr.json")))
+            except OSError as err:
+                raise KdcacheError(f"cannot reach {path}: {err}; check the URL, credentials and endpoint") from None
         return (Path(path) / "zarr.json").exists()
 
     # ---- properties -------------------------------------------------------------------------
@@ -453,6 +486,8 @@ class TeacherCache:
     def remove_partial_files(self) -> int:
         """Delete the temp files a killed writer left (zarr writes ``*.partial`` then renames).
         Call only while holding the dump lock."""
+        if is_remote(self.path):  # object stores write whole objects: nothing is left half-written
+            return 0
         leftovers = list(Path(self.path).rglob("*.partial"))
         for f in leftovers:
             f.unlink(missing_ok=True)
@@ -485,7 +520,7 @@ class TeacherCache:
 
     def _chunks(self, path: str) -> Iterator[tuple[int, int, int, str]]:
         array = self.group[path]
-        chunk_rows = array.chunks[0]
+        chunk_rows = array.shards[0] if array.shards is not None else array.chunks[0]  # one stored object each
         for c in range(-(-array.shape[0] // chunk_rows)):
             yield c, c * chunk_rows, min((c + 1) * chunk_rows, array.shape[0]), _chunk_key(path, array, c)
 
@@ -529,13 +564,21 @@ class TeacherCache:
         return problems
 
     def nbytes_on_disk(self) -> dict[str, int]:
-        """Bytes on disk per array (local stores)."""
+        """Bytes on disk (or in the bucket) per array."""
+        if is_remote(self.path):
+            fs, root = _remote_fs(self.path)
+            return {path: int(fs.du(f"{root}/{path}")) for path in self.array_paths()}
         return {path: sum(f.stat().st_size for f in (Path(self.path) / path).rglob("*") if f.is_file())
                 for path in self.array_paths()}
 
 
 def remove_cache(path: str | Path) -> None:
     """Delete a cache directory (``--overwrite``)."""
+    if is_remote(path):
+        fs, root = _remote_fs(str(path))
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        return
     p = Path(path)
     if p.is_dir():
         shutil.rmtree(p)

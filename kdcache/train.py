@@ -305,7 +305,8 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda",
                         # workers must restart to see a new epoch's augmentation view
-                        persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1)
+                        persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1,
+                        multiprocessing_context=getattr(data, "worker_context", None) if cfg.num_workers else None)
     out_dir = Path(out) if out is not None and rank == 0 else None
     progress = progress and rank == 0
     if out_dir is not None:
