@@ -222,6 +222,43 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
     }
 
 
+def spec_teacher(pair: str = "cnn", quick: bool = True) -> nn.Module:
+    """Spec for the CLI (``scripts/bench.py:spec_teacher``): the pair's teacher, seed 0."""
+    torch.manual_seed(0)
+    return pairs(quick)[pair]["teacher"]()
+
+
+def spec_data(pair: str = "cnn", quick: bool = True, rows: int | None = None) -> TensorDataset:
+    p = dict(pairs(quick)[pair])
+    if rows:
+        p["rows"] = rows
+    return dataset(p)
+
+
+def bench_dump_processes(quick: bool, dev: torch.device, tmp: Path) -> dict[str, Any]:
+    """dump-teacher over the same data from 1 process and from 2 under torchrun (gloo on CPU):
+    rows/s from each cache's own dump record (start-up excluded) and wall seconds."""
+    here = Path(__file__).resolve()
+    rows = 8192 if quick else 50_000
+    common = ["-m", "kdcache", "dump-teacher", "--teacher", f"{here}:spec_teacher", "--dataset", f"{here}:spec_data",
+              "--teacher-kwargs", json.dumps({"quick": quick}), "--dataset-kwargs", json.dumps({"quick": quick, "rows": rows}),
+              "--hidden", "layer3", "--hidden", "layer4", "--no-progress", "--device", str(dev.type)]
+    out: dict[str, Any] = {"rows": rows}
+    for procs in (1, 2):
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+                                     if procs > 1 else [])
+        cache = tmp / f"procs{procs}"
+        t0 = time.perf_counter()
+        done = subprocess.run(launch + common + ["--out", str(cache)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"dump with {procs} processes failed:\n{done.stderr[-2000:]}")
+        wall = time.perf_counter() - t0
+        meta = kdcache.TeacherCache.open(cache).meta["dump"]
+        out[f"procs_{procs}"] = {"rows_per_s": meta["rows_per_s"], "dump_s": meta["seconds"], "wall_s": round(wall, 2)}
+    out["two_over_one"] = out["procs_2"]["rows_per_s"] / out["procs_1"]["rows_per_s"]
+    return out
+
+
 def machine(dev: torch.device) -> str:
     cpu = f"{platform.machine()} {torch.get_num_threads()} torch threads"
     if dev.type == "cuda":
@@ -237,6 +274,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="cnn,mlp")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers for every training mode (default 0 quick, 4 full)")
+    parser.add_argument("--no-dump-procs", action="store_true", help="skip the 1 vs 2 process dump (torchrun) figure")
     parser.add_argument("--mem-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pair", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
@@ -268,13 +306,19 @@ def main() -> None:
                   f"dump {r['dump_rows_per_s']:,.0f} rows/s")
             print(f"  peak mem cached/plain {r['peak_mem_cached_over_plain']:.3f}  online/plain {r['peak_mem_online_over_plain']:.3f}")
             print("  bytes/row: " + ", ".join(f"{k} {v:,.0f}" for k, v in r["bytes_per_row"].items()))
+        procs = None
+        if not args.no_dump_procs and dev.type == "cpu":
+            procs = bench_dump_processes(args.quick, dev, Path(tmp))
+            print(f"\n[dump processes] CNN teacher + 2 hidden, {procs['rows']} rows, {machine(dev)}: "
+                  f"1 process {procs['procs_1']['rows_per_s']:,.0f} rows/s, 2 processes (torchrun, gloo) "
+                  f"{procs['procs_2']['rows_per_s']:,.0f} rows/s: x{procs['two_over_one']:.2f}")
     main_pair = results.get("cnn") or next(iter(results.values()))
     summary = {key: main_pair[key] for key in ("cached_over_plain", "online_over_cached", "ideal_online_over_cached",
                                                "dump_over_infer", "dump_over_infer_hidden",
                                                "peak_mem_cached_over_plain", "bytes_per_row")}
     summary.update({"machine": machine(dev), "mode": "quick" if args.quick else "full", "repeats": repeats,
                     "loader_workers": WORKERS,
-                    "peer": peer, "pairs": results})
+                    "peer": peer, "pairs": results, "dump_processes": procs})
     Path("bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{peer}\nwrote bench.json")
 

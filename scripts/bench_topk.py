@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import platform
 import re
 import shutil
@@ -214,7 +213,7 @@ def main() -> None:
     summary = {"k32_topk_kl_over_dense": by["top-32"]["kl_over_dense"],
                "k32_sampled_kl_over_dense": by["sampled-32"]["kl_over_dense"],
                "sampled_beats_topk_at_32": by["sampled-32"]["heldout_kl"] < by["top-32"]["heldout_kl"]}
-    print(f"\n| cache | bytes/token | dump tokens/s | read tokens/s | held-out CE | held-out KL(t||s) | KL / dense |")
+    print("\n| cache | bytes/token | dump tokens/s | read tokens/s | held-out CE | held-out KL(t||s) | KL / dense |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         b = f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "-"

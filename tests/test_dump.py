@@ -260,7 +260,12 @@ def test_chunks_are_whole_rows_of_a_few_mb_and_divide_the_block():
     assert chunks["hidden/x"] * 200_000 >= 1 << 20
     assert all(block % c == 0 for c in chunks.values()) and block * 202_000 <= 128 << 20
     small_block, small = plan_blocks({"logits": 20}, rows=1200)
-    assert small["logits"] == 2048 and small_block == 2048  # not a 2 MB chunk for 24 KB of data
+    assert small["logits"] == 1024 and small_block == 1024  # not a 2 MB chunk for 24 KB of data
+    tiny_block, _ = plan_blocks({"logits": 20}, rows=300)
+    assert tiny_block == 512  # one block: never below the cache's own size rounded up
+    # several blocks whenever the cache allows: writes overlap the teacher, ranks all get work
+    many_block, _ = plan_blocks({"logits": 200, "hidden/x": 8192}, rows=8192)
+    assert many_block == 1024
 
 
 def test_nonfinite_teacher_output_is_reported_with_first_bad_row(tmp_path, models):
