@@ -205,10 +205,13 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
             lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  chunk "
                          f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk ({per})")
     vocab = meta.get("vocab") or {}
-    if vocab.get("padded", 0) > 1:
+    if vocab.get("real") != vocab.get("padded") or meta.get("mask_key"):
         lines.append(f"vocabulary   {vocab['real']} classes (output layer {vocab['padded']})"
                      + (f"; padding masked by inputs[{meta['mask_key']!r}], {tokens} real tokens"
                         if meta.get("mask_key") else ""))
+    if cache.seed is not None:
+        lines.append(f"views        {cache.views} per sample (row = sample * {cache.views} + view), seed {cache.seed}"
+                     + (f", explicit parameters {meta['view_params']['shape']}" if meta.get("view_params") else ""))
     acc = meta.get("teacher_accuracy") or {}
     if acc.get("labelled"):
         lines.append(f"teacher accuracy on the transfer set's labels: {acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']})")
