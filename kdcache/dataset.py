@@ -166,13 +166,11 @@ class CachedTeacherDataset(Dataset):
         if view not in ("cycle", "random"):
             raise KdcacheError(f"view must be 'cycle' or 'random', got {view!r}")
         self.views, self.view, self.view_offset, self.epoch = opened.views, view, int(view_offset), 0
-        self.source = dataset
-        if opened.seed is not None:  # rows are seeded (sample, view) pairs
-            params = opened.read_array(VIEW_PARAMS, 0, opened.rows) if opened.view_params is not None else None
-            self.source = ViewedDataset(dataset, opened.views, opened.seed, params)
-            if params is not None and not self.source.explicit:
-                raise KdcacheError(f"cache {opened.path} stores explicit augmentation parameters but the dataset has no "
-                                   "sample_params/apply_params methods: use the dataset the cache was dumped from")
+        self._random_views: np.ndarray | None = None
+        self.source = _replay_source(dataset, opened)
+        if opened.view_params is not None and not self.source.explicit:
+            raise KdcacheError(f"cache {opened.path} stores explicit augmentation parameters but the dataset has no "
+                               "sample_params/apply_params methods: use the dataset the cache was dumped from")
         n = len(dataset)
         if n * opened.views != opened.rows:
             raise KdcacheError(f"the dataset has {n} rows but cache {opened.path} has {opened.rows // opened.views}: "
@@ -229,6 +227,14 @@ class CachedTeacherDataset(Dataset):
         """Choose the epoch's augmentation view (as ``DistributedSampler.set_epoch``). DataLoader
         workers see it when they start: use ``persistent_workers=False`` (as :meth:`loader` does)."""
         self.epoch = int(epoch)
+        self._random_views = None
+
+    def _epoch_views(self) -> np.ndarray:
+        """The seeded random view of every sample this epoch (drawn once per epoch)."""
+        if self._random_views is None:
+            self._random_views = np.random.default_rng([int(self.meta["seed"]), self.epoch, 0x5EED]).integers(
+                0, self.views, len(self))
+        return self._random_views
 
     def cache_rows(self, indices: np.ndarray) -> np.ndarray:
         """Cache rows of samples ``indices`` at the current epoch's view."""
@@ -237,8 +243,7 @@ class CachedTeacherDataset(Dataset):
         if self.view == "cycle":
             view = np.full(len(indices), (self.epoch + self.view_offset) % self.views)
         else:
-            view = np.random.default_rng([int(self.meta["seed"]), self.epoch, 0x5EED]).integers(
-                0, self.views, len(self))[indices]
+            view = self._epoch_views()[indices]
         return indices * self.views + view
 
     @property
@@ -331,6 +336,15 @@ def _limit_zarr_threads(worker_id: int) -> None:
     zarr.config.set({"threading.max_workers": 2, "async.concurrency": 4})
 
 
+def _replay_source(dataset: Any, opened: TeacherCache) -> Any:
+    """What produces the cache's rows from ``dataset``: itself, or its seeded (sample, view)
+    rows, replayed from the stored augmentation parameters when the cache has them."""
+    if opened.seed is None:
+        return dataset
+    params = opened.read_array(VIEW_PARAMS, 0, opened.rows) if opened.view_params is not None else None
+    return ViewedDataset(dataset, opened.views, opened.seed, params)
+
+
 def replay_mismatches(dataset: Any, cache: TeacherCache | str | Path, n: int, *, seed: int = 0,
                       batch_size: int = 256) -> tuple[list[int], int]:
     """Regenerate ``n`` random rows' inputs (each view's transform under its recorded seed, no
@@ -340,10 +354,7 @@ def replay_mismatches(dataset: Any, cache: TeacherCache | str | Path, n: int, *,
     dataset or a changed RNG shows up as rows that differ.
     """
     opened = TeacherCache.open(cache.path if isinstance(cache, TeacherCache) else cache)
-    source = dataset
-    if opened.seed is not None:
-        params = opened.read_array(VIEW_PARAMS, 0, opened.rows) if opened.view_params is not None else None
-        source = ViewedDataset(dataset, opened.views, opened.seed, params)
+    source = _replay_source(dataset, opened)
     if len(source) != opened.rows:
         raise KdcacheError(f"the dataset gives {len(source)} rows but cache {opened.path} has {opened.rows}: "
                            "use the dataset the cache was dumped from")
