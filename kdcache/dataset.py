@@ -308,16 +308,17 @@ class CachedTeacherDataset(Dataset):
         return self.__getitems__([i])[0]
 
     def batch_sampler(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                      drop_last: bool = False) -> ChunkShuffleBatchSampler:
-        """A shuffling batch sampler that suits how this dataset reads (memory or chunks)."""
+                      drop_last: bool = False, rank: int = 0, world: int = 1) -> ChunkShuffleBatchSampler:
+        """A shuffling batch sampler that suits how this dataset reads (memory or chunks); ``rank``
+        of ``world`` takes its DDP share of the batches."""
         on_epoch = self.set_epoch if self.views > 1 else None
         if self.in_memory:
             return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                            on_epoch=on_epoch)
+                                            on_epoch=on_epoch, rank=rank, world=world)
         unit = max(1, self.block_rows // self.views)  # samples whose rows share a block
         return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, unit_rows=unit,
                                         window_units=max(1, self.window_rows // self.block_rows), drop_last=drop_last,
-                                        on_epoch=on_epoch)
+                                        on_epoch=on_epoch, rank=rank, world=world)
 
     def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
                drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> DataLoader:

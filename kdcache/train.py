@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .capture import HiddenCapture, check_module_names
+from .codecs import Codec, SampledCodec
 from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatch, collate
 from .errors import KdcacheError
 from .items import call_model, fetch_batch, move_inputs, resolve_device, select_output
@@ -210,12 +211,11 @@ class _KDTerm:
     """The KD term for where the teacher's logits come from: dense (cache or online), top-k or
     sampled cache; student logits are cut to the real vocabulary when the output layer is padded."""
 
-    def __init__(self, meta: dict[str, Any] | None, temperature: float | None) -> None:
-        codec = (meta or {}).get("outputs", {}).get("logits", {}).get("codec") or {"name": "dense"}
-        self.kind = codec["name"] if isinstance(codec, dict) else "dense"
-        self.vocab = ((meta or {}).get("vocab") or {}).get("real")
-        if self.kind == "sampled":
-            sampled_at = float(codec["temperature"])
+    def __init__(self, codec: Codec | None, vocab: int | None, temperature: float | None) -> None:
+        self.kind = codec.name if codec is not None else "dense"
+        self.vocab = vocab
+        if isinstance(codec, SampledCodec):
+            sampled_at = float(codec.temperature)
             if temperature is not None and temperature != sampled_at:
                 raise KdcacheError(f"this cache was sampled at temperature {sampled_at:g}: train with --temperature "
                                    f"{sampled_at:g} (or leave it out), or dump again with --sample-temperature {temperature:g}")
@@ -292,8 +292,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         data: Dataset = CachedTeacherDataset(dataset, cache, hidden=teacher_hidden,
                                              in_memory={"yes": True, "no": False}.get(cfg.in_memory, "auto"),
                                              check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view)
-        sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed)
-        sampler.rank, sampler.world = rank, world
+        sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world)
     else:
         if teacher is not None:
             check_module_names(teacher, teacher_hidden)
@@ -301,7 +300,8 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
                                            world=world)
     source = _Teacher(teacher, teacher_hidden, dev)
-    kd_loss = _KDTerm(data.meta if isinstance(data, CachedTeacherDataset) else None, cfg.temperature)
+    kd_loss = (_KDTerm(data.outputs["logits"].codec, (data.meta.get("vocab") or {}).get("real"), cfg.temperature)
+               if isinstance(data, CachedTeacherDataset) else _KDTerm(None, None, cfg.temperature))
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda",
                         # workers must restart to see a new epoch's augmentation view
