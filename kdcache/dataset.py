@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
 from .errors import KdcacheError
 from .items import dataset_digest, fetch_batch, row_digests
@@ -140,6 +140,8 @@ class CachedTeacherDataset(Dataset):
         check_inputs: compare each row's input digest with the one recorded at dump time,
             so a reordered, edited or transformed dataset is refused before a wrong target is
             used. Set False only for a deliberately different input (``--allow-input-mismatch``).
+            Rows of a plain ``TensorDataset`` (fixed tensors, no transform) are checked on their
+            first read in each process; rows of any other dataset on every read.
         chunk_cache_bytes: bytes of decoded chunks kept per process when reading from disk.
         dtype: dtype of the teacher tensors returned; None keeps the stored dtype (float16 or
             bfloat16: half the bytes to move, convert on the accelerator).
@@ -191,6 +193,8 @@ class CachedTeacherDataset(Dataset):
         self.mask_key: str | None = opened.meta.get("mask_key")
         opened.check_chunks()
         self.digests = opened.row_digests()
+        # a TensorDataset row cannot change short of an in-place write: check it once
+        self._checked = np.zeros(opened.rows, bool) if type(self.source) is TensorDataset else None
         need = sum(o.row_bytes for o in self.outputs.values()) * opened.rows
         self.in_memory = need <= memory_budget if in_memory == "auto" else bool(in_memory)
         self.block_rows = opened.block_rows
@@ -286,8 +290,8 @@ class CachedTeacherDataset(Dataset):
         if samples.size and (samples.min() < 0 or samples.max() >= len(self)):
             raise IndexError(f"row index out of range for a cache of {len(self)} rows")
         idx = self.cache_rows(samples)
-        inputs, labels = fetch_batch(self.source, idx.tolist())
-        if self.check_inputs:
+        inputs, labels = fetch_batch(self.source, idx)
+        if self.check_inputs and (self._checked is None or not self._checked[idx].all()):
             bad = np.flatnonzero(row_digests(inputs) != self.digests[idx])
             if bad.size:
                 if self.meta.get("seed") is not None:
@@ -298,6 +302,8 @@ class CachedTeacherDataset(Dataset):
                                    f"({bad.size} of {idx.size} rows in this batch differ): the dataset was edited, "
                                    "reordered or transformed; use the dumped dataset, or pass --allow-input-mismatch "
                                    "if the difference is deliberate")
+            if self._checked is not None:
+                self._checked[idx] = True
         teacher = {"logits": self._teacher_rows("logits", idx),
                    "hidden": {h: self._teacher_rows(h, idx) for h in self.hidden}}
         if self.mask_key is not None:  # sequences: 1 for real tokens, 0 for padding

@@ -6,6 +6,7 @@ Each is usable in any training loop, with cached teacher outputs or live ones.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +34,61 @@ def _reduce(per_item: torch.Tensor, mask: torch.Tensor | None, reduction: str) -
     return per_item.sum() / max(per_item.numel(), 1)
 
 
-def _soft_cross_entropy(student_logits: torch.Tensor, p_teacher: torch.Tensor, t: float) -> torch.Tensor:
-    """Per-row ``-sum p_t log softmax(s/T)`` with torch's fused soft-label cross-entropy."""
-    classes = student_logits.shape[-1]
-    ce = F.cross_entropy((student_logits.float() / t).reshape(-1, classes), p_teacher.reshape(-1, classes),
-                         reduction="none")
-    return ce.reshape(student_logits.shape[:-1])
+def _weights(shape: torch.Size, mask: torch.Tensor | None, reduction: str) -> tuple[torch.Tensor | None, float]:
+    """``(per-item weights or None, scale)`` such that the reduced loss is ``scale * sum(w * per_item)``."""
+    if reduction not in ("batchmean", "sum"):
+        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
+    if mask is None:
+        return None, (1.0 / max(math.prod(shape), 1) if reduction == "batchmean" else 1.0)
+    if mask.shape != shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    weights = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    return (weights / weights.sum().clamp_min(1.0) if reduction == "batchmean" else weights), 1.0
+
+
+class _SoftTargetKL(torch.autograd.Function):
+    """``T^2 * sum_c p_t (log p_t - log p_s)`` (or without ``log p_t``: soft-target CE) with
+    its closed-form gradient ``T (p_s - p_t)``: one graph node instead of a dozen, which is
+    most of the KD term's cost when the student is small."""
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float,
+                weights: torch.Tensor | None, scale: float, reduce: bool, entropy: bool) -> torch.Tensor:
+        inv_t = 1.0 / t  # half-precision logits are computed in float32, float64 stays float64
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        log_ps = torch.log_softmax(student_logits.to(dtype) * inv_t, dim=-1)
+        log_pt = torch.log_softmax(teacher_logits.to(dtype) * inv_t, dim=-1)
+        p_t = log_pt.exp()
+        per_item = (p_t * (log_pt - log_ps) if entropy else p_t * log_ps.neg()).sum(-1)
+        ctx.save_for_backward(log_ps, p_t, weights)
+        ctx.t, ctx.scale, ctx.reduce, ctx.dtype = t, scale, reduce, student_logits.dtype
+        if not reduce:
+            return per_item * (t * t)
+        if weights is not None:
+            per_item = per_item * weights
+        return per_item.sum() * (scale * t * t)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        log_ps, p_t, weights = ctx.saved_tensors
+        if ctx.reduce:  # d/ds of T^2 KL(p_t || softmax(s/T)) is T (p_s - p_t)
+            g = grad * (ctx.scale * ctx.t)
+            g = g if weights is None else (weights * g).unsqueeze(-1)
+        else:
+            g = (grad * ctx.t).unsqueeze(-1)
+        return ((log_ps.exp() - p_t) * g).to(ctx.dtype), None, None, None, None, None, None
+
+
+def _soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float,
+                      mask: torch.Tensor | None, reduction: str, entropy: bool) -> torch.Tensor:
+    _check_logits(student_logits, teacher_logits)
+    teacher_logits = teacher_logits.detach()  # a constant target
+    if reduction == "none":
+        per_item = _SoftTargetKL.apply(student_logits, teacher_logits, t, None, 1.0, False, entropy)
+        return _reduce(per_item, mask, "none")
+    weights, scale = _weights(student_logits.shape[:-1], mask, reduction)
+    return _SoftTargetKL.apply(student_logits, teacher_logits, t, weights, scale, True, entropy)
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -71,15 +121,7 @@ class KLDivLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_logits(student_logits, teacher_logits)
-        t = self.temperature
-        with torch.no_grad():  # the teacher is a constant target
-            log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-            p_t = log_p_t.exp()
-            neg_entropy = (p_t * log_p_t).sum(dim=-1)
-        # KL(p_t || p_s) = sum p_t log p_t - sum p_t log p_s
-        per_item = _soft_cross_entropy(student_logits, p_t, t) + neg_entropy
-        return _reduce(per_item, mask, self.reduction) * (t * t)
+        return _soft_target_loss(student_logits, teacher_logits, self.temperature, mask, self.reduction, entropy=True)
 
 
 class SoftTargetCrossEntropy(nn.Module):
@@ -98,11 +140,7 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_logits(student_logits, teacher_logits)
-        t = self.temperature
-        with torch.no_grad():
-            p_t = F.softmax(teacher_logits.float() / t, dim=-1)
-        return _reduce(_soft_cross_entropy(student_logits, p_t, t), mask, self.reduction) * (t * t)
+        return _soft_target_loss(student_logits, teacher_logits, self.temperature, mask, self.reduction, entropy=False)
 
 
 def _check_temperature(temperature: float) -> float:

@@ -396,16 +396,16 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
         with autocast():
             logits = select_output(call_model(student, inputs), None)
             hidden = capture.take() if hint_losses else {}
-        labelled = labels >= 0
-        # a batch of unlabelled rows has CE 0 (mean over labelled rows only)
-        ce = F.cross_entropy(logits.float()[labelled], labels[labelled], reduction="sum") / labelled.sum().clamp_min(1)
+        ce = _labelled_cross_entropy(logits, labels)
         if teacher is None:
             loss = ce
             parts = [ce.detach() * 0, ce]
         else:
             kd = kd_loss(logits, teacher["logits"], teacher.get("mask"))
             hints = [m(hidden[h.student], teacher["hidden"][h.teacher]) for h, m in zip(cfg.hints, hint_losses)]
-            loss = cfg.alpha * kd + (1 - cfg.alpha) * ce + sum(h.weight * v for h, v in zip(cfg.hints, hints))
+            loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
+            for h, v in zip(cfg.hints, hints):
+                loss = loss + h.weight * v
             parts = [kd, ce, *hints]
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
@@ -429,6 +429,15 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
     record.update({f"hint:{h}": v for h, v in zip(cfg.hints, means[3:])})
     record.update({"rows": rows, "seconds": round(seconds, 4), "samples_per_s": rows / max(seconds, 1e-9)})
     return record
+
+
+def _labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the rows/tokens whose label is >= 0 (0 when there are none).
+    Negative labels are ignored through ``ignore_index``: no boolean indexing, so no device sync."""
+    classes = logits.shape[-1]
+    ignored = labels.clamp_min(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, classes), ignored.reshape(-1), ignore_index=-1, reduction="sum")
+    return total / (ignored >= 0).sum().clamp_min(1)
 
 
 def _save(out: Path, student: nn.Module, hint_losses: list[nn.Module], cfg: TrainConfig,

@@ -112,3 +112,22 @@ def test_chunk_shuffle_sampler_is_a_permutation_grouped_by_blocks():
     assert [i for b in sampler for i in b] != first
     sampler.set_epoch(0)
     assert [i for b in sampler for i in b] == first
+
+
+def _python_digest(row_bytes: bytes, multipliers: list[int]) -> int:
+    """row_digests by its definition, in plain Python integers (caches on disk depend on it)."""
+    padded = row_bytes + b"\0" * (-len(row_bytes) % 8)
+    words = [int.from_bytes(padded[i:i + 8], "little") for i in range(0, len(padded), 8)]
+    h = (sum(w * m for w, m in zip(words, multipliers)) + len(row_bytes)) % 2**64
+    for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        h = ((h ^ (h >> shift)) * mul) % 2**64
+    return h ^ (h >> 31)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((2, 3, 7), torch.float16), ((4, 20000), torch.float32)])
+def test_row_digests_follow_their_definition(shape, dtype):
+    from kdcache.items import _multipliers, row_digests
+    rows = torch.randn(*shape).to(dtype)
+    raw = [r.contiguous().numpy().tobytes() for r in rows]
+    mult = [int(m) for m in _multipliers(-(-len(raw[0]) // 8))]
+    assert row_digests(rows).tolist() == [_python_digest(b, mult) for b in raw]

@@ -289,3 +289,24 @@ def test_float16_overflow_is_reported_as_nonfinite(tmp_path, models):
     with pytest.raises(KdcacheError, match="float16 overflows.*--logits-dtype float32"):
         kdcache.dump_teacher(teacher, ds, tmp_path / "c", progress=False)
     assert kdcache.dump_teacher(teacher, ds, tmp_path / "c32", logits_dtype="float32", progress=False).complete
+
+
+def test_tensor_dataset_subclass_is_read_through_its_getitem(tmp_path, models):
+    """Only a plain TensorDataset is indexed directly: a subclass's __getitem__ may transform."""
+
+    class Negated(torch.utils.data.TensorDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return -x, y
+
+    base = models.dataset(70)
+    ds = Negated(*base.tensors)
+    teacher = models.teacher()
+    cache = kdcache.dump_teacher(teacher, ds, tmp_path / "c", progress=False)
+    with torch.no_grad():
+        want = teacher(-base.tensors[0])
+    np.testing.assert_allclose(cache.read("logits", 0, 70).astype(np.float32), want.numpy(), rtol=1e-2, atol=1e-2)
+    # and stage two reads the same transformed rows (their digests match the dump's)
+    data = kdcache.CachedTeacherDataset(ds, cache)
+    inputs, _, _ = kdcache.collate(data.__getitems__(list(range(70))))
+    assert torch.equal(inputs, -base.tensors[0])

@@ -90,3 +90,45 @@ def test_attention_transfer_by_hand():
     assert AttentionTransferLoss()(s, t).item() == pytest.approx((at(s) - at(t)).pow(2).mean().item(), rel=1e-5)
     # a student map of another spatial size is resized to the teacher's
     assert AttentionTransferLoss()(torch.randn(2, 3, 8, 8), t).ndim == 0
+
+
+def _reference_kl(s, t, T, mask=None, reduction="batchmean", entropy=True):
+    """Autograd through the textbook formula, in float64."""
+    log_ps, log_pt = F.log_softmax(s.double() / T, -1), F.log_softmax(t.double() / T, -1)
+    per = (log_pt.exp() * ((log_pt if entropy else 0) - log_ps)).sum(-1) * T * T
+    if reduction == "none":
+        return per * (mask if mask is not None else 1)
+    if mask is not None:
+        per = per * mask
+        return per.sum() / mask.sum() if reduction == "batchmean" else per.sum()
+    return per.sum() / per.numel() if reduction == "batchmean" else per.sum()
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("cls", [KLDivLoss, SoftTargetCrossEntropy])
+def test_soft_target_gradients_match_autograd_of_the_formula(cls, reduction, masked):
+    torch.manual_seed(4)
+    s, t = torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float64) if masked else None
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got = cls(2.5, reduction=reduction)(s1, t, mask)
+    want = _reference_kl(s2, t, 2.5, mask, reduction, entropy=cls is KLDivLoss)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn_like(got)  # an arbitrary upstream gradient
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_kl_gradcheck_and_half_precision_logits():
+    torch.manual_seed(5)
+    s = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: KLDivLoss(3.0)(x, t), (s,))
+    half = s.detach().to(torch.bfloat16).requires_grad_()
+    KLDivLoss(3.0)(half, t.half()).backward()  # computed in float32, gradient in the logits' dtype
+    assert half.grad.dtype == torch.bfloat16
+    ref = s.detach().to(torch.bfloat16).double().requires_grad_()
+    _reference_kl(ref, t.half().double(), 3.0).backward()
+    torch.testing.assert_close(half.grad.double(), ref.grad, atol=1e-2, rtol=1e-2)
