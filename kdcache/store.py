@@ -22,11 +22,13 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -276,15 +278,62 @@ def _io_pool() -> ThreadPoolExecutor:
     return _IO_POOL
 
 
+# Chunk files of at least this size bypass the page cache (O_DIRECT) where the filesystem
+# allows it: a dump writes each byte once and reads it back rarely, and filling the page cache
+# costs kernel CPU that the teacher needs (measured: 0.2-0.3 s per 64 MB on the 2-core box,
+# ~0.005 s with O_DIRECT). KDCACHE_DIRECT_IO=0 turns it off.
+DIRECT_MIN_BYTES = 1 << 20
+_DIRECT_ALIGN = 4096
+_direct_ok = hasattr(os, "O_DIRECT") and os.environ.get("KDCACHE_DIRECT_IO", "1") != "0"
+_staging = threading.local()
+
+
 def _write_chunk_file(file: Path, rows: np.ndarray) -> None:
     raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
     checksum = np.uint32(google_crc32c.value(raw)).tobytes()
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
-    with open(tmp, "wb") as f:
-        f.write(raw.data)
-        f.write(checksum)
+    if not (_direct_ok and raw.nbytes >= DIRECT_MIN_BYTES and _write_direct(tmp, raw, checksum)):
+        with open(tmp, "wb") as f:
+            f.write(raw.data)
+            f.write(checksum)
     os.replace(tmp, file)
+
+
+def _write_direct(path: Path, raw: np.ndarray, checksum: bytes) -> bool:
+    """Write ``raw + checksum`` to a new file with O_DIRECT: the bytes go from an aligned
+    staging buffer (one per thread) in whole 4 KiB blocks, then the file is cut to its exact
+    size. False, with nothing left behind, where the filesystem refuses O_DIRECT."""
+    global _direct_ok
+    size = raw.nbytes + len(checksum)
+    padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    buf = getattr(_staging, "buf", None)
+    if buf is None or len(buf) < padded:
+        buf = _staging.buf = mmap.mmap(-1, padded)  # anonymous memory is page-aligned
+    staged = np.frombuffer(buf, np.uint8, padded)
+    staged[:raw.nbytes] = raw
+    staged[raw.nbytes:size] = np.frombuffer(checksum, np.uint8)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        _direct_ok = False  # e.g. tmpfs: buffered writes from now on
+        return False
+    try:
+        view, done = memoryview(buf)[:padded], 0
+        while done < padded:
+            done += os.write(fd, view[done:])
+        os.ftruncate(fd, size)
+    except OSError as err:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        if err.errno != errno.EINVAL:
+            raise
+        _direct_ok = False
+        return False
+    os.close(fd)
+    return True
 
 
 def _chunk_key(path: str, array: Any, chunk: int) -> str:

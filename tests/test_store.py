@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import zarr
 
 import kdcache
 from kdcache import TeacherCache
+from kdcache import store
 from kdcache.store import BLOCKS, ROW_DIGEST
 
 
@@ -17,8 +19,12 @@ def _files(root: Path) -> dict[str, bytes]:
             and f.name != "zarr.json"}
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
-def test_direct_chunk_files_equal_zarr_written_ones(tmp_path, models, dtype):
+@pytest.mark.parametrize("dtype,io", [("float16", "o_direct"), ("float32", "buffered"), ("bfloat16", "o_direct")])
+def test_direct_chunk_files_equal_zarr_written_ones(tmp_path, models, dtype, io, monkeypatch):
+    """Chunk files written by kdcache (O_DIRECT from an aligned buffer and cut to size, or
+    buffered) are byte for byte what zarr writes."""
+    monkeypatch.setattr(store, "DIRECT_MIN_BYTES", 0)  # every chunk, however small
+    monkeypatch.setattr(store, "_direct_ok", io == "o_direct" and hasattr(os, "O_DIRECT"))
     # 300 rows with 128-row chunks: the last chunk is an edge chunk, padded
     cache = kdcache.dump_teacher(models.teacher(), models.dataset(300), tmp_path / "direct", hidden=["body"],
                                  logits_dtype=dtype, block_rows=128, progress=False)
@@ -32,3 +38,24 @@ def test_direct_chunk_files_equal_zarr_written_ones(tmp_path, models, dtype):
         assert direct and direct == _files(tmp_path / "via-zarr" / path), path
     assert {ROW_DIGEST, BLOCKS} <= set(cache.array_paths())
     assert not list((tmp_path / "direct").rglob("*.partial"))
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_filesystem_refusing_o_direct_falls_back_to_buffered_writes(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):  # what tmpfs and some FUSE filesystems answer
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(store, "_direct_ok", True)
+    monkeypatch.setattr(os, "open", refusing_open)
+    rows = np.arange(3 << 20, dtype=np.uint8).reshape(-1, 1024)
+    store._write_chunk_file(tmp_path / "a" / "c0", rows)
+    data = (tmp_path / "a" / "c0").read_bytes()
+    assert data[:-4] == rows.tobytes() and len(data) == rows.nbytes + 4
+    assert store._direct_ok is False and not list(tmp_path.rglob("*.partial"))
