@@ -142,12 +142,25 @@ def infer_seconds(teacher: nn.Module, ds: TensorDataset, batch: int, dev: torch.
 WORKERS = 0
 
 
+class FreeTeacher(nn.Module):
+    """A teacher that costs nothing: the same logits (a fixed random row) for every input. Online
+    KD with it is the floor of any KD — the KD term itself, without reading or running a teacher."""
+
+    def __init__(self, classes: int = 100) -> None:
+        super().__init__()
+        self.register_buffer("row", torch.randn(classes, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.row.expand(x.shape[0], -1)
+
+
 def epoch_seconds(mode: str, pair: dict[str, Any], ds: TensorDataset, cache: Any, teacher: nn.Module,
                   dev: torch.device, epochs: int = 2) -> float:
     """Seconds of the last of ``epochs`` epochs of kdcache.train_student in ``mode``."""
     torch.manual_seed(0)
     student = pair["student"]()
-    kwargs: dict[str, Any] = {"cache": cache} if mode == "cached" else ({"teacher": teacher} if mode == "online" else {})
+    kwargs: dict[str, Any] = {"plain": {}, "cached": {"cache": cache}, "online": {"teacher": teacher},
+                              "kd_floor": {"teacher": FreeTeacher().to(dev)}}[mode]
     result = kdcache.train_student(student, ds, epochs=epochs, batch_size=pair["batch"], lr=1e-3, device=str(dev),
                                    num_workers=WORKERS, progress=False, **kwargs)
     return result.metrics[-1]["seconds"]
@@ -198,9 +211,9 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
                                                 overwrite=True, **quiet)
         dump_h.append(caches["hidden"].meta["dump"]["seconds"])
     # 1. epochs: plain / cached / online, interleaved; the teacher forward alone for the ideal
-    times: dict[str, list[float]] = {"plain": [], "cached": [], "online": [], "teacher_fwd": []}
+    times: dict[str, list[float]] = {"plain": [], "cached": [], "online": [], "kd_floor": [], "teacher_fwd": []}
     for r in range(repeats):
-        for mode in ("plain", "cached", "online"):
+        for mode in ("plain", "cached", "online", "kd_floor"):
             times[mode].append(epoch_seconds(mode, pair, ds, caches["logits"], teacher, dev))
         times["teacher_fwd"].append(infer_seconds(teacher, ds, pair["batch"], dev))
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -210,6 +223,10 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
         "cached_over_plain": [c / p for c, p in zip(times["cached"], times["plain"])],
         "online_over_cached": [o / c for o, c in zip(times["online"], times["cached"])],
         "ideal_online_over_cached": [(c + f) / c for c, f in zip(times["cached"], times["teacher_fwd"])],
+        "kd_floor_over_plain": [k / p for k, p in zip(times["kd_floor"], times["plain"])],
+        "cached_over_kd_floor": [c / k for c, k in zip(times["cached"], times["kd_floor"])],
+        "dump_over_infer": [i / d for i, d in zip(infer, dump)],
+        "dump_over_infer_hidden": [i / d for i, d in zip(infer, dump_h)],
     }
     # 3. peak memory per mode; 4. bytes on disk per row
     mem = {mode: peak_memory(mode, name, quick, caches["logits"].path, dev) for mode in ("plain", "cached", "online")}
@@ -222,8 +239,6 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
         "cached_over_plain_spread": [min(paired["cached_over_plain"]), max(paired["cached_over_plain"])],
         "cached_over_plain_best": min(times["cached"]) / min(times["plain"]),
         "infer_s": statistics.median(infer), "dump_s": statistics.median(dump), "dump_hidden_s": statistics.median(dump_h),
-        "dump_over_infer": statistics.median(infer) / statistics.median(dump),
-        "dump_over_infer_hidden": statistics.median(infer) / statistics.median(dump_h),
         "dump_rows_per_s": pair["rows"] / statistics.median(dump),
         "peak_mem_bytes": mem, "peak_mem_cached_over_plain": mem["cached"] / mem["plain"],
         "peak_mem_online_over_plain": mem["online"] / mem["plain"],
@@ -313,6 +328,8 @@ def main() -> None:
             print(f"  cached_over_plain {r['cached_over_plain']:.3f} (repeats {lo:.3f}-{hi:.3f}; best epochs "
                   f"{r['cached_over_plain_best']:.3f})  online_over_cached {r['online_over_cached']:.3f}  "
                   f"(ideal {r['ideal_online_over_cached']:.3f}, reached {r['online_over_cached'] / r['ideal_online_over_cached']:.3f})")
+            print(f"  KD floor (online KD, free teacher) / plain {r['kd_floor_over_plain']:.3f}  cached / KD floor "
+                  f"{r['cached_over_kd_floor']:.3f}")
             print(f"  dump_over_infer {r['dump_over_infer']:.3f} (logits)  {r['dump_over_infer_hidden']:.3f} (+2 hidden)  "
                   f"dump {r['dump_rows_per_s']:,.0f} rows/s")
             print(f"  peak mem cached/plain {r['peak_mem_cached_over_plain']:.3f}  online/plain {r['peak_mem_online_over_plain']:.3f}")
