@@ -32,7 +32,7 @@ from .capture import HiddenCapture, check_module_names
 from .codecs import Codec, DenseCodec, SampledCodec, TopKCodec
 from .errors import KdcacheError
 from .views import ViewedDataset
-from .items import (call_model, dataset_digest, fetch_batch, move_inputs, resolve_device, row_digests,
+from .items import (call_model, collate_items, dataset_digest, fetch_batch, move_inputs, resolve_device, row_digests,
                     select_output)
 from .store import (VIEW_PARAMS, ArrayInfo, is_remote, DumpLock, OutputSpec, TeacherCache, fault_point, fingerprint, is_disk_full, plan_blocks,
                     remove_cache)
@@ -77,10 +77,12 @@ class _Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Any, torch.Tensor, np.ndarray, torch.Tensor | None]:
         start, stop = self.batches[i]
-        inputs, labels = fetch_batch(self.dataset, range(start, stop))
         params = None
-        if isinstance(self.dataset, ViewedDataset) and self.dataset.explicit:
-            params = torch.stack([self.dataset.draw_params(r) for r in range(start, stop)])
+        if isinstance(self.dataset, ViewedDataset) and self.dataset.explicit:  # parameters drawn once, kept
+            items, params = self.dataset.drawn_items(range(start, stop))
+            inputs, labels = collate_items(items, range(start, stop))
+        else:
+            inputs, labels = fetch_batch(self.dataset, range(start, stop))
         return start, inputs, labels, row_digests(inputs), params
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset, default_collate
 
 from .errors import KdcacheError
 
-__all__ = ["split_item", "fetch_batch", "row_digests", "dataset_digest", "move_inputs", "resolve_device", "call_model", "batch_size_of",
+__all__ = ["split_item", "fetch_batch", "collate_items", "row_digests", "dataset_digest", "move_inputs", "resolve_device", "call_model", "batch_size_of",
            "select_output"]
 
 LABEL_KEYS = ("label", "labels")
@@ -85,6 +85,11 @@ def fetch_batch(dataset: Any, indices: Sequence[int]) -> tuple[Any, torch.Tensor
         indices = indices.tolist()  # datasets expect Python ints
     getitems = getattr(dataset, "__getitems__", None)
     items = getitems(list(indices)) if getitems is not None else [dataset[i] for i in indices]
+    return collate_items(items, indices)
+
+
+def collate_items(items: Sequence[Any], indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
+    """Dataset items of rows ``indices`` -> ``(batched inputs, int64 labels (B,) or (B, L))``."""
     pairs = [split_item(item) for item in items]
     try:
         inputs = default_collate([p[0] for p in pairs])

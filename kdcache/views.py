@@ -105,6 +105,14 @@ class ViewedDataset(Dataset):
             raise KdcacheError(f"sample_params must return a 1-D tensor, got shape {tuple(params.shape)}")
         return params
 
+    def drawn_items(self, rows: Sequence[int]) -> tuple[list[Any], torch.Tensor]:
+        """Explicit datasets: the items of ``rows`` and the parameters each was made with
+        ``(len(rows), P)``, drawn once per row (the dump stores them)."""
+        params = [self.draw_params(int(r)) for r in rows]
+        with preserved_rngs():
+            items = [self.dataset.apply_params(int(r) // self.views, p) for r, p in zip(rows, params)]
+        return items, torch.stack(params)
+
     def _item(self, row: int) -> Any:
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} out of range for {len(self)} rows")

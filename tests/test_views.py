@@ -11,6 +11,7 @@ import torch
 from conftest import run_cli, store_files
 from kdcache import CachedTeacherDataset, KdcacheError, TeacherCache, dump_teacher, train_student
 from kdcache.dataset import replay_mismatches
+from kdcache.items import DIGEST_SAMPLE_ROWS
 from kdcache.views import ViewedDataset, seeded, view_seed
 
 K = 4
@@ -126,6 +127,12 @@ def test_explicit_augmentation_parameters_are_stored_and_replayed(tmp_path, mode
     x = data.__getitems__(list(range(len(ds)))).collated[0]
     assert torch.equal(x, seen[2:][torch.arange(len(ds)) * K + 2])
     assert "_view_params" in TeacherCache.open(cache.path).array_paths()
+    # each row's parameters are drawn once in the dump loop (besides the digest sample and probe)
+    calls = []
+    sample_params = type(ds).sample_params
+    ds.sample_params = lambda i, generator: calls.append(i) or sample_params(ds, i, generator)
+    recount = _dump(models, tmp_path, ds, name="recount")[0]
+    assert recount.rows == cache.rows and len(calls) <= cache.rows + DIGEST_SAMPLE_ROWS + 3
     assert replay_mismatches(ds, cache, 20)[0] == []
     with pytest.raises(KdcacheError, match="no sample_params/apply_params"):
         CachedTeacherDataset(models.augmented(), cache)
