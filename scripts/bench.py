@@ -100,7 +100,7 @@ def pairs(quick: bool) -> dict[str, dict[str, Any]]:
         "cnn": dict(teacher=lambda: ResNet(64, 3), student=lambda: SmallCNN(32), shape=(3, 32, 32), rows=50_000,
                     hidden=["layer3", "layer4"], batch=256),
         "mlp": dict(teacher=lambda: mlp([1024, 8192, 8192, 8192, 1000]), student=lambda: mlp([1024, 1024, 1000]),
-                    shape=(1024,), rows=200_000, hidden=["1", "3"], batch=1024),
+                    shape=(1024,), rows=200_000, hidden=["1", "3"], batch=1024, classes=1000),
     }
 
 
@@ -160,7 +160,7 @@ def epoch_seconds(mode: str, pair: dict[str, Any], ds: TensorDataset, cache: Any
     torch.manual_seed(0)
     student = pair["student"]()
     kwargs: dict[str, Any] = {"plain": {}, "cached": {"cache": cache}, "online": {"teacher": teacher},
-                              "kd_floor": {"teacher": FreeTeacher().to(dev)}}[mode]
+                              "kd_floor": {"teacher": FreeTeacher(pair.get("classes", 100)).to(dev)}}[mode]
     result = kdcache.train_student(student, ds, epochs=epochs, batch_size=pair["batch"], lr=1e-3, device=str(dev),
                                    num_workers=WORKERS, progress=False, **kwargs)
     return result.metrics[-1]["seconds"]
