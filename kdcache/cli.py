@@ -225,16 +225,18 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
 
 @app.command("ls")
 @_user_errors
-def ls_cmd(root: Optional[Path] = typer.Argument(None, help="Cache root [$KDCACHE_HOME or ./kdcache-store].")) -> None:
+def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a directory or URL "
+                                                             "[$KDCACHE_HOME or ./kdcache-store].")) -> None:
     """List the caches under a root, one line each."""
     from .dump import default_cache_root
-    from .store import TeacherCache
+    from .store import TeacherCache, list_dir
 
-    root = root or default_cache_root()
-    if not root.is_dir():
+    root = str(root or default_cache_root())
+    entries = list_dir(root)
+    if entries is None:
         raise KdcacheError(f"cache root {root} does not exist")
     found = 0
-    for entry in sorted(root.iterdir()):
+    for entry in entries:
         if not TeacherCache.exists(entry):
             continue
         try:
@@ -245,7 +247,7 @@ def ls_cmd(root: Optional[Path] = typer.Argument(None, help="Cache root [$KDCACH
         found += 1
         outputs = ",".join(a.path for o in cache.outputs.values() for a in o.arrays.values())
         teacher = cache.meta.get("teacher", {})
-        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        size = sum(cache.nbytes_on_disk().values())
         typer.echo(f"{entry}  {'complete' if cache.complete else 'incomplete'}  {cache.rows} rows  {outputs}  "
                    f"{_size(size)}  teacher {teacher.get('spec') or teacher.get('class')}")
     if not found:

@@ -626,6 +626,24 @@ class TeacherCache:
                 for path in self.array_paths()}
 
 
+def list_dir(root: str | Path) -> list[str] | None:
+    """The entries of a local directory or an object-store prefix (full paths/URLs, sorted);
+    None when it does not exist."""
+    if is_remote(root):
+        fs, path = _remote_fs(str(root))
+        try:
+            names = fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise KdcacheError(f"cannot reach {root}: {err}; check the URL, credentials and endpoint") from None
+        protocol = str(root).split("://", 1)[0]
+        return sorted(f"{protocol}://{name.rstrip('/')}" for name in names if name.rstrip("/") != path.rstrip("/"))
+    if not Path(root).is_dir():
+        return None
+    return sorted(str(entry) for entry in Path(root).iterdir())
+
+
 def remove_cache(path: str | Path) -> None:
     """Delete a cache directory (``--overwrite``)."""
     if is_remote(path):

@@ -71,3 +71,7 @@ def test_dump_resume_and_train_against_s3(tmp_path, models_file, s3):
     assert root.returncode == 0 and "cache hit" in again.stderr and again.stdout.strip().startswith("s3://kdcache-test/store/")
     meta = json.loads(fs.cat(again.stdout.strip()[5:] + "/zarr.json"))["attributes"]["kdcache"]
     assert meta["complete"]
+    listed = run_cli("ls", "s3://kdcache-test/store", env=s3)
+    assert listed.returncode == 0 and listed.stdout.startswith(again.stdout.strip() + "  complete  300 rows"), listed.stdout
+    nowhere = run_cli("ls", "s3://kdcache-test/no-such-root", env=s3)
+    assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr
