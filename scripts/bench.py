@@ -12,6 +12,7 @@ bytes_per_row, machine, and the same per model pair).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -20,16 +21,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import kdcache
+from kdcache.dataset import ChunkShuffleBatchSampler, collate
 from kdcache.items import fetch_batch, move_inputs
+from kdcache.train import _LabelledRows
 
 
 # ---- model pairs (torchvision-free) -------------------------------------------------------
@@ -140,6 +145,11 @@ def infer_seconds(teacher: nn.Module, ds: TensorDataset, batch: int, dev: torch.
 
 
 WORKERS = 0
+try:
+    import modelopt.torch.distill  # noqa: F401
+    HAVE_MODELOPT = True
+except ImportError:  # not a kdcache dependency; the peer row runs where it is installed
+    HAVE_MODELOPT = False
 
 
 class FreeTeacher(nn.Module):
@@ -164,6 +174,57 @@ def epoch_seconds(mode: str, pair: dict[str, Any], ds: TensorDataset, cache: Any
     result = kdcache.train_student(student, ds, epochs=epochs, batch_size=pair["batch"], lr=1e-3, device=str(dev),
                                    num_workers=WORKERS, progress=False, **kwargs)
     return result.metrics[-1]["seconds"]
+
+
+def modelopt_epoch_seconds(pair: dict[str, Any], ds: TensorDataset, teacher: nn.Module, dev: torch.device,
+                           epochs: int = 2) -> float:
+    """The peer row: online KD through NVIDIA ModelOpt's ``mtd.convert`` meta-model, set up as
+    kdcache's online mode (T=4, KD weight 0.9, batchmean KL x T^2, AdamW 1e-3, the same batches,
+    bf16 autocast on CUDA). Seconds of the last epoch."""
+    import modelopt.torch.distill as mtd
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # "weights do not sum to 1.0": the rest goes to the student loss, as here
+        warnings.simplefilter("ignore", UserWarning)
+        config = {"teacher_model": (_given, (copy.deepcopy(teacher),)),  # a copy: ModelOpt hooks its teacher
+                  "criterion": mtd.LogitsDistillationLoss(temperature=4.0, reduction="batchmean"),
+                  "loss_balancer": mtd.StaticLossBalancer(kd_loss_weight=0.9)}
+        # ModelOpt adds the teacher as a child module, which nn.Sequential.forward would run: wrap it
+        model = mtd.convert(_Wrapped(pair["student"]().to(dev)), mode=[("kd_loss", config)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sampler = ChunkShuffleBatchSampler(len(ds), pair["batch"], shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(_LabelledRows(ds), batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=WORKERS, pin_memory=dev.type == "cuda")
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
+    model.train()
+    seconds = 0.0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        sync(dev)
+        t0 = time.perf_counter()
+        for x, y, _ in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with amp():
+                out = model(x)
+            loss = model.compute_kd_loss(student_loss=F.cross_entropy(out.float(), y))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(dev)
+        seconds = time.perf_counter() - t0
+    return seconds
+
+
+def _given(module: nn.Module) -> nn.Module:
+    return module
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 def peak_memory(mode: str, pair_name: str, quick: bool, cache: str, dev: torch.device) -> float:
@@ -212,9 +273,13 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
         dump_h.append(caches["hidden"].meta["dump"]["seconds"])
     # 1. epochs: plain / cached / online, interleaved; the teacher forward alone for the ideal
     times: dict[str, list[float]] = {"plain": [], "cached": [], "online": [], "kd_floor": [], "teacher_fwd": []}
+    if HAVE_MODELOPT:
+        times["modelopt"] = []
     for r in range(repeats):
         for mode in ("plain", "cached", "online", "kd_floor"):
             times[mode].append(epoch_seconds(mode, pair, ds, caches["logits"], teacher, dev))
+        if HAVE_MODELOPT:
+            times["modelopt"].append(modelopt_epoch_seconds(pair, ds, teacher, dev))
         times["teacher_fwd"].append(infer_seconds(teacher, ds, pair["batch"], dev))
     med = {k: statistics.median(v) for k, v in times.items()}
     # ratios are taken within each repeat (the modes ran back to back), then the median: a shared
@@ -228,6 +293,9 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
         "dump_over_infer": [i / d for i, d in zip(infer, dump)],
         "dump_over_infer_hidden": [i / d for i, d in zip(infer, dump_h)],
     }
+    if HAVE_MODELOPT:
+        paired["modelopt_over_cached"] = [m / c for m, c in zip(times["modelopt"], times["cached"])]
+        paired["modelopt_over_online"] = [m / o for m, o in zip(times["modelopt"], times["online"])]
     # 3. peak memory per mode; 4. bytes on disk per row
     mem = {mode: peak_memory(mode, name, quick, caches["logits"].path, dev) for mode in ("plain", "cached", "online")}
     sizes = caches["hidden"].nbytes_on_disk()
@@ -309,12 +377,12 @@ def main() -> None:
     if args.mem_probe:
         print(_mem_probe(args.mem_probe, args.pair, args.quick, args.cache, dev))
         return
-    repeats = args.repeats or 7
-    try:
-        import modelopt.torch.distill  # noqa: F401
-        peer = "nvidia-modelopt importable, but its mtd.convert row is not implemented in this script yet"
-    except ImportError:
-        peer = "nvidia-modelopt not installed: no peer row"
+    repeats = args.repeats or 5
+    if HAVE_MODELOPT:
+        import modelopt
+        peer = f"peer: nvidia-modelopt {modelopt.__version__} (mtd.convert online KD) run on every pair"
+    else:
+        peer = "nvidia-modelopt not importable: no peer row"
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.pairs.split(","):
@@ -328,6 +396,10 @@ def main() -> None:
             print(f"  cached_over_plain {r['cached_over_plain']:.3f} (repeats {lo:.3f}-{hi:.3f}; best epochs "
                   f"{r['cached_over_plain_best']:.3f})  online_over_cached {r['online_over_cached']:.3f}  "
                   f"(ideal {r['ideal_online_over_cached']:.3f}, reached {r['online_over_cached'] / r['ideal_online_over_cached']:.3f})")
+            if HAVE_MODELOPT:
+                print(f"  peer: ModelOpt mtd.convert online KD {r['epoch_s']['modelopt']:.3f} s: "
+                      f"modelopt / cached {r['modelopt_over_cached']:.3f}  modelopt / kdcache online "
+                      f"{r['modelopt_over_online']:.3f}")
             print(f"  KD floor (online KD, free teacher) / plain {r['kd_floor_over_plain']:.3f}  cached / KD floor "
                   f"{r['cached_over_kd_floor']:.3f}")
             print(f"  dump_over_infer {r['dump_over_infer']:.3f} (logits)  {r['dump_over_infer_hidden']:.3f} (+2 hidden)  "
