@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -214,6 +215,21 @@ def modelopt_epoch_seconds(pair: dict[str, Any], ds: TensorDataset, teacher: nn.
     return seconds
 
 
+def fetch_us(data: Any, rows: int, batch: int) -> float:
+    """CPU microseconds per batch of ``data.__getitems__`` (thread time, best of 20 passes over
+    32 shuffled batches): what stage two's reading costs, free of the machine's wall-clock noise."""
+    batches = [np.random.default_rng(i).permutation(rows)[:batch].tolist() for i in range(32)]
+    for b in batches:  # first reads: a TensorDataset's rows are digest-checked once
+        data.__getitems__(b)
+    best = float("inf")
+    for _ in range(20):
+        t0 = time.thread_time()
+        for b in batches:
+            data.__getitems__(b)
+        best = min(best, (time.thread_time() - t0) / len(batches))
+    return best * 1e6
+
+
 def _given(module: nn.Module) -> nn.Module:
     return module
 
@@ -296,6 +312,10 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
     if HAVE_MODELOPT:
         paired["modelopt_over_cached"] = [m / c for m, c in zip(times["modelopt"], times["cached"])]
         paired["modelopt_over_online"] = [m / o for m, o in zip(times["modelopt"], times["online"])]
+    # the cache's own per-batch work in stage two, in CPU time: reading its rows vs the plain path's
+    fetch = {"plain": fetch_us(_LabelledRows(ds), len(ds), pair["batch"]),
+             "cached": fetch_us(kdcache.CachedTeacherDataset(ds, caches["logits"], dtype=None), len(ds), pair["batch"])}
+    steps = -(-len(ds) // pair["batch"])
     # 3. peak memory per mode; 4. bytes on disk per row
     mem = {mode: peak_memory(mode, name, quick, caches["logits"].path, dev) for mode in ("plain", "cached", "online")}
     sizes = caches["hidden"].nbytes_on_disk()
@@ -306,6 +326,8 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
         **{key: statistics.median(values) for key, values in paired.items()},
         "cached_over_plain_spread": [min(paired["cached_over_plain"]), max(paired["cached_over_plain"])],
         "cached_over_plain_best": min(times["cached"]) / min(times["plain"]),
+        "fetch_us_per_batch": fetch,
+        "cache_read_share_of_plain_step": (fetch["cached"] - fetch["plain"]) / (med["plain"] / steps * 1e6),
         "infer_s": statistics.median(infer), "dump_s": statistics.median(dump), "dump_hidden_s": statistics.median(dump_h),
         "dump_rows_per_s": pair["rows"] / statistics.median(dump),
         "peak_mem_bytes": mem, "peak_mem_cached_over_plain": mem["cached"] / mem["plain"],
@@ -400,6 +422,9 @@ def main() -> None:
                 print(f"  peer: ModelOpt mtd.convert online KD {r['epoch_s']['modelopt']:.3f} s: "
                       f"modelopt / cached {r['modelopt_over_cached']:.3f}  modelopt / kdcache online "
                       f"{r['modelopt_over_online']:.3f}")
+            f = r["fetch_us_per_batch"]
+            print(f"  reading a batch (CPU time): plain {f['plain']:.0f} us, cached {f['cached']:.0f} us: the cache adds "
+                  f"{100 * r['cache_read_share_of_plain_step']:.2f}% of a plain step")
             print(f"  KD floor (online KD, free teacher) / plain {r['kd_floor_over_plain']:.3f}  cached / KD floor "
                   f"{r['cached_over_kd_floor']:.3f}")
             print(f"  dump_over_infer {r['dump_over_infer']:.3f} (logits)  {r['dump_over_infer_hidden']:.3f} (+2 hidden)  "
