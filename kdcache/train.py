@@ -185,10 +185,10 @@ class _Teacher:
         if self.module is None:
             if not cached:
                 return None
-            # rows arrive in their stored width (half the bytes to move) and widen on the device
-            logits = move_inputs(cached["logits"], device, non_blocking=True)
-            out = {"logits": logits.float() if isinstance(logits, torch.Tensor) else logits,
-                   "hidden": {k: v.to(device, non_blocking=True).float() for k, v in cached["hidden"].items()}}
+            # rows arrive in their stored width (half the bytes to move); the losses widen them
+            # to float32 inside their own first op on the device
+            out = {"logits": move_inputs(cached["logits"], device, non_blocking=True),
+                   "hidden": {k: v.to(device, non_blocking=True) for k, v in cached["hidden"].items()}}
             if "mask" in cached:
                 out["mask"] = cached["mask"].to(device, non_blocking=True)
             return out
