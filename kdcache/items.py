@@ -75,7 +75,9 @@ def fetch_batch(dataset: Any, indices: Sequence[int]) -> tuple[Any, torch.Tensor
     A ``TensorDataset`` is indexed once for the whole batch; a dataset with ``__getitems__``
     is asked for the batch; any other is read item by item.
     """
-    if type(dataset) is TensorDataset:  # not a subclass, which may transform in __getitem__; index_select: ~4x faster than t[index] for a batch of rows
+    # exactly TensorDataset: a subclass may transform in __getitem__; index_select is ~4x faster
+    # than t[index] for a batch of rows
+    if type(dataset) is TensorDataset:
         index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         tensors = [torch.index_select(t, 0, index) for t in dataset.tensors]
         if len(tensors) == 2 and tensors[1].ndim == 1 and not tensors[1].dtype.is_floating_point:
