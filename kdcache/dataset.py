@@ -35,7 +35,14 @@ WINDOW_BYTES = 256 << 20
 def open_complete_cache(cache: TeacherCache | str | Path) -> TeacherCache:
     """Open a cache for reading; refuse, in one line, one that is not finished."""
     path = cache.path if isinstance(cache, TeacherCache) else str(cache)
-    opened = TeacherCache.open(path)
+    try:
+        opened = TeacherCache.open(path)
+    except KdcacheError:
+        holder = dump_in_progress(path)  # a dump creating the store has not written its attrs yet
+        if holder:
+            raise KdcacheError(f"cache {path} is still being written (dump in progress: {holder}); "
+                               "wait for it to finish") from None
+        raise
     if not opened.complete:
         holder = dump_in_progress(path)
         if holder:

@@ -306,8 +306,11 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
     def prepare() -> TeacherCache | None:
         """Rank 0: the cache to fill (created or resumed, lock held), or None on a cache hit."""
         nonlocal lock, overwrite
-        if not overwrite and TeacherCache.exists(path):
-            cache = existing()
+        if not overwrite and TeacherCache.exists(path):  # a finished cache needs no lock
+            try:
+                cache = existing()
+            except KdcacheError:  # e.g. another dump is creating it this instant: decide under the lock
+                cache = None
             if cache is not None and cache.complete:
                 return None
         lock = DumpLock(path)

@@ -79,6 +79,33 @@ def test_two_dumps_started_at_once_write_once(tmp_path, models_file):
     assert TeacherCache.open(tmp_path / "c").complete
 
 
+def test_a_store_being_created_is_waited_for_not_refused(tmp_path, models):
+    """The instant between a dump creating the zarr group and writing its attrs: readers are
+    told a dump is in progress, a second dump waits for the lock (it used to fail)."""
+    import shutil
+    import threading
+
+    import zarr
+    path = tmp_path / "c"
+    lock = DumpLock(path)
+    lock.acquire()
+    zarr.open_group(str(path), mode="w", zarr_format=3)  # all a creating dump has written so far
+    result: dict = {}
+    second = threading.Thread(target=lambda: result.update(cache=kdcache.dump_teacher(
+        models.teacher(), models.dataset(100), path, progress=False, log=lambda m: None)))
+    try:
+        with pytest.raises(KdcacheError, match="still being written"):
+            CachedTeacherDataset(models.dataset(100), path)
+        second.start()
+        second.join(timeout=2)
+        assert second.is_alive() and not result  # waiting on the lock, not refusing the store
+        shutil.rmtree(path)  # the first dump gives up; the second must then write the cache itself
+    finally:
+        lock.release()
+    second.join(timeout=60)
+    assert result["cache"].complete and result["cache"].rows == 100
+
+
 def test_lock_of_a_killed_dump_is_recovered(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from kdcache.store import DumpLock; DumpLock(sys.argv[1]).acquire(); "
