@@ -38,19 +38,19 @@ def open_complete_cache(cache: TeacherCache | str | Path) -> TeacherCache:
     try:
         opened = TeacherCache.open(path)
     except KdcacheError:
-        holder = dump_in_progress(path)  # a dump creating the store has not written its attrs yet
-        if holder:
-            raise KdcacheError(f"cache {path} is still being written (dump in progress: {holder}); "
-                               "wait for it to finish") from None
+        _refuse_if_being_written(path)  # a dump creating the store has not written its attrs yet
         raise
     if not opened.complete:
-        holder = dump_in_progress(path)
-        if holder:
-            raise KdcacheError(f"cache {path} is still being written (dump in progress: {holder}); "
-                               "wait for it to finish")
+        _refuse_if_being_written(path)
         raise KdcacheError(f"cache {path} is incomplete (its dump stopped early); rerun the same "
                            "kdcache dump-teacher command to resume it")
     return opened
+
+
+def _refuse_if_being_written(path: str) -> None:
+    holder = dump_in_progress(path)
+    if holder:
+        raise KdcacheError(f"cache {path} is still being written (dump in progress: {holder}); wait for it to finish")
 
 
 class TeacherBatch(Sequence):

@@ -373,6 +373,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         if lock is not None:
             lock.release()
 
+
 def _forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key: str | None, amp: str,
              dev: torch.device) -> dict[str, torch.Tensor]:
     autocast = torch.autocast(dev.type, dtype=AMP[amp]) if AMP[amp] is not None else nullcontext()

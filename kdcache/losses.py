@@ -16,13 +16,17 @@ __all__ = ["KLDivLoss", "SoftTargetCrossEntropy", "TopKKLDivLoss", "SampledKLDiv
            "AttentionTransferLoss"]
 
 
-def _reduce(per_item: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """Reduce per-row (B,) or per-token (B, L) values: mean over rows / unmasked tokens."""
+def _check_reduction(reduction: str, mask: torch.Tensor | None, shape: torch.Size) -> None:
     if reduction not in ("batchmean", "sum", "none"):
         raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
+    if mask is not None and mask.shape != shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+
+
+def _reduce(per_item: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Reduce per-row (B,) or per-token (B, L) values: mean over rows / unmasked tokens."""
+    _check_reduction(reduction, mask, per_item.shape)
     if mask is not None:
-        if mask.shape != per_item.shape:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(per_item.shape)}")
         weights = mask.to(per_item.dtype)
         per_item = per_item * weights
         if reduction == "batchmean":
@@ -35,13 +39,11 @@ def _reduce(per_item: torch.Tensor, mask: torch.Tensor | None, reduction: str) -
 
 
 def _weights(shape: torch.Size, mask: torch.Tensor | None, reduction: str) -> tuple[torch.Tensor | None, float]:
-    """``(per-item weights or None, scale)`` such that the reduced loss is ``scale * sum(w * per_item)``."""
-    if reduction not in ("batchmean", "sum"):
-        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
+    """``(per-item weights or None, scale)`` such that the reduced loss is ``scale * sum(w * per_item)``
+    (``reduction`` "batchmean" or "sum")."""
+    _check_reduction(reduction, mask, shape)
     if mask is None:
         return None, (1.0 / max(math.prod(shape), 1) if reduction == "batchmean" else 1.0)
-    if mask.shape != shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
     weights = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
     return (weights / weights.sum().clamp_min(1.0) if reduction == "batchmean" else weights), 1.0
 

@@ -110,7 +110,7 @@ class ViewedDataset(Dataset):
         ``(len(rows), P)``, drawn once per row (the dump stores them)."""
         params = [self.draw_params(int(r)) for r in rows]
         with preserved_rngs():
-            items = [self.dataset.apply_params(int(r) // self.views, p) for r, p in zip(rows, params)]
+            items = [self.dataset.apply_params(self.locate(int(r))[0], p) for r, p in zip(rows, params)]
         return items, torch.stack(params)
 
     def _item(self, row: int) -> Any:
