@@ -34,50 +34,61 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.command("dump-teacher")
 @_user_errors
 def dump_teacher_cmd(
-    teacher: str = typer.Option(..., help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
-    dataset: str = typer.Option(..., help="Transfer-set spec, same forms; items (inputs, label), {..., 'label'} or inputs."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
+    dataset: Optional[str] = typer.Option(None, help="Transfer-set spec, same forms; items (inputs, label), {..., 'label'} or inputs."),
     teacher_kwargs: Optional[str] = typer.Option(None, help="JSON object of keyword arguments for the teacher callable."),
     dataset_kwargs: Optional[str] = typer.Option(None, help="JSON object of keyword arguments for the dataset callable."),
     checkpoint: Optional[Path] = typer.Option(None, help="State dict (or kdcache student.pt) to load into the teacher."),
-    hidden: list[str] = typer.Option([], help="Submodule whose output to store (repeatable); 'mod#0' takes a tuple's element 0."),
+    hidden: Optional[list[str]] = typer.Option(None, help="Submodule whose output to store (repeatable); 'mod#0' takes a tuple's element 0."),
     output_key: Optional[str] = typer.Option(None, help="Pick the logits from a tuple (index), dict (key) or object (attribute)."),
-    logits_dtype: str = typer.Option("float16", help="Stored logits dtype: float16, float32 or bfloat16."),
-    hidden_dtype: str = typer.Option("float16", help="Stored hidden-state dtype: float16, float32 or bfloat16."),
+    logits_dtype: Optional[str] = typer.Option(None, help="Stored logits dtype: float16, float32 or bfloat16 [float16]."),
+    hidden_dtype: Optional[str] = typer.Option(None, help="Stored hidden-state dtype: float16, float32 or bfloat16 [float16]."),
     topk: Optional[int] = typer.Option(None, help="Store the K largest logits per position + ids + logsumexp (sparse; large vocabularies)."),
     sample_k: Optional[int] = typer.Option(None, help="Store N ids sampled from the teacher per position, as unique ids + counts (unbiased sparse KD)."),
-    sample_temperature: float = typer.Option(1.0, help="Temperature of the distribution --sample-k draws from."),
+    sample_temperature: Optional[float] = typer.Option(None, help="Temperature of the distribution --sample-k draws from [1.0]."),
     vocab_size: Optional[int] = typer.Option(None, help="Real vocabulary size when the teacher's output layer is padded."),
-    mask_key: str = typer.Option("attention_mask", help="Inputs key of the (B, L) attention mask; padding is stored as zeros and masked."),
+    mask_key: Optional[str] = typer.Option(None, help="Inputs key of the (B, L) attention mask; padding is stored as zeros and masked [attention_mask]."),
     views: Optional[int] = typer.Option(None, help="Store K augmented views per sample (row = sample*K + view), each made by the dataset's transform under RNGs seeded from (seed, sample, view)."),
     seed: Optional[int] = typer.Option(None, help="Seed of augmentation views and of --sample-k draws [0]."),
-    batch_size: int = typer.Option(256, help="Teacher batch size."),
-    num_workers: int = typer.Option(0, help="DataLoader workers preparing batches."),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda[:N]."),
-    amp: str = typer.Option("auto", help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none."),
+    batch_size: Optional[int] = typer.Option(None, help="Teacher batch size [256]."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers preparing batches [0]."),
+    device: Optional[str] = typer.Option(None, help="auto (cuda when present), cpu or cuda[:N] [auto]."),
+    amp: Optional[str] = typer.Option(None, help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none [auto]."),
     out: Optional[str] = typer.Option(None, help="Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>)."),
     cache_root: Optional[str] = typer.Option(None, help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing cache at the path (another fingerprint, or redo)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at the path (another fingerprint, or redo)."),
     block_rows: Optional[int] = typer.Option(None, help="Rows per write block (default: chosen for ~2 MB chunks)."),
-    allow_nonfinite: bool = typer.Option(False, help="Store NaN/inf teacher outputs instead of stopping at the first."),
-    writer_threads: int = typer.Option(8, help="Threads writing blocks in parallel."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    allow_nonfinite: Optional[bool] = typer.Option(None, "--allow-nonfinite", help="Store NaN/inf teacher outputs instead of stopping at the first."),
+    writer_threads: Optional[int] = typer.Option(None, help="Threads writing blocks in parallel [8]."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar [progress]."),
 ) -> None:
     """Run the teacher once over the dataset and cache its logits and chosen hidden states."""
+    from .config import DumpConfig
     from .dump import dump_teacher
-    from .spec import load_dataset, load_model, parse_kwargs
+    from .spec import load_dataset, load_model
 
-    t_kwargs = parse_kwargs(teacher_kwargs, "--teacher-kwargs")
-    d_kwargs = parse_kwargs(dataset_kwargs, "--dataset-kwargs")
-    model = load_model(teacher, t_kwargs, checkpoint)
-    data = load_dataset(dataset, d_kwargs)
-    cache = dump_teacher(model, data, out, hidden=hidden, output_key=output_key, logits_dtype=logits_dtype,
-                         hidden_dtype=hidden_dtype, topk=topk, sample_k=sample_k, sample_temperature=sample_temperature,
-                         vocab_size=vocab_size, mask_key=mask_key, views=views, seed=seed, batch_size=batch_size, num_workers=num_workers, device=device,
-                         amp=amp, cache_root=cache_root, overwrite=overwrite, block_rows=block_rows,
-                         allow_nonfinite=allow_nonfinite, writer_threads=writer_threads, progress=progress,
-                         teacher_info={"spec": teacher, "kwargs": t_kwargs,
-                                       "checkpoint": str(checkpoint) if checkpoint else None},
-                         dataset_info={"spec": dataset, "kwargs": d_kwargs})
+    flags = dict(teacher=teacher, dataset=dataset, teacher_kwargs=teacher_kwargs, dataset_kwargs=dataset_kwargs,
+                 checkpoint=checkpoint, hidden=hidden or None, output_key=output_key, logits_dtype=logits_dtype,
+                 hidden_dtype=hidden_dtype, topk=topk, sample_k=sample_k, sample_temperature=sample_temperature,
+                 vocab_size=vocab_size, mask_key=mask_key, views=views, seed=seed, batch_size=batch_size,
+                 num_workers=num_workers, device=device, amp=amp, out=out, cache_root=cache_root, overwrite=overwrite,
+                 block_rows=block_rows, allow_nonfinite=allow_nonfinite, writer_threads=writer_threads,
+                 progress=progress)
+    values = _merge_config(config, flags)
+    t_kwargs, d_kwargs = _kwargs_of(values, "teacher_kwargs"), _kwargs_of(values, "dataset_kwargs")
+    teacher_spec, dataset_spec = values.pop("teacher", None), values.pop("dataset", None)
+    if not teacher_spec or not dataset_spec:
+        raise KdcacheError("--teacher and --dataset are required (as flags or in --config)")
+    ckpt, out_path = values.pop("checkpoint", None), values.pop("out", None)
+    settings = DumpConfig.from_mapping(values)
+
+    model = load_model(teacher_spec, t_kwargs, ckpt)
+    data = load_dataset(dataset_spec, d_kwargs)
+    cache = dump_teacher(model, data, out_path, config=settings,
+                         teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
+                                       "checkpoint": str(ckpt) if ckpt else None},
+                         dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
     typer.echo(cache.path)
 
 
@@ -94,6 +105,24 @@ def _load_config(path: Optional[Path]) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
+def _merge_config(config: Optional[Path], flags: dict[str, Any]) -> dict[str, Any]:
+    """The ``--config`` file's keys, overridden by the flags given (those not None)."""
+    return {**_load_config(config), **{k: v for k, v in flags.items() if v is not None}}
+
+
+def _kwargs_of(values: dict[str, Any], key: str) -> dict[str, Any]:
+    """Pop a ``*_kwargs`` setting: a TOML table, or a JSON object given as a flag."""
+    from .spec import parse_kwargs
+
+    raw = values.pop(key, None)
+    flag = f"--{key.replace('_', '-')}"
+    if raw is None or isinstance(raw, dict):
+        return raw or {}
+    if not isinstance(raw, str):
+        raise KdcacheError(f"{flag} must be a JSON object (or a TOML table), got {raw!r:.60}")
+    return parse_kwargs(raw, flag)
+
+
 @app.command("train-student")
 @_user_errors
 def train_student_cmd(
@@ -107,6 +136,7 @@ def train_student_cmd(
     online_teacher: Optional[str] = typer.Option(None, help="Distil online from this live teacher spec instead (for comparisons)."),
     online_teacher_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the online teacher."),
     online_teacher_checkpoint: Optional[Path] = typer.Option(None, help="State dict for the online teacher."),
+    mask_key: Optional[str] = typer.Option(None, help="Online teacher: inputs key of the (B, L) attention mask [attention_mask]."),
     temperature: Optional[float] = typer.Option(None, help="Softmax temperature T of the KD term [4.0]."),
     alpha: Optional[float] = typer.Option(None, help="Weight of the KD term; CE gets 1 - alpha [0.9]."),
     hint: Optional[list[str]] = typer.Option(None, help="STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT] (repeatable)."),
@@ -127,25 +157,20 @@ def train_student_cmd(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train the student from the cached teacher outputs (the teacher is never loaded)."""
-    from .spec import load_dataset, load_model, parse_kwargs
+    from .spec import load_dataset, load_model
     from .train import TrainConfig, train_student
 
     flags = dict(student=student, dataset=dataset, cache=cache, eval_dataset=eval_dataset, student_kwargs=student_kwargs,
                  dataset_kwargs=dataset_kwargs, eval_dataset_kwargs=eval_dataset_kwargs, online_teacher=online_teacher,
                  online_teacher_kwargs=online_teacher_kwargs, online_teacher_checkpoint=online_teacher_checkpoint,
-                 temperature=temperature, alpha=alpha, hints=hint or None, epochs=epochs, batch_size=batch_size, lr=lr,
+                 mask_key=mask_key, temperature=temperature, alpha=alpha, hints=hint or None, epochs=epochs, batch_size=batch_size, lr=lr,
                  optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
                  num_workers=num_workers, in_memory=in_memory, allow_input_mismatch=allow_input_mismatch, view=view,
                  out=out)
-    values = {**_load_config(config), **{k: v for k, v in flags.items() if v is not None}}
+    values = _merge_config(config, flags)
     if "hint" in values:
         values["hints"] = values.pop("hint")
-
-    def kwargs_of(key: str) -> dict[str, Any]:
-        raw = values.pop(key, None)
-        return raw if isinstance(raw, dict) else parse_kwargs(raw, f"--{key.replace('_', '-')}")
-
-    s_kwargs, d_kwargs, e_kwargs, t_kwargs = (kwargs_of(k) for k in (
+    s_kwargs, d_kwargs, e_kwargs, t_kwargs = (_kwargs_of(values, k) for k in (
         "student_kwargs", "dataset_kwargs", "eval_dataset_kwargs", "online_teacher_kwargs"))
     student_spec, dataset_spec = values.pop("student", None), values.pop("dataset", None)
     if not student_spec or not dataset_spec:
@@ -187,39 +212,34 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
     meta = cache.meta
     sizes = cache.nbytes_on_disk()
     state = "complete" if cache.complete else ("dump in progress" if dump_in_progress(path) else "INCOMPLETE")
-    teacher = meta.get("teacher", {})
     lines = [f"cache        {path}",
              f"state        {state} ({int(cache.blocks_record()[:, 0].sum())}/{cache.n_blocks} blocks)",
              f"fingerprint  {cache.fingerprint}",
              f"rows         {cache.rows}  (block {cache.block_rows} rows)",
-             f"teacher      {teacher.get('spec') or teacher.get('class')}  weights {teacher.get('weights_digest')}",
-             f"dataset      {meta['dataset'].get('spec', '?')}  length {meta['dataset']['length']}  digest {meta['dataset']['digest']}"]
-    tokens = meta.get("tokens") or cache.rows
+             f"teacher      {meta.teacher.spec or meta.teacher.class_name}  weights {meta.teacher.weights_digest}",
+             f"dataset      {meta.dataset.spec or '?'}  length {meta.dataset.length}  digest {meta.dataset.digest}"]
+    tokens = meta.tokens or cache.rows
     for name, o in cache.outputs.items():
         codec = o.codec.params()
-        what = o.dtype if codec["name"] == "dense" else " ".join(f"{k}={v}" for k, v in codec.items())
+        what = codec["dtype"] if codec["name"] == "dense" else " ".join(f"{k}={v}" for k, v in codec.items())
         lines.append(f"  {name}: shape ({cache.rows}, {', '.join(map(str, o.shape))})  {what}")
         for a in o.arrays.values():
-            per = f"{sizes[a.path] / tokens:.1f} B/token" if meta.get("mask_key") or tokens != cache.rows \
+            per = f"{sizes[a.path] / tokens:.1f} B/token" if meta.mask_key or tokens != cache.rows \
                 else f"{sizes[a.path] / cache.rows:.0f} B/row"
             lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  chunk "
                          f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk ({per})")
-    vocab = meta.get("vocab") or {}
-    if vocab.get("real") != vocab.get("padded") or meta.get("mask_key"):
-        lines.append(f"vocabulary   {vocab['real']} classes (output layer {vocab['padded']})"
-                     + (f"; padding masked by inputs[{meta['mask_key']!r}], {tokens} real tokens"
-                        if meta.get("mask_key") else ""))
+    if meta.vocab.real != meta.vocab.padded or meta.mask_key:
+        lines.append(f"vocabulary   {meta.vocab.real} classes (output layer {meta.vocab.padded})"
+                     + (f"; padding masked by inputs[{meta.mask_key!r}], {tokens} real tokens" if meta.mask_key else ""))
     if cache.seed is not None:
         lines.append(f"views        {cache.views} per sample (row = sample * {cache.views} + view), seed {cache.seed}"
-                     + (f", explicit parameters {meta['view_params']['shape']}" if meta.get("view_params") else ""))
-    acc = meta.get("teacher_accuracy") or {}
-    if acc.get("labelled"):
-        lines.append(f"teacher accuracy on the transfer set's labels: {acc['accuracy']:.4f} ({acc['correct']}/{acc['labelled']})")
-    dump = meta.get("dump")
-    if dump:
-        lines.append(f"dump         {dump['rows_per_s']:.0f} rows/s, {dump['mb_per_s']} MB/s on {dump['device']}")
-    versions = meta.get("versions", {})
-    lines.append("versions     " + " ".join(f"{k} {v}" for k, v in versions.items()))
+                     + (f", explicit parameters {list(meta.view_params_shape)}" if meta.view_params_shape else ""))
+    acc = meta.teacher_accuracy
+    if acc is not None and acc.labelled:
+        lines.append(f"teacher accuracy on the transfer set's labels: {acc.accuracy:.4f} ({acc.correct}/{acc.labelled})")
+    if meta.dump is not None and meta.dump.rows_per_s is not None:
+        lines.append(f"dump         {meta.dump.rows_per_s:.0f} rows/s, {meta.dump.mb_per_s} MB/s on {meta.dump.device}")
+    lines.append("versions     " + " ".join(f"{k} {v}" for k, v in meta.versions.items()))
     typer.echo("\n".join(lines))
 
 
@@ -246,10 +266,10 @@ def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a direct
             continue
         found += 1
         outputs = ",".join(a.path for o in cache.outputs.values() for a in o.arrays.values())
-        teacher = cache.meta.get("teacher", {})
+        teacher = cache.meta.teacher
         size = sum(cache.nbytes_on_disk().values())
         typer.echo(f"{entry}  {'complete' if cache.complete else 'incomplete'}  {cache.rows} rows  {outputs}  "
-                   f"{_size(size)}  teacher {teacher.get('spec') or teacher.get('class')}")
+                   f"{_size(size)}  teacher {teacher.spec or teacher.class_name}")
     if not found:
         typer.echo(f"no caches under {root}", err=True)
 
@@ -277,11 +297,11 @@ def verify_cmd(
         from .dataset import replay_mismatches
         from .spec import load_dataset, parse_kwargs
 
-        recorded = cache.meta.get("dataset", {})
-        spec = dataset or recorded.get("spec")
+        recorded = cache.meta.dataset
+        spec = dataset or recorded.spec
         if not spec:
             raise KdcacheError("--replay needs the dataset: this cache records no dataset spec, pass --dataset")
-        kwargs = parse_kwargs(dataset_kwargs, "--dataset-kwargs") if dataset_kwargs else (recorded.get("kwargs") or {})
+        kwargs = parse_kwargs(dataset_kwargs, "--dataset-kwargs") if dataset_kwargs else dict(recorded.kwargs)
         bad_rows, checked = replay_mismatches(load_dataset(spec, kwargs), cache, replay)
         for row in bad_rows[:20]:
             sample, view = divmod(row, cache.views)

@@ -12,27 +12,31 @@ is tested in one place.
   replacement from ``softmax(logits / T)``, seeded per row, stored as unique ids plus counts.
 
 Encoding runs on the teacher's device so the device-to-host copy moves the stored width.
+Decoding gives what the KD loss takes (:mod:`kdcache.targets`): a tensor of logits (dense), or
+``TopKTargets`` / ``SampledTargets``, whose fields are the keyword arguments of
+``TopKKLDivLoss`` / ``SampledKLDivLoss``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from .errors import KdcacheError
+from .targets import SampledTargets, TopKTargets
 
-__all__ = ["DenseCodec", "TopKCodec", "SampledCodec", "Codec", "DTYPES", "codec_from_meta", "pack_ids",
+__all__ = ["Codec", "DenseCodec", "TopKCodec", "SampledCodec", "DTYPES", "codec_from_params", "pack_ids",
            "unpack_ids", "index_bits"]
 
 # logical dtype -> (torch dtype on the wire, numpy dtype on disk)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "float32": (torch.float32, np.dtype("float32")),
     "float16": (torch.float16, np.dtype("float16")),
-    # bfloat16 is not a zarr dtype: its bits are stored as uint16 (DESIGN.md).
+    # bfloat16 is not a zarr dtype: its bits are stored as uint16 (docs/design.md).
     "bfloat16": (torch.bfloat16, np.dtype("uint16")),
 }
 
@@ -52,12 +56,36 @@ def _to_numpy(host: torch.Tensor) -> np.ndarray:
     return array.view(np.uint16) if array.dtype == np.int16 else array
 
 
+class Codec(Protocol):
+    """How one teacher output is stored: ``encode`` on the dump side, ``decode`` on the read side."""
+
+    name: ClassVar[str]
+
+    def params(self) -> dict[str, Any]:
+        """The codec's parameters as recorded in the cache (``name`` included)."""
+
+    def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Stored arrays for an output of per-row ``shape``: key -> (per-row shape, numpy dtype)."""
+
+    def encode(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Teacher output (B, ...) -> the stored arrays (key -> tensor), on the output's device."""
+
+    def to_numpy(self, host: torch.Tensor) -> np.ndarray:
+        """One encoded array, on the host, as the numpy array that is stored."""
+
+    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> Any:
+        """Stored rows (key -> array) -> the loss's teacher argument(s)."""
+
+    def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
+        """(B,) bool: rows of array ``key`` holding NaN/inf, or None where it holds no floats."""
+
+
 @dataclass(frozen=True)
 class DenseCodec:
     """Every value of the output, one row per sample, in ``dtype`` (float32|float16|bfloat16)."""
 
     dtype: str = "float16"
-    name = "dense"
+    name: ClassVar[str] = "dense"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -68,7 +96,7 @@ class DenseCodec:
         return DTYPES[self.dtype][1]
 
     def params(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype}
+        return {"dtype": self.dtype, "name": self.name}
 
     def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Stored arrays for an output of per-row ``shape``: key -> (per-row shape, numpy dtype)."""
@@ -79,7 +107,8 @@ class DenseCodec:
         out = output.detach().to(DTYPES[self.dtype][0])
         return {"": out.view(torch.int16) if self.dtype == "bfloat16" else out}
 
-    to_numpy = staticmethod(_to_numpy)
+    def to_numpy(self, host: torch.Tensor) -> np.ndarray:
+        return _to_numpy(host)
 
     def to_tensor(self, stored: np.ndarray) -> torch.Tensor:
         """Stored rows (B, ...) -> a tensor of the logical dtype, without copying."""
@@ -139,7 +168,7 @@ class TopKCodec:
 
     k: int
     vocab: int
-    name = "topk"
+    name: ClassVar[str] = "topk"
 
     def __post_init__(self) -> None:
         _check_vocab(self.k, self.vocab, "--topk")
@@ -151,7 +180,7 @@ class TopKCodec:
         return index_bits(self.vocab)
 
     def params(self) -> dict[str, Any]:
-        return {"name": self.name, "k": self.k, "vocab": self.vocab, "index_bits": self.bits}
+        return {"k": self.k, "vocab": self.vocab, "name": self.name, "index_bits": self.bits}
 
     def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         prefix = shape[:-1]
@@ -164,14 +193,14 @@ class TopKCodec:
         values, ids = z.topk(self.k, dim=-1)
         return {"values": values.half(), "indices": pack_ids(ids, self.bits), "logsumexp": z.logsumexp(-1)}
 
-    to_numpy = staticmethod(_to_numpy)
+    def to_numpy(self, host: torch.Tensor) -> np.ndarray:
+        return _to_numpy(host)
 
-    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-        """-> ``{"values": (B, *P, K), "indices": int64 (B, *P, K), "logsumexp": float32 (B, *P)}``."""
+    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> TopKTargets:
         values = torch.from_numpy(np.asarray(stored["values"]))
-        return {"values": values if dtype is None else values.to(dtype),
-                "indices": unpack_ids(torch.from_numpy(np.asarray(stored["indices"])), self.k, self.bits),
-                "logsumexp": torch.from_numpy(np.asarray(stored["logsumexp"]))}
+        return TopKTargets(values=values if dtype is None else values.to(dtype),
+                           indices=unpack_ids(torch.from_numpy(np.asarray(stored["indices"])), self.k, self.bits),
+                           logsumexp=torch.from_numpy(np.asarray(stored["logsumexp"])))
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return _nonfinite(stored, "float16" if key == "values" else "float32") if key != "indices" else None
@@ -222,7 +251,7 @@ class SampledCodec:
     vocab: int
     temperature: float = 1.0
     seed: int = 0
-    name = "sampled"
+    name: ClassVar[str] = "sampled"
 
     def __post_init__(self) -> None:
         _check_vocab(self.n, self.vocab, "--sample-k")
@@ -240,8 +269,8 @@ class SampledCodec:
         return np.dtype("uint8") if self.n <= 255 else np.dtype("uint16")
 
     def params(self) -> dict[str, Any]:
-        return {"name": self.name, "n": self.n, "vocab": self.vocab, "temperature": self.temperature,
-                "seed": self.seed, "index_bits": self.bits}
+        return {"n": self.n, "vocab": self.vocab, "temperature": self.temperature, "seed": self.seed,
+                "name": self.name, "index_bits": self.bits}
 
     def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         prefix = shape[:-1]
@@ -277,30 +306,40 @@ class SampledCodec:
         array = host.numpy()
         return array.astype(np.uint16) if array.dtype == np.int32 else array
 
-    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-        """-> ``{"ids": int64 (B, *P, N), "counts": float32 (B, *P, N)}`` (count 0: unused slot)."""
+    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> SampledTargets:
         counts = torch.from_numpy(np.asarray(stored["counts"]).astype(np.float32))
-        return {"ids": unpack_ids(torch.from_numpy(np.asarray(stored["ids"])), self.n, self.bits), "counts": counts}
+        return SampledTargets(ids=unpack_ids(torch.from_numpy(np.asarray(stored["ids"])), self.n, self.bits),
+                              counts=counts)
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return None
 
 
-Codec = Union[DenseCodec, TopKCodec, SampledCodec]
+_CODECS: dict[str, type] = {"dense": DenseCodec, "topk": TopKCodec, "sampled": SampledCodec}
+_PARAM_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "dense": {"dtype": str}, "topk": {"k": int, "vocab": int},
+    "sampled": {"n": int, "vocab": int, "temperature": (int, float), "seed": int}}
 
 
-def codec_from_meta(meta: dict[str, Any], dtype: str | None = None) -> Codec:
-    """The codec recorded in a cache's attrs (format 1 caches hold only dense outputs)."""
-    params = dict(meta or {"name": "dense", "dtype": dtype or "float16"})
-    name = params.pop("name", "dense")
-    params.pop("index_bits", None)
-    kinds = {"dense": DenseCodec, "topk": TopKCodec, "sampled": SampledCodec}
-    if name not in kinds:
-        raise KdcacheError(f"unknown output codec {name!r} in the cache; upgrade kdcache")
-    if name == "dense" and "dtype" not in params:
-        params["dtype"] = dtype or "float16"
-    return kinds[name](**params)
-
-
-def codec_params(codec: Codec) -> dict[str, Any]:
-    return {**asdict(codec), **codec.params()}
+def codec_from_params(params: Any, where: str) -> Codec:
+    """The codec recorded in a cache (``params()`` of a codec), checked field by field."""
+    if not isinstance(params, dict) or params.get("name") not in _CODECS:
+        name = params.get("name") if isinstance(params, dict) else params
+        raise KdcacheError(f"{where}: unknown output codec {name!r:.40}; upgrade kdcache, or dump the cache again")
+    name = params["name"]
+    expected = _PARAM_TYPES[name]
+    values = {k: v for k, v in params.items() if k not in ("name", "index_bits")}
+    if set(values) != set(expected):
+        raise KdcacheError(f"{where}: codec {name} has parameters {sorted(values)}, expected {sorted(expected)}")
+    for key, kind in expected.items():
+        if isinstance(values[key], bool) or not isinstance(values[key], kind):
+            raise KdcacheError(f"{where}: codec parameter {key} = {values[key]!r:.40} has the wrong type")
+    if "vocab" in values and not 1 <= values["vocab"] <= 1 << 31:
+        raise KdcacheError(f"{where}: codec vocabulary {values['vocab']} is out of range")
+    try:
+        codec = _CODECS[name](**values)
+    except KdcacheError as err:
+        raise KdcacheError(f"{where}: {err}") from None
+    if "index_bits" in params and params["index_bits"] != codec.params()["index_bits"]:
+        raise KdcacheError(f"{where}: codec index_bits {params['index_bits']!r:.20} does not fit its vocabulary")
+    return codec

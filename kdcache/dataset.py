@@ -18,13 +18,15 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
+from .targets import TeacherTargets
 from .errors import KdcacheError
-from .items import dataset_digest, fetch_batch, row_digests
-from .store import VIEW_PARAMS, TeacherCache, dump_in_progress, is_remote
+from .format import VIEW_PARAMS
+from .items import fetch_batch, row_digests
+from .store import TeacherCache, dataset_digest, dump_in_progress, is_remote
 from .views import ViewedDataset
 
-__all__ = ["CachedTeacherDataset", "TeacherBatch", "ChunkShuffleBatchSampler", "collate", "open_complete_cache",
-           "replay_mismatches"]
+__all__ = ["CachedTeacherDataset", "TeacherBatch", "TeacherTargets", "ChunkShuffleBatchSampler", "collate",
+           "open_complete_cache", "replay_mismatches"]
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
 _VIEW_MISMATCH = ("the dataset changed, or its transform draws from a generator kdcache does not seed (draw from "
@@ -56,11 +58,12 @@ def _refuse_if_being_written(path: str) -> None:
 class TeacherBatch(Sequence):
     """A batch as :func:`collate` returns it, also usable as a list of per-row items.
 
-    ``collated`` is ``(inputs, labels, teacher)`` with batched tensors; indexing gives row
-    ``i`` as ``(inputs_i, label_i, teacher_i)`` so torch's ``default_collate`` works too.
+    ``collated`` is ``(inputs, labels, teacher)`` with batched tensors (``teacher`` a
+    :class:`TeacherTargets`, or None for plain training); indexing gives row ``i`` as
+    ``(inputs_i, label_i, teacher_i)`` with plain dicts, so torch's ``default_collate`` works too.
     """
 
-    def __init__(self, inputs: Any, labels: torch.Tensor, teacher: dict[str, Any]) -> None:
+    def __init__(self, inputs: Any, labels: torch.Tensor, teacher: TeacherTargets | None) -> None:
         self.collated = (inputs, labels, teacher)
 
     def __len__(self) -> int:
@@ -68,7 +71,8 @@ class TeacherBatch(Sequence):
 
     def __getitem__(self, i: int) -> Any:  # type: ignore[override]
         inputs, labels, teacher = self.collated
-        return (_row(inputs, i), (int(labels[i]) if labels.ndim == 1 else labels[i]), _row(teacher, i))
+        return (_row(inputs, i), (int(labels[i]) if labels.ndim == 1 else labels[i]),
+                _row(teacher.as_dict(), i) if teacher is not None else {})
 
 
 def _row(value: Any, i: int) -> Any:
@@ -79,8 +83,9 @@ def _row(value: Any, i: int) -> Any:
     return type(value)(_row(v, i) for v in value)
 
 
-def collate(batch: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
-    """DataLoader ``collate_fn``: ``(inputs, labels, teacher)`` without per-row work."""
+def collate(batch: Any) -> tuple[Any, torch.Tensor, Any]:
+    """DataLoader ``collate_fn``: ``(inputs, labels, teacher)`` without per-row work (``teacher``
+    a :class:`TeacherTargets`; batches of single rows are collated by ``default_collate``)."""
     if isinstance(batch, TeacherBatch):
         return batch.collated
     return tuple(default_collate(list(batch)))  # type: ignore[return-value]
@@ -136,8 +141,9 @@ class ChunkShuffleBatchSampler(Sampler[list[int]]):
 
 
 class CachedTeacherDataset(Dataset):
-    """Item ``i`` is ``(inputs, label, teacher)``, ``teacher = {"logits": T, "hidden": {name: T}}``,
-    float32, from row ``i`` of the cache.
+    """Item ``i`` is ``(inputs, label, teacher)`` from row ``i`` of the cache: batches
+    (``__getitems__``, :meth:`loader`) carry a :class:`TeacherTargets` with ``logits`` and
+    ``hidden`` (``teacher["logits"]`` works too), single items a plain dict of the same.
 
     Args:
         dataset: the same dataset the cache was dumped from (same length, same inputs).
@@ -158,8 +164,9 @@ class CachedTeacherDataset(Dataset):
             is bit-identical to the teacher's (checked by its digest).
 
     Item ``i`` is sample ``i``: ``len(self)`` is the number of samples, not of cache rows. The
-    teacher value is a tensor for dense outputs, ``{"values", "indices", "logsumexp"}`` for top-k
-    and ``{"ids", "counts"}`` for sampled logits; sequence caches add ``"mask"`` (1 = real token).
+    teacher's logits are a tensor for dense outputs, :class:`~kdcache.codecs.TopKTargets`
+    (``values``, ``indices``, ``logsumexp``) for top-k and :class:`~kdcache.codecs.SampledTargets`
+    (``ids``, ``counts``) for sampled ones; sequence caches add ``mask`` (True = real token).
 
     Raises:
         KdcacheError: the cache is incomplete or damaged, or the dataset does not match it.
@@ -184,7 +191,7 @@ class CachedTeacherDataset(Dataset):
         if n * opened.views != opened.rows:
             raise KdcacheError(f"the dataset has {n} rows but cache {opened.path} has {opened.rows // opened.views}: "
                                "use the dataset the cache was dumped from, or dump this one")
-        if check_inputs and dataset_digest(self.source) != opened.meta["dataset"]["digest"]:
+        if check_inputs and dataset_digest(self.source) != opened.meta.dataset.digest:
             if opened.seed is not None:
                 raise KdcacheError(f"the views regenerated from their seeds differ from the ones cache {opened.path} was "
                                    f"dumped from: {_VIEW_MISMATCH}")
@@ -197,7 +204,7 @@ class CachedTeacherDataset(Dataset):
         self.hidden = tuple(names)
         self.outputs = {name: opened.outputs[name] for name in ("logits", *self.hidden)}
         self.arrays = {a.path: a for o in self.outputs.values() for a in o.arrays.values()}
-        self.mask_key: str | None = opened.meta.get("mask_key")
+        self.mask_key = opened.meta.mask_key
         opened.check_chunks()
         self.digests = opened.row_digests()
         # a TensorDataset row cannot change short of an in-place write: check it once
@@ -231,7 +238,7 @@ class CachedTeacherDataset(Dataset):
     @property
     def worker_context(self) -> str | None:
         """DataLoader ``multiprocessing_context`` safe for this dataset: workers that read an
-        object-store cache must not inherit the parent's fsspec event loop (DESIGN.md)."""
+        object-store cache must not inherit the parent's fsspec event loop (docs/design.md)."""
         return "forkserver" if is_remote(self.path) and not self.in_memory else None
 
     def set_epoch(self, epoch: int) -> None:
@@ -243,7 +250,7 @@ class CachedTeacherDataset(Dataset):
     def _epoch_views(self) -> np.ndarray:
         """The seeded random view of every sample this epoch (drawn once per epoch)."""
         if self._random_views is None:
-            self._random_views = np.random.default_rng([int(self.meta["seed"]), self.epoch, 0x5EED]).integers(
+            self._random_views = np.random.default_rng([int(self.meta.seed or 0), self.epoch, 0x5EED]).integers(
                 0, self.views, len(self))
         return self._random_views
 
@@ -301,7 +308,7 @@ class CachedTeacherDataset(Dataset):
         if self.check_inputs and (self._checked is None or not self._checked[idx].all()):
             bad = np.flatnonzero(row_digests(inputs) != self.digests[idx])
             if bad.size:
-                if self.meta.get("seed") is not None:
+                if self.meta.seed is not None:
                     sample, view = divmod(int(idx[bad[0]]), self.views)
                     raise KdcacheError(f"view {view} of sample {sample} is not the input the teacher saw at dump time "
                                        f"({bad.size} of {idx.size} rows in this batch differ): {_VIEW_MISMATCH}")
@@ -311,10 +318,10 @@ class CachedTeacherDataset(Dataset):
                                    "if the difference is deliberate")
             if self._checked is not None:
                 self._checked[idx] = True
-        teacher = {"logits": self._teacher_rows("logits", idx),
-                   "hidden": {h: self._teacher_rows(h, idx) for h in self.hidden}}
-        if self.mask_key is not None:  # sequences: 1 for real tokens, 0 for padding
-            teacher["mask"] = inputs[self.mask_key].bool()
+        teacher = TeacherTargets(logits=self._teacher_rows("logits", idx),
+                                 hidden={h: self._teacher_rows(h, idx) for h in self.hidden},
+                                 # sequences: True for real tokens, False for padding
+                                 mask=inputs[self.mask_key].bool() if self.mask_key is not None else None)
         return TeacherBatch(inputs, labels, teacher)
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:

@@ -7,8 +7,8 @@ Inputs may be a tensor, a tuple of tensors or a dict of tensors.
 
 from __future__ import annotations
 
-import hashlib
 import numbers
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -18,11 +18,11 @@ from torch.utils.data import TensorDataset, default_collate
 
 from .errors import KdcacheError
 
-__all__ = ["split_item", "fetch_batch", "collate_items", "row_digests", "dataset_digest", "move_inputs", "resolve_device", "call_model", "batch_size_of",
-           "select_output"]
+__all__ = ["split_item", "fetch_batch", "collate_items", "row_digests", "move_inputs", "resolve_device", "resolve_amp",
+           "autocast", "call_model", "select_output"]
 
 LABEL_KEYS = ("label", "labels")
-DIGEST_SAMPLE_ROWS = 64
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
 def _as_label(value: Any) -> int | None:
@@ -118,10 +118,6 @@ def _leaves(inputs: Any) -> list[torch.Tensor]:
     raise KdcacheError(f"dataset inputs must be tensors, tuples or dicts of tensors, got {type(inputs).__name__}")
 
 
-def batch_size_of(inputs: Any) -> int:
-    return int(_leaves(inputs)[0].shape[0])
-
-
 @lru_cache(maxsize=64)
 def _multipliers(words: int) -> np.ndarray:
     rng = np.random.default_rng(0x6B64_6361_6368_65)
@@ -174,6 +170,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``none`` elsewhere; other values as given."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "none"
+    if amp not in AMP_DTYPES:
+        raise KdcacheError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
+    return amp
+
+
+def autocast(amp: str, device: torch.device) -> AbstractContextManager[Any]:
+    """A fresh autocast context for a resolved ``amp`` (``nullcontext`` for ``none``)."""
+    dtype = AMP_DTYPES[resolve_amp(amp, device)]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def move_inputs(inputs: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Move a tensor / tuple / dict of tensors to ``device``."""
     if isinstance(inputs, torch.Tensor):
@@ -192,20 +203,6 @@ def call_model(model: torch.nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
-
-
-def dataset_digest(dataset: Any) -> str:
-    """Length plus the input digests of up to 64 rows spread over the dataset.
-
-    Cheap enough to check at every cache open; every row's own digest is checked as it is
-    read in stage two, which catches an edit anywhere.
-    """
-    n = len(dataset)
-    sample = np.unique(np.linspace(0, n - 1, min(n, DIGEST_SAMPLE_ROWS)).round().astype(int)).tolist()
-    inputs, _ = fetch_batch(dataset, sample)
-    h = hashlib.sha256(f"{n};{sample}".encode())
-    h.update(row_digests(inputs).tobytes())
-    return h.hexdigest()[:32]
 
 
 def select_output(output: Any, key: str | None) -> torch.Tensor:

@@ -23,6 +23,12 @@ def _check_reduction(reduction: str, mask: torch.Tensor | None, shape: torch.Siz
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
 
 
+def _check_temperature(temperature: float) -> float:
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
 def _reduce(per_item: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
     """Reduce per-row (B,) or per-token (B, L) values: mean over rows / unmasked tokens."""
     _check_reduction(reduction, mask, per_item.shape)
@@ -117,9 +123,7 @@ class KLDivLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.reduction = float(temperature), reduction
+        self.temperature, self.reduction = _check_temperature(temperature), reduction
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,19 +140,11 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.reduction = float(temperature), reduction
+        self.temperature, self.reduction = _check_temperature(temperature), reduction
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         return _soft_target_loss(student_logits, teacher_logits, self.temperature, mask, self.reduction, entropy=False)
-
-
-def _check_temperature(temperature: float) -> float:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return float(temperature)
 
 
 class TopKKLDivLoss(nn.Module):

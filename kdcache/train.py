@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,98 +23,16 @@ from tqdm.auto import tqdm
 from . import distributed
 from .capture import HiddenCapture, check_module_names
 from .codecs import Codec, SampledCodec
+from .config import Hint, TrainConfig
 from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatch, collate
 from .errors import KdcacheError
-from .items import call_model, fetch_batch, move_inputs, resolve_device, select_output
+from .format import CacheMeta
+from .items import autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
 from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 from .store import TeacherCache
+from .targets import SampledTargets, TeacherTargets, TopKTargets
 
 __all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate"]
-
-HINT_KINDS = ("mse", "cosine", "attention")
-
-
-@dataclass(frozen=True)
-class Hint:
-    """A hidden-state term: ``weight * loss(student_module output, teacher_module output)``."""
-
-    student: str
-    teacher: str
-    kind: str = "mse"
-    weight: float = 1.0
-
-    @classmethod
-    def parse(cls, text: str) -> "Hint":
-        """``STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT]``."""
-        body, _, weight = text.partition("@")
-        pair, _, kind = body.partition(":")
-        student, eq, teacher = pair.partition("=")
-        if not eq or not student or not teacher:
-            raise KdcacheError(f"--hint {text!r} must look like STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT]")
-        kind = kind or "mse"
-        if kind not in HINT_KINDS:
-            raise KdcacheError(f"--hint {text!r}: loss {kind!r} is not one of {', '.join(HINT_KINDS)}")
-        try:
-            w = float(weight) if weight else 1.0
-        except ValueError:
-            raise KdcacheError(f"--hint {text!r}: weight {weight!r} is not a number") from None
-        return cls(student, teacher, kind, w)
-
-    def __str__(self) -> str:
-        return f"{self.student}={self.teacher}:{self.kind}@{self.weight:g}"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Stage-two settings; the CLI's flags and ``--config`` TOML keys have the same names."""
-
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    temperature: float | None = None  # 4.0; a sampled cache's own sampling temperature
-    alpha: float = 0.9
-    hints: tuple[Hint, ...] = ()
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    num_workers: int = 0
-    in_memory: str = "auto"
-    allow_input_mismatch: bool = False
-    view: str = "cycle"
-
-    def __post_init__(self) -> None:
-        checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
-                  (self.lr > 0, "lr must be > 0"), (self.temperature is None or self.temperature > 0, "temperature must be > 0"),
-                  (0.0 <= self.alpha <= 1.0, "alpha must be within [0, 1]"),
-                  (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
-                  (self.amp in ("auto", "bf16", "fp16", "none"), "amp must be auto, bf16, fp16 or none"),
-                  (self.in_memory in ("auto", "yes", "no"), "in_memory must be auto, yes or no"),
-                  (self.num_workers >= 0, "num_workers must be >= 0"),
-                  (self.view in ("cycle", "random"), "view must be cycle or random")]
-        for ok, message in checks:
-            if not ok:
-                raise KdcacheError(f"bad training setting: {message}")
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KdcacheError(f"unknown training setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        values = dict(values)
-        if "hints" in values:
-            values["hints"] = tuple(h if isinstance(h, Hint) else Hint.parse(str(h)) for h in values["hints"])
-        try:
-            return cls(**values)
-        except TypeError as err:
-            raise KdcacheError(f"bad training setting: {err}") from None
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "hints": [str(h) for h in self.hints]}
-
 
 @dataclass
 class TrainResult:
@@ -140,7 +57,7 @@ class _LabelledRows(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
         inputs, labels = fetch_batch(self.dataset, list(indices))
-        return TeacherBatch(inputs, labels, {})
+        return TeacherBatch(inputs, labels, None)
 
     def __getitem__(self, i: int) -> Any:
         return self.__getitems__([i])[0]
@@ -150,12 +67,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _autocast(amp: str, device: torch.device) -> Any:
-    amp = ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
 
 
 def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.Tensor) -> nn.Module:
@@ -175,32 +86,27 @@ def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.T
 class _Teacher:
     """Where teacher outputs come from: the batch (cache), a live module (online) or nowhere (plain)."""
 
-    def __init__(self, module: nn.Module | None, hidden: Sequence[str], device: torch.device) -> None:
+    def __init__(self, module: nn.Module | None, hidden: Sequence[str], device: torch.device, amp: str,
+                 mask_key: str) -> None:
         self.module = module.to(device).eval() if module is not None else None
         self.capture = HiddenCapture(self.module, hidden) if self.module is not None else None
+        self.device, self.amp, self.mask_key = device, amp, mask_key
         if self.capture is not None:
             self.capture.__enter__()
 
-    def outputs(self, inputs: Any, cached: dict[str, Any], device: torch.device, autocast: Any) -> dict[str, Any] | None:
+    def outputs(self, inputs: Any, cached: TeacherTargets | None) -> TeacherTargets | None:
         if self.module is None:
-            if not cached:
-                return None
             # rows arrive in their stored width (half the bytes to move); the losses widen them
             # to float32 inside their own first op on the device
-            out = {"logits": move_inputs(cached["logits"], device, non_blocking=True),
-                   "hidden": {k: v.to(device, non_blocking=True) for k, v in cached["hidden"].items()}}
-            if "mask" in cached:
-                out["mask"] = cached["mask"].to(device, non_blocking=True)
-            return out
+            return cached.to(self.device, non_blocking=True) if cached is not None else None
         assert self.capture is not None
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), autocast(self.amp, self.device):
             logits = select_output(call_model(self.module, inputs), None)
             hidden = self.capture.take()
-        out = {"logits": logits.float(), "hidden": {k: v.float() for k, v in hidden.items()}}
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-        if isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:-1]:
-            out["mask"] = mask.bool()
-        return out
+        mask = inputs.get(self.mask_key) if isinstance(inputs, dict) else None
+        return TeacherTargets(logits=logits.float(), hidden={k: v.float() for k, v in hidden.items()},
+                              mask=mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:-1]
+                              else None)
 
     def close(self) -> None:
         if self.capture is not None:
@@ -226,10 +132,8 @@ class _KDTerm:
     def __call__(self, student_logits: torch.Tensor, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
         if self.vocab is not None and student_logits.shape[-1] > self.vocab:
             student_logits = student_logits[..., :self.vocab]
-        if self.kind == "topk":
-            return self.loss(student_logits, teacher["values"], teacher["indices"], teacher["logsumexp"], mask)
-        if self.kind == "sampled":
-            return self.loss(student_logits, teacher["ids"], teacher["counts"], mask)
+        if isinstance(teacher, (TopKTargets, SampledTargets)):  # its fields are the loss's arguments
+            return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
         return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
 
 
@@ -276,7 +180,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     """
     cfg = config if config is not None else TrainConfig()
     if settings:
-        cfg = TrainConfig.from_mapping({**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **settings})
+        cfg = cfg.updated(**settings)
     if cache is not None and teacher is not None:
         raise KdcacheError("give either a cache or a live teacher, not both")
     if cfg.hints and cache is None and teacher is None:
@@ -284,7 +188,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     _seed_everything(cfg.seed)
     rank, world = distributed.world()  # under torchrun: DDP on the student, each rank its share of batches
     dev = resolve_device(distributed.local_device(cfg.device))
-    autocast = _autocast(cfg.amp, dev)
+    amp = resolve_amp(cfg.amp, dev)
     student = student.to(dev)
     check_module_names(student, [h.student for h in cfg.hints], role="student")
     teacher_hidden = [h.teacher for h in cfg.hints]
@@ -299,8 +203,8 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         data = _LabelledRows(dataset)
         sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
                                            world=world)
-    source = _Teacher(teacher, teacher_hidden, dev)
-    kd_loss = (_KDTerm(data.outputs["logits"].codec, (data.meta.get("vocab") or {}).get("real"), cfg.temperature)
+    source = _Teacher(teacher, teacher_hidden, dev, amp, cfg.mask_key)
+    kd_loss = (_KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature)
                if isinstance(data, CachedTeacherDataset) else _KDTerm(None, None, cfg.temperature))
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda",
@@ -317,7 +221,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
             raise KdcacheError(f"cannot write to --out {out_dir}: {err.strerror}") from None
 
     with HiddenCapture(student, [h.student for h in cfg.hints], role="student") as capture:
-        hint_losses = _probe(student, data, source, capture, cfg, dev, autocast)
+        hint_losses = _probe(student, data, source, capture, cfg, dev, amp)
         params = list(student.parameters()) + [p for m in hint_losses for p in m.parameters()]
         optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
                      if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
@@ -330,8 +234,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         try:
             for epoch in range(cfg.epochs):
                 sampler.set_epoch(epoch)
-                record = _epoch(model, loader, source, capture, hint_losses, kd_loss, optimizer, cfg, dev,
-                                autocast, bar)
+                record = _epoch(model, loader, source, capture, hint_losses, kd_loss, optimizer, cfg, dev, amp, bar)
                 record = {"epoch": epoch + 1, **record}
                 if eval_dataset is not None and rank == 0:
                     record.update(evaluate(student, eval_dataset, batch_size=max(cfg.batch_size, 256), device=dev))
@@ -349,31 +252,29 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
 
 
 def _probe(student: nn.Module, data: Dataset, source: _Teacher, capture: HiddenCapture, cfg: TrainConfig,
-           dev: torch.device, autocast: Any) -> list[nn.Module]:
+           dev: torch.device, amp: str) -> list[nn.Module]:
     """Run two rows through the student (eval mode, no grad) to check its logits against the
     teacher's and size the hint projections."""
     inputs, _, cached = collate(data.__getitems__(list(range(min(2, len(data))))))  # type: ignore[attr-defined]
     inputs = move_inputs(inputs, dev)
     student.eval()
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(amp, dev):
         logits = select_output(call_model(student, inputs), None)
         hidden = capture.take() if cfg.hints else {}
     student.train()
-    teacher = source.outputs(inputs, cached, dev, autocast)
+    teacher = source.outputs(inputs, cached)
     if teacher is not None:
-        _check_vocabulary(tuple(logits.shape[1:]), teacher["logits"], getattr(data, "meta", None))
-    losses = [_build_hint_loss(h, hidden[h.student], teacher["hidden"][h.teacher]) for h in cfg.hints] if teacher else []
+        _check_vocabulary(tuple(logits.shape[1:]), teacher.logits, getattr(data, "meta", None))
+    losses = [_build_hint_loss(h, hidden[h.student], teacher.hidden[h.teacher]) for h in cfg.hints] if teacher else []
     return [m.to(dev) for m in losses]
 
 
-def _check_vocabulary(student: tuple[int, ...], teacher: Any, meta: dict[str, Any] | None) -> None:
+def _check_vocabulary(student: tuple[int, ...], teacher: Any, meta: CacheMeta | None) -> None:
     """Refuse a student whose positions or vocabulary disagree with the teacher's."""
     if meta is None:  # online teacher: the shapes must be equal
         expected, sizes = tuple(teacher.shape[1:]), {int(teacher.shape[-1])}
     else:
-        expected = tuple(meta["outputs"]["logits"]["shape"])
-        vocab = meta.get("vocab") or {"real": expected[-1], "padded": expected[-1]}
-        sizes = {int(vocab["real"]), int(vocab["padded"])}
+        expected, sizes = meta.logits.shape, {meta.vocab.real, meta.vocab.padded}
     if student[:-1] != expected[:-1] or (student and student[-1] not in sizes):
         what = " or ".join(str(v) for v in sorted(sizes))
         raise KdcacheError(f"the student's logits have shape {student} but the teacher's {expected}: positions must "
@@ -382,7 +283,7 @@ def _check_vocabulary(student: tuple[int, ...], teacher: Any, meta: dict[str, An
 
 def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: HiddenCapture,
            hint_losses: list[nn.Module], kd_loss: _KDTerm, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-           dev: torch.device, autocast: Any, bar: Any) -> dict[str, float]:
+           dev: torch.device, amp: str, bar: Any) -> dict[str, float]:
     student.train()
     world = distributed.world()[1]
     sums = torch.zeros(3 + len(hint_losses), device=dev)  # loss, kd, ce, hints...; one sync per epoch
@@ -392,8 +293,8 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
     for inputs, labels, cached in loader:
         inputs = move_inputs(inputs, dev, non_blocking=non_blocking)
         labels = labels.to(dev, non_blocking=non_blocking)
-        teacher = source.outputs(inputs, cached, dev, autocast)
-        with autocast():
+        teacher = source.outputs(inputs, cached)
+        with autocast(amp, dev):
             logits = select_output(call_model(student, inputs), None)
             hidden = capture.take() if hint_losses else {}
         ce = _labelled_cross_entropy(logits, labels)
@@ -401,8 +302,8 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
             loss = ce
             parts = [ce.detach() * 0, ce]
         else:
-            kd = kd_loss(logits, teacher["logits"], teacher.get("mask"))
-            hints = [m(hidden[h.student], teacher["hidden"][h.teacher]) for h, m in zip(cfg.hints, hint_losses)]
+            kd = kd_loss(logits, teacher.logits, teacher.mask)
+            hints = [m(hidden[h.student], teacher.hidden[h.teacher]) for h, m in zip(cfg.hints, hint_losses)]
             loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
             for h, v in zip(cfg.hints, hints):
                 loss = loss + h.weight * v

@@ -302,10 +302,10 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
     for r in range(repeats):
         infer.append(infer_seconds(teacher, ds, pair["batch"], dev))
         caches["logits"] = kdcache.dump_teacher(teacher, ds, tmp / f"{name}-logits", overwrite=True, **quiet)
-        dump.append(caches["logits"].meta["dump"]["seconds"])
+        dump.append(caches["logits"].meta.dump.seconds)
         caches["hidden"] = kdcache.dump_teacher(teacher, ds, tmp / f"{name}-hidden", hidden=pair["hidden"],
                                                 overwrite=True, **quiet)
-        dump_h.append(caches["hidden"].meta["dump"]["seconds"])
+        dump_h.append(caches["hidden"].meta.dump.seconds)
     # 1. epochs: plain / cached / online, interleaved; the teacher forward alone for the ideal
     times: dict[str, list[float]] = {"plain": [], "cached": [], "online": [], "kd_floor": [], "teacher_fwd": []}
     if HAVE_MODELOPT:
@@ -388,8 +388,8 @@ def bench_dump_processes(quick: bool, dev: torch.device, tmp: Path) -> dict[str,
         if done.returncode != 0:
             raise SystemExit(f"dump with {procs} processes failed:\n{done.stderr[-2000:]}")
         wall = time.perf_counter() - t0
-        meta = kdcache.TeacherCache.open(cache).meta["dump"]
-        out[f"procs_{procs}"] = {"rows_per_s": meta["rows_per_s"], "dump_s": meta["seconds"], "wall_s": round(wall, 2)}
+        stats = kdcache.TeacherCache.open(cache).meta.dump
+        out[f"procs_{procs}"] = {"rows_per_s": stats.rows_per_s, "dump_s": stats.seconds, "wall_s": round(wall, 2)}
     out["two_over_one"] = out["procs_2"]["rows_per_s"] / out["procs_1"]["rows_per_s"]
     return out
 

@@ -24,7 +24,7 @@ def test_cuda_dump_equals_cpu_dump_and_bf16_autocast_is_close(tmp_path, models):
     ref = cpu.read("logits", 0, 1000).astype(np.float32)
     np.testing.assert_allclose(gpu.read("logits", 0, 1000).astype(np.float32), ref, atol=2e-3)
     np.testing.assert_allclose(bf16.read("logits", 0, 1000).astype(np.float32), ref, atol=5e-2)
-    assert bf16.meta["amp"] == "bf16" and gpu.meta["dump"]["device"].startswith("cuda")
+    assert bf16.meta.amp == "bf16" and gpu.meta.dump.device.startswith("cuda")
     np.testing.assert_array_equal(gpu.row_digests(), cpu.row_digests())
 
 

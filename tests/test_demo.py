@@ -22,5 +22,5 @@ def test_demo_pipeline_runs_end_to_end_in_miniature(tmp_path):
     assert 0.5 < summary["teacher"]["acc"] <= 1.0
     assert all(0.0 <= summary[k]["acc"] <= 1.0 for k in ("labels alone", "distilled from cache", "distilled online"))
     # the cache was written once and is complete
-    meta = json.loads((tmp_path / "cache" / "zarr.json").read_text())["attributes"]["kdcache"]
-    assert meta["complete"] and meta["rows"] == 1200 and "features" in meta["outputs"]
+    recorded = json.loads((tmp_path / "cache" / "zarr.json").read_text())["attributes"]["kdcache"]
+    assert recorded["complete"] and recorded["rows"] == 1200 and "features" in recorded["outputs"]

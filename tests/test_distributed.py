@@ -30,8 +30,8 @@ def test_two_process_gloo_dump_equals_single_process_dump(tmp_path, models_file,
     two = torchrun(*args, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr
     assert store_files(tmp_path / "one") == store_files(tmp_path / "two")
-    meta = json.loads((tmp_path / "two" / "zarr.json").read_text())["attributes"]["kdcache"]
-    assert meta["complete"] and meta["dump"]["processes"] == 2
+    recorded = json.loads((tmp_path / "two" / "zarr.json").read_text())["attributes"]["kdcache"]
+    assert recorded["complete"] and recorded["dump"]["processes"] == 2
     hit = torchrun(*args, "--out", str(tmp_path / "two"))
     assert hit.returncode == 0 and hit.stderr.count("cache hit") == 1, hit.stderr
 

@@ -56,7 +56,7 @@ def test_logits_dtypes_round_trip(tmp_path, models, dtype):
     decoded = DenseCodec(dtype).decode(stored)
     tol = 0 if dtype == "float32" else 1e-2
     np.testing.assert_allclose(decoded.numpy(), logits.numpy(), rtol=tol, atol=tol)
-    assert cache.meta["outputs"]["logits"]["dtype"] == dtype
+    assert cache.meta.outputs["logits"].codec.dtype == dtype
 
 
 def test_second_identical_dump_is_a_cache_hit_without_forward(tmp_path, models, capsys):
@@ -148,11 +148,11 @@ def test_unlabelled_transfer_set_works_and_accuracy_counts_labelled_rows_only(tm
     cache = kdcache.dump_teacher(teacher, ds, tmp_path / "c", progress=False)
     with torch.no_grad():
         pred = teacher(ds.tensors[0][:50]).argmax(1)
-    acc = cache.meta["teacher_accuracy"]
-    assert acc["labelled"] == 50
-    assert acc["correct"] == int((pred == ds.tensors[1][:50]).sum())
+    acc = cache.meta.teacher_accuracy
+    assert acc.labelled == 50
+    assert acc.correct == int((pred == ds.tensors[1][:50]).sum())
     bare = torch.utils.data.TensorDataset(ds.tensors[0])  # inputs alone
-    assert kdcache.dump_teacher(teacher, bare, tmp_path / "bare", progress=False).meta["teacher_accuracy"]["labelled"] == 0
+    assert kdcache.dump_teacher(teacher, bare, tmp_path / "bare", progress=False).meta.teacher_accuracy.labelled == 0
 
 
 def test_store_is_readable_without_the_teacher_code(tmp_path, models_file):

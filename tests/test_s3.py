@@ -69,8 +69,8 @@ def test_dump_resume_and_train_against_s3(tmp_path, models_file, s3):
     root = run_cli(*dump, "--cache-root", "s3://kdcache-test/store", env=s3)
     again = run_cli(*dump, "--cache-root", "s3://kdcache-test/store", env=s3)
     assert root.returncode == 0 and "cache hit" in again.stderr and again.stdout.strip().startswith("s3://kdcache-test/store/")
-    meta = json.loads(fs.cat(again.stdout.strip()[5:] + "/zarr.json"))["attributes"]["kdcache"]
-    assert meta["complete"]
+    recorded = json.loads(fs.cat(again.stdout.strip()[5:] + "/zarr.json"))["attributes"]["kdcache"]
+    assert recorded["complete"]
     listed = run_cli("ls", "s3://kdcache-test/store", env=s3)
     assert listed.returncode == 0 and listed.stdout.startswith(again.stdout.strip() + "  complete  300 rows"), listed.stdout
     nowhere = run_cli("ls", "s3://kdcache-test/no-such-root", env=s3)

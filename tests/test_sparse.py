@@ -45,9 +45,9 @@ def test_topk_cache_stores_torch_topk_and_logsumexp_of_real_tokens(topk_cache, m
     # padding is not stored as tokens: zero values, ids and logsumexp
     assert not stored["values"][~mask.numpy()].any() and not stored["logsumexp"][~mask.numpy()].any()
     meta = cache.meta
-    assert meta["vocab"] == {"real": VOCAB, "padded": PADDED} and meta["mask_key"] == "attention_mask"
-    assert meta["tokens"] == int(mask.sum())
-    assert meta["outputs"]["logits"]["codec"] == {"name": "topk", "k": 8, "vocab": VOCAB, "index_bits": 6}
+    assert (meta.vocab.real, meta.vocab.padded) == (VOCAB, PADDED) and meta.mask_key == "attention_mask"
+    assert meta.tokens == int(mask.sum())
+    assert meta.outputs["logits"].codec.params() == {"name": "topk", "k": 8, "vocab": VOCAB, "index_bits": 6}
     assert stored["indices"].shape == (len(ds), 12, 6)  # 8 ids x 6 bits = 6 bytes
 
 
@@ -79,7 +79,7 @@ def test_sampled_cache_counts_draws_per_real_token_and_is_batch_independent(tmp_
     assert int(got["ids"].max()) < VOCAB
     other = SampledCodec(16, VOCAB, 1.0, 3).decode(b.read_output("logits", 0, len(ds)))
     assert all(torch.equal(got[k], other[k]) for k in got)  # seeded per row, not per batch
-    assert a.meta["outputs"]["logits"]["codec"]["temperature"] == 1.0
+    assert a.meta.outputs["logits"].codec.temperature == 1.0
 
 
 def test_sampled_counts_are_an_unbiased_estimate_of_the_teacher():

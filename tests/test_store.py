@@ -10,8 +10,8 @@ import zarr
 
 import kdcache
 from kdcache import TeacherCache
-from kdcache import store
 from kdcache.store import BLOCKS, ROW_DIGEST
+from kdcache.store.chunkfile import ChunkFileWriter
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -23,8 +23,8 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_direct_chunk_files_equal_zarr_written_ones(tmp_path, models, dtype, io, monkeypatch):
     """Chunk files written by kdcache (O_DIRECT from an aligned buffer and cut to size, or
     buffered) are byte for byte what zarr writes."""
-    monkeypatch.setattr(store, "DIRECT_MIN_BYTES", 0)  # every chunk, however small
-    monkeypatch.setattr(store, "_direct_ok", io == "o_direct" and hasattr(os, "O_DIRECT"))
+    monkeypatch.setattr(ChunkFileWriter, "min_direct_bytes", 0)  # every chunk, however small
+    monkeypatch.setenv("KDCACHE_DIRECT_IO", "1" if io == "o_direct" else "0")
     # 300 rows with 128-row chunks: the last chunk is an edge chunk, padded
     cache = kdcache.dump_teacher(models.teacher(), models.dataset(300), tmp_path / "direct", hidden=["body"],
                                  logits_dtype=dtype, block_rows=128, progress=False)
@@ -52,10 +52,10 @@ def test_filesystem_refusing_o_direct_falls_back_to_buffered_writes(tmp_path, mo
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(store, "_direct_ok", True)
+    writer = ChunkFileWriter(direct=True)
     monkeypatch.setattr(os, "open", refusing_open)
     rows = np.arange(3 << 20, dtype=np.uint8).reshape(-1, 1024)
-    store._write_chunk_file(tmp_path / "a" / "c0", rows)
+    writer.write(tmp_path / "a" / "c0", rows)
     data = (tmp_path / "a" / "c0").read_bytes()
     assert data[:-4] == rows.tobytes() and len(data) == rows.nbytes + 4
-    assert store._direct_ok is False and not list(tmp_path.rglob("*.partial"))
+    assert writer.direct is False and not list(tmp_path.rglob("*.partial"))

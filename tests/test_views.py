@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli, store_files
 from kdcache import CachedTeacherDataset, KdcacheError, TeacherCache, dump_teacher, train_student
 from kdcache.dataset import replay_mismatches
-from kdcache.items import DIGEST_SAMPLE_ROWS
+from kdcache.store.identity import DIGEST_SAMPLE_ROWS
 from kdcache.views import ViewedDataset, seeded, view_seed
 
 K = 4
@@ -28,7 +28,7 @@ def test_each_row_is_a_distinct_seeded_view_and_its_teacher_output(tmp_path, mod
     ds = models.augmented()
     cache, seen = _dump(models, tmp_path, ds)
     assert cache.rows == K * len(ds) and cache.views == K and cache.seed == 3
-    assert cache.meta["dataset"]["length"] == len(ds)
+    assert cache.meta.dataset.length == len(ds)
     inputs = seen[2:]  # the first two rows were the shape probe
     assert len(inputs) == cache.rows
     # row r is view r % K of sample r // K, regenerated from its seed alone
@@ -118,7 +118,7 @@ def test_explicit_augmentation_parameters_are_stored_and_replayed(tmp_path, mode
     ds = models.param_augmented()
     cache, seen = _dump(models, tmp_path, ds)
     params = cache.read_array("_view_params", 0, cache.rows)
-    assert params.shape == (cache.rows, 2) and cache.meta["view_params"] == {"shape": [2]}
+    assert params.shape == (cache.rows, 2) and cache.meta.view_params_shape == (2,)
     r = 7
     gen = torch.Generator().manual_seed(view_seed(3, r // K, r % K))
     assert np.array_equal(params[r], ds.sample_params(r // K, gen).numpy())

@@ -1,0 +1,92 @@
+"""Decoded teacher outputs: what stage two hands to the KD losses.
+
+A codec's ``decode`` gives a tensor of logits (dense), :class:`TopKTargets` or
+:class:`SampledTargets`; their fields are the keyword arguments of ``TopKKLDivLoss`` and
+``SampledKLDivLoss``. A batch's decoded outputs travel together as :class:`TeacherTargets`,
+shared by :mod:`kdcache.dataset` (which builds them) and :mod:`kdcache.train` (which uses them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Union
+
+import torch
+
+__all__ = ["TopKTargets", "SampledTargets", "TeacherTargets", "LogitTargets", "map_tensors"]
+
+
+class _Named:
+    """Field access by name too (``targets["values"]``), as the dicts of earlier releases."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self) -> Any:
+        return iter(self.keys())
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+
+@dataclass(frozen=True)
+class TopKTargets(_Named):
+    """A top-k cache's rows, the arguments of ``TopKKLDivLoss``: ``values`` (B, *P, K) (stored
+    float16 or ``dtype``), ``indices`` int64 (B, *P, K), ``logsumexp`` float32 (B, *P)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    logsumexp: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SampledTargets(_Named):
+    """A sampled cache's rows, the arguments of ``SampledKLDivLoss``: ``ids`` int64 (B, *P, N),
+    ``counts`` float32 (B, *P, N) (count 0 marks an unused slot)."""
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+
+
+LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets]
+
+
+def map_tensors(value: Any, fn: Any) -> Any:
+    """``fn`` applied to every tensor of a tensor, dict, tuple or targets structure."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (TopKTargets, SampledTargets, TeacherTargets)):
+        return type(value)(**{f.name: map_tensors(getattr(value, f.name), fn) for f in fields(value)})
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class TeacherTargets(_Named):
+    """A batch's cached teacher outputs: ``logits`` (a tensor, :class:`TopKTargets` or
+    :class:`SampledTargets`), ``hidden`` (module name -> tensor) and, for sequence caches,
+    ``mask`` (B, L) bool, True for real tokens. ``targets["logits"]`` works as well."""
+
+    logits: Any
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TeacherTargets":
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"logits": tensor or dict, "hidden": {...}, "mask"?: ...}``: plain containers (e.g.
+        for ``default_collate``)."""
+        logits = self.logits if isinstance(self.logits, torch.Tensor) else {k: self.logits[k] for k in self.logits.keys()}
+        return {"logits": logits, "hidden": dict(self.hidden), **({"mask": self.mask} if self.mask is not None else {})}
