@@ -56,7 +56,8 @@ def dump_teacher_cmd(
     amp: Optional[str] = typer.Option(None, help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none [auto]."),
     out: Optional[str] = typer.Option(None, help="Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>)."),
     cache_root: Optional[str] = typer.Option(None, help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at the path (another fingerprint, or redo)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace the kdcache cache at the path (another fingerprint, or redo); never anything else."),
+    repair: Optional[bool] = typer.Option(None, "--repair", help="Write again only the blocks kdcache verify finds damaged (same teacher, data and settings)."),
     block_rows: Optional[int] = typer.Option(None, help="Rows per write block (default: chosen for ~2 MB chunks)."),
     allow_nonfinite: Optional[bool] = typer.Option(None, "--allow-nonfinite", help="Store NaN/inf teacher outputs instead of stopping at the first."),
     writer_threads: Optional[int] = typer.Option(None, help="Threads writing blocks in parallel [8]."),
@@ -72,7 +73,7 @@ def dump_teacher_cmd(
                  checkpoint=checkpoint, hidden=hidden or None, output_key=output_key, logits_dtype=logits_dtype,
                  hidden_dtype=hidden_dtype, topk=topk, sample_k=sample_k, sample_temperature=sample_temperature,
                  vocab_size=vocab_size, mask_key=mask_key, views=views, seed=seed, batch_size=batch_size,
-                 num_workers=num_workers, device=device, amp=amp, out=out, cache_root=cache_root, overwrite=overwrite,
+                 num_workers=num_workers, device=device, amp=amp, out=out, cache_root=cache_root, overwrite=overwrite, repair=repair,
                  block_rows=block_rows, allow_nonfinite=allow_nonfinite, writer_threads=writer_threads,
                  progress=progress)
     values = _merge_config(config, flags)
@@ -280,13 +281,19 @@ def verify_cmd(
     path: str = typer.Argument(..., help="A cache directory or URL."),
     replay: int = typer.Option(0, help="Also regenerate N random rows' inputs (views replayed from their seeds, no "
                                       "teacher) and check they hash to what the dump recorded."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset spec for --replay [the one recorded in the cache]."),
-    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset [recorded]."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset spec for --replay (required with it; the spec a cache records is shown, never run)."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset."),
 ) -> None:
     """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
     from .store import TeacherCache
 
     cache = TeacherCache.open(path)
+    if replay > 0 and not dataset:
+        # a cache from elsewhere names code: show it, never import or call it
+        recorded = cache.meta.dataset
+        shown = f" (the cache says it was dumped from {recorded.spec!r} with {dict(recorded.kwargs)})" if recorded.spec else ""
+        raise KdcacheError(f"--replay needs --dataset SPEC naming the dataset the cache was dumped from{shown}; "
+                           "kdcache never runs code named in a cache")
     problems = cache.verify()
     for problem in problems:
         typer.echo(f"BAD {problem}")
@@ -297,12 +304,8 @@ def verify_cmd(
         from .dataset import replay_mismatches
         from .spec import load_dataset, parse_kwargs
 
-        recorded = cache.meta.dataset
-        spec = dataset or recorded.spec
-        if not spec:
-            raise KdcacheError("--replay needs the dataset: this cache records no dataset spec, pass --dataset")
-        kwargs = parse_kwargs(dataset_kwargs, "--dataset-kwargs") if dataset_kwargs else dict(recorded.kwargs)
-        bad_rows, checked = replay_mismatches(load_dataset(spec, kwargs), cache, replay)
+        data = load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs"))
+        bad_rows, checked = replay_mismatches(data, cache, replay)
         for row in bad_rows[:20]:
             sample, view = divmod(row, cache.views)
             typer.echo(f"BAD replay: view {view} of sample {sample} (row {row}) differs from the input the teacher saw")

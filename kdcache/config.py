@@ -161,6 +161,7 @@ class DumpConfig(_Settings):
     writer_threads: int = 8
     cache_root: str | None = field(default=None, metadata={"path": True})
     overwrite: bool = False
+    repair: bool = False
     progress: bool = True
 
     def _rules(self) -> list[tuple[bool, str]]:
@@ -180,6 +181,8 @@ class DumpConfig(_Settings):
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.block_rows is None or self.block_rows >= 1, "block_rows must be >= 1"),
             (self.writer_threads >= 1, "writer_threads must be >= 1"),
+            (not (self.repair and self.overwrite), "repair and overwrite exclude each other: repair keeps the "
+                                                   "cache's good blocks, overwrite replaces it"),
         ]
 
     def fingerprint_inputs(self, amp: str, explicit_params: bool) -> dict[str, Any]:

@@ -205,14 +205,15 @@ class CachedTeacherDataset(Dataset):
         self.outputs = {name: opened.outputs[name] for name in ("logits", *self.hidden)}
         self.arrays = {a.path: a for o in self.outputs.values() for a in o.arrays.values()}
         self.mask_key = opened.meta.mask_key
-        opened.check_chunks()
+        opened.check_chunks()  # every chunk file there, of its size: what is read next is bounded by the disk
         self.digests = opened.row_digests()
         # a TensorDataset row cannot change short of an in-place write: check it once
         self._checked = np.zeros(opened.rows, bool) if type(self.source) is TensorDataset else None
         need = sum(o.row_bytes for o in self.outputs.values()) * opened.rows
-        self.in_memory = need <= memory_budget if in_memory == "auto" else bool(in_memory)
-        self.block_rows = opened.block_rows
-        self._arrays = {p: opened.read_array(p, 0, opened.rows) for p in self.arrays} if self.in_memory else None
+        wanted = _in_memory(in_memory)
+        self.in_memory = need <= memory_budget if wanted == "auto" else wanted == "yes"
+        self.rows, self.block_rows = opened.rows, opened.block_rows
+        self._arrays = {p: opened.load_array(p) for p in self.arrays} if self.in_memory else None
         self._chunk_cache_bytes = chunk_cache_bytes
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._chunk_bytes = 0
@@ -270,13 +271,14 @@ class CachedTeacherDataset(Dataset):
         row_bytes = sum(o.row_bytes for o in self.outputs.values())
         return max(self.block_rows, self._chunk_cache_bytes // 2 // max(row_bytes, 1) // self.block_rows * self.block_rows)
 
-    def _chunk(self, path: str, c: int) -> np.ndarray:
-        key = (path, c)
+    def _block(self, path: str, block: int) -> np.ndarray:
+        """Rows of one write block of one array, read whole and checked (never a fill value), kept
+        in a small per-process LRU."""
+        key = (path, block)
         if key in self._chunks:
             self._chunks.move_to_end(key)
             return self._chunks[key]
-        chunk_rows = self.arrays[path].chunk_rows
-        data = self._cache().read_array(path, c * chunk_rows, min((c + 1) * chunk_rows, len(self)))
+        data = self._cache().load_block(path, block)
         self._chunks[key] = data
         self._chunk_bytes += data.nbytes
         while self._chunk_bytes > self._chunk_cache_bytes and len(self._chunks) > 1:
@@ -288,11 +290,11 @@ class CachedTeacherDataset(Dataset):
         if self._arrays is not None:
             return self._arrays[path][idx]
         spec = self.arrays[path]
-        chunk_ids = idx // spec.chunk_rows
+        block_ids = idx // self.block_rows
         out = np.empty((len(idx), *spec.shape), spec.dtype)
-        for c in np.unique(chunk_ids):
-            mask = chunk_ids == c
-            out[mask] = self._chunk(path, int(c))[idx[mask] - c * spec.chunk_rows]
+        for b in np.unique(block_ids):
+            mask = block_ids == b
+            out[mask] = self._block(path, int(b))[idx[mask] - b * self.block_rows]
         return out
 
     def _teacher_rows(self, name: str, idx: np.ndarray) -> Any:
@@ -350,6 +352,16 @@ class CachedTeacherDataset(Dataset):
                           worker_init_fn=_limit_zarr_threads if num_workers else None,
                           persistent_workers=num_workers > 0 and self.views == 1,
                           multiprocessing_context=self.worker_context if num_workers else None, **kwargs)
+
+
+def _in_memory(value: bool | str) -> str:
+    """``in_memory`` as "auto", "yes" or "no" (True/False accepted); anything else is a mistake,
+    not a truthy string."""
+    if value is True or value is False:
+        return "yes" if value else "no"
+    if value in ("auto", "yes", "no"):
+        return str(value)
+    raise KdcacheError(f"in_memory must be True, False, 'auto', 'yes' or 'no', got {value!r}")
 
 
 def _limit_zarr_threads(worker_id: int) -> None:

@@ -37,6 +37,7 @@ from .items import (autocast, call_model, collate_items, fetch_batch, move_input
 from .store import (DumpLock, TeacherCache, dataset_digest, fault_point, fingerprint, is_remote, plan_blocks,
                     remove_cache, weights_digest)
 from .store.location import exists, refuse_file
+from .store.verify import damaged_blocks
 from .views import ViewedDataset
 from .writer import BlockWriter, EncodedBatch
 
@@ -157,27 +158,26 @@ def _target(out: str | Path | None, cache_root: str | None, fp: str) -> Any:
 
 def _existing(path: Any, fp: str, overwrite: bool) -> TeacherCache | None:
     """The cache at ``path`` when it has this fingerprint; None when there is none (or it was
-    removed for ``overwrite``)."""
+    removed for ``overwrite``: only ever a kdcache cache or an empty directory)."""
     if not exists(path):
-        if isinstance(path, Path) and path.exists() and any(path.iterdir()):
-            if not overwrite:
-                raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another --out or pass --overwrite")
-            remove_cache(path)
+        if isinstance(path, Path) and path.is_dir() and any(path.iterdir()):
+            raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another --out")
         return None
-    cache = TeacherCache.open(path, mode="r+")
-    if cache.fingerprint != fp or overwrite:
-        if not overwrite:
-            raise KdcacheError(f"{path} holds another cache (fingerprint {cache.fingerprint}, this dump is {fp}); "
-                               "pass --overwrite to replace it or choose another --out")
+    if overwrite:
         remove_cache(path)
         return None
+    cache = TeacherCache.open(path, mode="r+")
+    if cache.fingerprint != fp:
+        raise KdcacheError(f"{path} holds another cache (fingerprint {cache.fingerprint}, this dump is {fp}); "
+                           "pass --overwrite to replace it or choose another --out")
     return cache
 
 
 def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: DumpConfig, dev: torch.device,
              log: Callable[[str], None]) -> tuple[TeacherCache | None, DumpLock | None]:
-    """Rank 0: ``(cache to fill, lock held)`` — created or resumed — or ``(None, ...)`` on a cache hit."""
-    if not cfg.overwrite and exists(path):  # a finished cache needs no lock
+    """Rank 0: ``(cache to fill, lock held)`` — created, resumed or repaired — or ``(None, ...)``
+    on a cache hit."""
+    if not cfg.overwrite and not cfg.repair and exists(path):  # a finished cache needs no lock
         try:
             cache = _existing(path, meta.fingerprint, overwrite=False)
         except KdcacheError:  # e.g. another dump is creating it this instant: decide under the lock
@@ -188,16 +188,36 @@ def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: 
     lock.acquire(on_wait=lambda who: log(f"waiting for the dump already writing {path} ({who})"))
     try:
         cache = _existing(path, meta.fingerprint, cfg.overwrite)
+        if cfg.repair:
+            if cache is None:
+                raise KdcacheError(f"--repair: there is no cache of this teacher, data and settings at {path}; "
+                                   "run the dump without --repair")
+            _repair(cache, log)
         if cache is not None and cache.complete:
             return None, lock
         if cache is None:
             cache = _create(teacher.to(dev).eval(), dataset, path, meta, cfg, dev)
             fault_point("created")
+        else:
+            cache.create_missing_arrays()  # a creation that was interrupted
         cache.remove_partial_files()  # a killed writer's temp files; we hold the lock
         return cache, lock
     except BaseException:
         lock.release()
         raise
+
+
+def _repair(cache: TeacherCache, log: Callable[[str], None]) -> None:
+    """Restore damaged array metadata and mark the blocks ``verify`` finds damaged as unwritten,
+    so this run writes them again (the teacher is deterministic: the same bytes)."""
+    restored = cache.restore_layout()
+    blocks = damaged_blocks(cache, cache.verify())
+    if blocks or restored:
+        log(f"repairing {cache.path}: {len(restored)} array descriptions restored, {len(blocks)} of "
+            f"{cache.n_blocks} blocks to write again")
+        cache.forget_blocks(blocks)
+    else:
+        log(f"nothing to repair in {cache.path}: every block verifies")
 
 
 def _versions() -> dict[str, str]:
@@ -291,7 +311,7 @@ def _create(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, cfg: D
                    outputs={name: OutputSpec(name, shape, codec, {key: ArrayInfo(p, s, d, chunks[p])
                                                                   for key, (p, s, d) in paths.items()})
                             for name, shape, codec, paths in planned})
-    return TeacherCache.create(path, meta)
+    return TeacherCache.create(path, replace(meta, bound=tuple(a.path for a in meta.data_arrays())))
 
 
 def _zero_padding(arrays: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -13,11 +13,14 @@ Arrays of the group (a **contract**):
 - ``hidden/<module.name>``                 (rows, ...)  one array per captured module output
 - ``_row_digest``  (rows,) uint64     digest of each row's input (alignment check)
 - ``_view_params`` (rows, P) float32  explicit augmentation parameters (optional)
-- ``_blocks``      (blocks, 5) int64  completion record: done, rows, labelled, correct, tokens
+- ``_blocks``      (blocks, 5 + A) int64  completion record: done, rows, labelled, correct, tokens,
+  then (format 3) one keyed digest per array A that binds the block's bytes to (cache, array, block)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -28,14 +31,14 @@ import numpy as np
 from .codecs import Codec, DenseCodec, codec_from_params
 from .errors import KdcacheError
 
-__all__ = ["FORMAT_VERSION", "ATTR", "BLOCKS", "BLOCK_FIELDS", "ROW_DIGEST", "VIEW_PARAMS", "ArrayInfo",
+__all__ = ["FORMAT_VERSION", "ATTR", "BLOCKS", "BLOCK_STATS", "ROW_DIGEST", "VIEW_PARAMS", "ArrayInfo",
            "OutputSpec", "TeacherInfo", "DatasetInfo", "Vocab", "TeacherAccuracy", "DumpStats", "CacheMeta", "read_meta",
            "write_meta"]
 
-FORMAT_VERSION = 2  # 2: multi-array codecs (top-k, sampled), tokens column, vocab; reads 1
+FORMAT_VERSION = 3  # 3: block digests, attrs digest; 2: multi-array codecs, tokens, vocab; reads 1 and 2
 ATTR = "kdcache"
 BLOCKS = "_blocks"
-BLOCK_FIELDS = 5  # done, rows, labelled, correct, tokens (format 1: the first 4)
+BLOCK_STATS = 5  # done, rows, labelled, correct, tokens (format 1: the first 4); then the block digests
 ROW_DIGEST = "_row_digest"
 VIEW_PARAMS = "_view_params"
 
@@ -44,6 +47,8 @@ VIEW_PARAMS = "_view_params"
 MAX_ROWS = 1 << 40
 MAX_DIM = 1 << 31
 MAX_ROW_BYTES = 1 << 34
+MAX_OBJECTS = 1 << 24  # stored chunk files (or shards) over all arrays
+MAX_RECORD = 1 << 27  # int64 fields of the _blocks record (1 GB)
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
@@ -241,6 +246,7 @@ class CacheMeta:
     teacher_accuracy: TeacherAccuracy | None = None
     dump: DumpStats | None = None
     format_version: int = FORMAT_VERSION
+    bound: tuple[str, ...] = ()  # arrays whose block digests follow the stats in _blocks (format 3)
 
     @property
     def blocks(self) -> int:
@@ -266,6 +272,20 @@ class CacheMeta:
         """Stored bytes of one row over every output (no digests, no chunk padding)."""
         return sum(o.row_bytes for o in self.outputs.values())
 
+    def data_arrays(self) -> list[ArrayInfo]:
+        """Every array with one row per cache row: the outputs', the row digests, the view
+        parameters (in this order, which is the order of the block digests)."""
+        arrays = [a for o in self.outputs.values() for a in o.arrays.values()]
+        arrays.append(ArrayInfo(ROW_DIGEST, (), np.dtype("uint64"), self.block_rows))
+        if self.view_params is not None:
+            arrays.append(self.view_params)
+        return arrays
+
+    @property
+    def record_fields(self) -> int:
+        """Columns of the ``_blocks`` record: the stats, then one digest per bound array."""
+        return BLOCK_STATS + len(self.bound) if self.format_version >= 3 else (BLOCK_STATS if self.format_version == 2 else 4)
+
     def finished(self, *, dump: DumpStats, accuracy: TeacherAccuracy, tokens: int) -> "CacheMeta":
         return replace(self, dump=dump, teacher_accuracy=accuracy, tokens=tokens, complete=True)
 
@@ -286,7 +306,7 @@ class CacheMeta:
             "output_key": self.output_key, "amp": self.amp, "views": self.views, "seed": self.seed,
             "versions": dict(self.versions), "vocab": {"real": self.vocab.real, "padded": self.vocab.padded},
             "view_params": {"shape": list(self.view_params_shape)} if self.view_params_shape is not None else None,
-            "mask_key": self.mask_key, "format_version": FORMAT_VERSION, "rows": self.rows,
+            "mask_key": self.mask_key, "format_version": self.format_version, "rows": self.rows,
             "block_rows": self.block_rows, "blocks": self.blocks, "complete": self.complete,
             "outputs": {name: _output_attrs(o) for name, o in self.outputs.items()}}
         if self.dump is not None:
@@ -296,6 +316,9 @@ class CacheMeta:
             attrs["teacher_accuracy"] = {"labelled": acc.labelled, "correct": acc.correct, "accuracy": acc.accuracy}
         if self.tokens is not None:
             attrs["tokens"] = self.tokens
+        if self.format_version >= 3:
+            attrs["block_digests"] = list(self.bound)
+            attrs["attrs_digest"] = _attrs_digest(attrs)
         return attrs
 
     @classmethod
@@ -314,6 +337,8 @@ class CacheMeta:
             raise KdcacheError(f"{where} was written by a newer kdcache (cache format {version}, this one reads "
                                f"<= {FORMAT_VERSION}); upgrade kdcache")
         version = r.count("format_version", low=1, high=FORMAT_VERSION)
+        if version >= 3 and r.text("attrs_digest") != _attrs_digest(attrs):
+            raise _fail(where, "its attrs do not match their digest: they were edited or damaged")
         fingerprint = r.text("fingerprint")
         if not _FINGERPRINT.fullmatch(fingerprint):
             raise _fail(where, f"fingerprint {fingerprint!r:.40} is not 16 hex digits")
@@ -357,7 +382,26 @@ class CacheMeta:
             dump=_dump_from_attrs(dump) if dump else None, format_version=version)
         if meta.views > 1 and meta.seed is None:
             raise _fail(where, "a cache of several views must record their seed")
+        objects = sum(-(-rows // a.chunk_rows) for a in meta.data_arrays()) + meta.blocks
+        if objects > MAX_OBJECTS or meta.blocks * (BLOCK_STATS + len(meta.data_arrays())) > MAX_RECORD:
+            raise _fail(where, f"{objects} chunk files of {meta.blocks} blocks is beyond what kdcache writes")
+        if version >= 3:
+            bound = r.value.get("block_digests")
+            expected = [a.path for a in meta.data_arrays()]
+            if bound != expected:
+                raise _fail(where, f"block_digests lists {bound!r:.80}, the arrays are {expected}")
+            meta = replace(meta, bound=tuple(expected))
         return meta
+
+
+def _attrs_digest(attrs: dict[str, Any]) -> str:
+    """A digest of the description itself: any edit or bit flip of it is refused, not trusted."""
+    body = {k: v for k, v in attrs.items() if k != "attrs_digest"}
+    try:
+        text = json.dumps(body, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):  # NaN/inf or a non-JSON value: matches no digest
+        return "unserialisable"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_meta(group: Any, where: str) -> CacheMeta:

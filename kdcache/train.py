@@ -194,7 +194,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     teacher_hidden = [h.teacher for h in cfg.hints]
     if cache is not None:
         data: Dataset = CachedTeacherDataset(dataset, cache, hidden=teacher_hidden,
-                                             in_memory={"yes": True, "no": False}.get(cfg.in_memory, "auto"),
+                                             in_memory=cfg.in_memory,
                                              check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view)
         sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world)
     else:

@@ -185,7 +185,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 
 def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a cache, by relative path (the zarr.json of the group without run timings)."""
+    """Every file of a cache, by relative path (the zarr.json of the group without run timings,
+    nor the attrs digest, which covers them)."""
     import json
     files = {}
     for f in sorted(Path(path).rglob("*")):
@@ -194,6 +195,7 @@ def store_files(path: Path) -> dict[str, bytes]:
             if f.name == "zarr.json" and f.parent == Path(path):
                 meta = json.loads(data)
                 meta["attributes"]["kdcache"].pop("dump", None)
+                meta["attributes"]["kdcache"].pop("attrs_digest", None)
                 data = json.dumps(meta, sort_keys=True).encode()
             files[str(f.relative_to(path))] = data
     return files

@@ -100,17 +100,18 @@ def test_nondeterministic_transform_is_caught_by_replay_and_training(tmp_path, m
         train_student(models.student(), ds, cache, epochs=1, progress=False)
     good, _ = _dump(models, tmp_path, models.augmented(), "good")
     assert replay_mismatches(models.augmented(), good, 50) == ([], 50)
-    # the CLI finds the dataset from the spec the dump recorded
+    # the CLI replays the dataset the user names (a cache's recorded spec is never run)
     spec = f"{models_file}:"
     out = run_cli("dump-teacher", "--teacher", spec + "teacher", "--dataset", spec + "augmented",
                   "--dataset-kwargs", '{"nondeterministic": true}', "--views", "3", "--seed", "1",
                   "--out", str(tmp_path / "cli"), "--no-progress")
     assert out.returncode == 0, out.stderr
-    check = run_cli("verify", str(tmp_path / "cli"), "--replay", "8")
+    check = run_cli("verify", str(tmp_path / "cli"), "--replay", "8", "--dataset", spec + "augmented",
+                    "--dataset-kwargs", '{"nondeterministic": true}')
     assert check.returncode == 1 and "BAD replay: view" in check.stdout and "8 of 8 replayed rows differ" in check.stdout
     out = run_cli("dump-teacher", "--teacher", spec + "teacher", "--dataset", spec + "augmented", "--views", "3",
                   "--out", str(tmp_path / "cli-ok"), "--no-progress")
-    ok = run_cli("verify", str(tmp_path / "cli-ok"), "--replay", "8")
+    ok = run_cli("verify", str(tmp_path / "cli-ok"), "--replay", "8", "--dataset", spec + "augmented")
     assert ok.returncode == 0 and "8 rows regenerated, every input matches" in ok.stdout, ok.stdout
 
 

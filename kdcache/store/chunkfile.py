@@ -15,11 +15,15 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import google_crc32c
 import numpy as np
 
-__all__ = ["ChunkFileWriter", "io_pool"]
+if TYPE_CHECKING:
+    from ..format import ArrayInfo
+
+__all__ = ["ChunkFileWriter", "io_pool", "read_chunk_file"]
 
 _IO_POOL: ThreadPoolExecutor | None = None
 _DIRECT_ALIGN = 4096
@@ -95,3 +99,21 @@ class ChunkFileWriter:
             return False
         os.close(fd)
         return True
+
+
+def read_chunk_file(file: Path, array: "ArrayInfo", check_crc: bool = True) -> np.ndarray | None:
+    """The rows of one chunk file, ``(chunk_rows, *shape)``, or None when the file is missing,
+    has the wrong size for its array, or (``check_crc``) fails its crc32c. A chunk is read whole,
+    so its size is bounded by the array's own description."""
+    size = array.chunk_rows * array.row_bytes + 4
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(size + 1)
+    except FileNotFoundError:
+        return None
+    if len(raw) != size:
+        return None
+    data = np.frombuffer(raw, np.uint8, size - 4)
+    if check_crc and int.from_bytes(raw[-4:], "little") != google_crc32c.value(data):
+        return None
+    return data.view(array.dtype).reshape(array.chunk_rows, *array.shape)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from zarr.core.sync import sync
 from ..errors import KdcacheError
 
 __all__ = ["is_remote", "open_store", "remote_fs", "exists", "refuse_file", "list_dir", "remove_cache",
-           "is_disk_full"]
+           "why_not_removable", "is_disk_full", "CACHE_ENTRIES"]
 
 
 def is_remote(path: str | Path) -> bool:
@@ -30,7 +32,9 @@ def open_store(path: str | Path, read_only: bool) -> Any:
         except ImportError as err:
             raise KdcacheError(f"{path}: object storage needs fsspec and its backend ({err.name}); "
                                "pip install 'kdcache[s3]'") from None
-    return zarr.storage.LocalStore(str(path), read_only=read_only)
+    # an absolute root: zarr 3.1's LocalStore lists keys wrongly under a relative root whose name
+    # is also a key prefix (a cache opened as "hidden" lost "hidden/" from its keys)
+    return zarr.storage.LocalStore(os.path.abspath(path), read_only=read_only)
 
 
 def remote_fs(path: str | Path) -> tuple[Any, str]:
@@ -73,16 +77,71 @@ def list_dir(root: str | Path) -> list[str] | None:
     return sorted(str(entry) for entry in Path(root).iterdir())
 
 
+# what a kdcache cache directory holds; anything else in it is not kdcache's to delete
+CACHE_ENTRIES = frozenset({"zarr.json", "logits", "topk", "sampled", "hidden", "_row_digest", "_view_params", "_blocks"})
+
+
+def _description(path: str | Path) -> Any:
+    """The group attribute ``kdcache`` of the store at ``path`` (raw JSON), or None."""
+    try:
+        if is_remote(path):
+            fs, root = remote_fs(path)
+            text = fs.cat(f"{root}/zarr.json")
+        else:
+            text = (Path(path) / "zarr.json").read_bytes()
+        doc = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return attrs.get("kdcache") if isinstance(attrs, dict) else None
+
+
+def _entries(path: str | Path) -> list[str]:
+    if is_remote(path):
+        fs, root = remote_fs(path)
+        return [name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(root, detail=False, refresh=True)]
+    return [entry.name for entry in Path(path).iterdir()]
+
+
+def why_not_removable(path: str | Path) -> str | None:
+    """None when ``path`` is a kdcache cache (or an empty directory) that ``--overwrite`` may
+    remove; else why not. kdcache deletes only what it created."""
+    if not is_remote(path):
+        p = Path(path)
+        if p.is_symlink():
+            return "it is a symbolic link"
+        if not p.is_dir():
+            return "it is not a directory" if p.exists() else None
+        here, target = Path.cwd().resolve(), p.resolve()
+        if target == here or target in here.parents or target == Path.home().resolve():
+            return "it is the working directory, one of its parents or the home directory"
+    entries = _entries(path)
+    if not entries:
+        return None
+    if not isinstance(_description(path), dict):
+        return "it is not a kdcache cache (no kdcache description in its zarr.json)"
+    foreign = sorted(e for e in entries if e not in CACHE_ENTRIES)
+    if foreign:
+        return f"it holds {foreign[0]!r}, which kdcache did not write"
+    return None
+
+
 def remove_cache(path: str | Path) -> None:
-    """Delete a cache directory (``--overwrite``)."""
+    """Delete a kdcache cache (``--overwrite``): only a directory or prefix that holds a kdcache
+    cache and nothing else, or an empty directory."""
+    refuse_file(path, "choose another --out")
+    reason = why_not_removable(path)
+    if reason is not None:
+        raise KdcacheError(f"--overwrite will not remove {path}: {reason}; choose another --out")
     if is_remote(path):
         fs, root = remote_fs(str(path))
         if fs.exists(root):
             fs.rm(root, recursive=True)
         return
-    refuse_file(path, "choose another --out")
-    if Path(path).is_dir():
-        shutil.rmtree(path)
+    p = Path(path)
+    for entry in p.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    p.rmdir()
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -1,68 +1,164 @@
-"""Finding damage: chunks that are missing or fail their checksum, with the rows they hold."""
+"""Finding damage: chunks that are missing, of the wrong size, corrupt, or not this cache's.
+
+Work is bounded by what is on disk, never by what a (possibly hostile) description claims:
+the inventory lists the files that exist and compares them with the expected chunks, naming at
+most :data:`MAX_LISTED` missing ones and counting the rest.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
+import zarr
 from zarr.core.sync import sync
 
+from ..errors import KdcacheError
+from ..format import BLOCKS, ArrayInfo
+from .chunkfile import read_chunk_file
 from .layout import chunk_key
 
 if TYPE_CHECKING:
     from .cache import TeacherCache
 
-__all__ = ["ChunkProblem", "missing_chunks", "verify"]
+__all__ = ["ChunkProblem", "inventory", "verify", "MAX_LISTED"]
+
+MAX_LISTED = 100
 
 
 @dataclass(frozen=True)
 class ChunkProblem:
-    """A chunk that is missing or fails its checksum, with the rows it holds."""
+    """A stored object (chunk, or shard on object storage) that is missing, the wrong size,
+    corrupt or misplaced, with the rows it holds (``count`` > 1: that many such objects)."""
 
     array: str
     chunk: int
     start: int
     stop: int
     reason: str
+    count: int = 1
+    unit: str = "chunk"  # or "block": what ``chunk`` counts
 
     def __str__(self) -> str:
-        return f"{self.array} chunk {self.chunk} (rows {self.start}..{self.stop - 1}): {self.reason}"
+        more = f" (and {self.count - 1} more like it)" if self.count > 1 else ""
+        return f"{self.array} {self.unit} {self.chunk} (rows {self.start}..{self.stop - 1}): {self.reason}{more}"
 
 
-def stored_chunks(cache: "TeacherCache", path: str) -> Iterator[tuple[int, int, int, str]]:
-    """``(chunk, first row, stop row, store key)`` of every stored object of array ``path``."""
-    array = cache.group[path]
-    chunk_rows = array.shards[0] if array.shards is not None else array.chunks[0]  # one stored object each
-    for c in range(-(-array.shape[0] // chunk_rows)):
-        yield c, c * chunk_rows, min((c + 1) * chunk_rows, array.shape[0]), chunk_key(path, array, c)
+def _objects(cache: "TeacherCache", path: str) -> tuple[int, int, int]:
+    """(rows per stored object, objects, array length) of array ``path``."""
+    if path == BLOCKS:
+        return 1, cache.n_blocks, cache.n_blocks
+    a: ArrayInfo = cache.array_info(path)
+    per = cache.block_rows if cache._layout()[path][3] else a.chunk_rows  # shards on object storage
+    return per, -(-cache.rows // per), cache.rows
 
 
-def _stored_keys(cache: "TeacherCache", path: str) -> set[str]:
+def _present(cache: "TeacherCache", path: str, ndim: int) -> dict[int, int | None]:
+    """Stored object index -> size in bytes (None where the store does not say), for the objects
+    that exist and are named as kdcache names them."""
+    tail = ("0",) * (ndim - 1)
+    found: dict[int, int | None] = {}
+    if isinstance(cache.group.store, zarr.storage.LocalStore):
+        root = Path(cache.path) / path / "c"
+        if root.is_dir():
+            for file in root.rglob("*"):
+                parts = file.relative_to(root).parts
+                if len(parts) == ndim and parts[0].isdigit() and parts[1:] == tail and file.is_file():
+                    found[int(parts[0])] = file.stat().st_size
+        return found
+
     async def listing() -> list[str]:
-        return [k async for k in cache.group.store.list_prefix(f"{path}/c")]
-    return set(sync(listing()))
+        return [k async for k in cache.group.store.list_prefix(f"{path}/c/")]
+    for key in sync(listing()):
+        parts = tuple(key[len(path) + 3:].split("/"))
+        if len(parts) == ndim and parts[0].isdigit() and parts[1:] == tail:
+            found[int(parts[0])] = None
+    return found
 
 
-def missing_chunks(cache: "TeacherCache") -> list[ChunkProblem]:
-    """Chunks whose file is gone (zarr would silently read them as zeros)."""
-    problems = []
+def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[ChunkProblem]:
+    """Expected objects that are missing or (local stores) of the wrong size. ``done`` (bool per
+    block) limits the check to finished blocks; by default every block. The description bounds
+    the number of objects (:data:`kdcache.format.MAX_OBJECTS`), so this loop is bounded too."""
+    problems: list[ChunkProblem] = []
     for path in cache.array_paths():
-        keys = _stored_keys(cache, path)
-        problems += [ChunkProblem(path, c, a, b, "chunk file is missing")
-                     for c, a, b, key in stored_chunks(cache, path) if key not in keys]
+        per, count, length = _objects(cache, path)
+        ndim = 2 if path == BLOCKS else 1 + len(cache.array_info(path).shape)
+        present = _present(cache, path, ndim)
+        size = None
+        if path != BLOCKS and isinstance(cache.group.store, zarr.storage.LocalStore):
+            size = per * cache.array_info(path).row_bytes + 4
+        listed: list[ChunkProblem] = []
+        for index in range(count):
+            if done is not None and not done[index if path == BLOCKS else index * per // cache.block_rows]:
+                continue  # an unfinished block's objects are not there yet
+            if index not in present:
+                reason = "chunk file is missing"
+            elif size is not None and present[index] != size:
+                reason = "chunk file has the wrong size"
+            else:
+                continue
+            if len(listed) < MAX_LISTED:
+                listed.append(ChunkProblem(path, index, index * per, min((index + 1) * per, length), reason))
+            else:
+                last = listed[-1]
+                listed[-1] = ChunkProblem(last.array, last.chunk, last.start, last.stop, last.reason, last.count + 1)
+        problems += listed
     return problems
+
+
+def _blocks_of(cache: "TeacherCache", problem: ChunkProblem) -> range:
+    if problem.array == BLOCKS:
+        return range(problem.chunk, problem.chunk + 1)
+    return range(problem.start // cache.block_rows, -(-problem.stop // cache.block_rows))
+
+
+def damaged_blocks(cache: "TeacherCache", problems: list[ChunkProblem]) -> list[int]:
+    """The write blocks that hold the rows of ``problems`` (a summarised problem's further
+    objects are not named: repair, then verify again)."""
+    return sorted({b for p in problems for b in _blocks_of(cache, p) if b < cache.n_blocks})
 
 
 def verify(cache: "TeacherCache") -> list[ChunkProblem]:
-    """Read every chunk of every array; return the missing and corrupt ones."""
-    problems = missing_chunks(cache)
-    seen = {(p.array, p.chunk) for p in problems}
-    for path in cache.array_paths():
-        for c, a, b, _ in stored_chunks(cache, path):
-            if (path, c) in seen:
-                continue
+    """Inventory, then read every finished block of every array through the checked reads
+    (crc32c; for format 3 the block digest binding it to this cache, array and position)."""
+    done = None
+    if not cache.complete:
+        done = cache.blocks_record()[:, 0].astype(bool)
+    problems = inventory(cache, done)
+    if len(problems) >= MAX_LISTED:
+        return problems
+    bad = set(damaged_blocks(cache, problems))
+    record = cache.blocks_record() if not bad or cache.meta.bound else None
+    for block in range(cache.n_blocks):
+        if block in bad or (done is not None and not done[block]):
+            continue
+        for path in cache.array_paths()[:-1]:
             try:
-                cache.group[path][a:b]
-            except Exception as err:  # a torn chunk can fail in any codec
-                problems.append(ChunkProblem(path, c, a, b, f"{type(err).__name__}: {err}"))
+                cache.load_block(path, block, record[block] if record is not None else None)
+            except KdcacheError as err:
+                problems += _pinpoint(cache, path, block) or [
+                    ChunkProblem(path, block, *cache.block_range(block), _reason(err), unit="block")]
     return problems
+
+
+def _reason(err: KdcacheError) -> str:
+    return str(err).split(": ", 2)[-1].split("; run kdcache verify")[0]
+
+
+def _pinpoint(cache: "TeacherCache", path: str, block: int) -> list[ChunkProblem]:
+    """The chunks of a bad block whose own crc32c fails (local stores); none when every chunk
+    is intact but the block is not this cache's (copied or moved)."""
+    if not isinstance(cache.group.store, zarr.storage.LocalStore):
+        return []
+    a = cache.array_info(path)
+    start, stop = cache.block_range(block)
+    found = []
+    for c in range(start // a.chunk_rows, -(-stop // a.chunk_rows)):
+        file = Path(cache.path) / chunk_key(path, cache.group[path], c)
+        if read_chunk_file(file, a, check_crc=True) is None:
+            found.append(ChunkProblem(path, c, c * a.chunk_rows, min((c + 1) * a.chunk_rows, cache.rows),
+                                      "checksum mismatch (the chunk is corrupt)"))
+    return found
