@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -16,6 +17,18 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Offline knowledge distillation: dump the teacher once, train students from the cache.")
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """Print one or more lines with control characters escaped: text from a cache's metadata or
+    from files must not reach the terminal raw (escape sequences, carriage returns)."""
+    typer.echo("\n".join(_printable(line) for line in str(text).split("\n")), err=err)
+
+
+def _printable(line: str) -> str:
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a KdcacheError as one line and exit 2; Ctrl-C exits 130 without a traceback."""
     @functools.wraps(fn)
@@ -23,10 +36,10 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KdcacheError as err:
-            typer.echo(f"kdcache: error: {err}", err=True)
-            raise typer.Exit(2) from None
+            _echo(f"kdcache: error: {err}", err=True)
+            raise typer.Exit(getattr(err, "exit_code", 2)) from None
         except KeyboardInterrupt:
-            typer.echo("kdcache: interrupted; rerun the same command to resume", err=True)
+            _echo("kdcache: interrupted; rerun the same command to resume", err=True)
             raise typer.Exit(130) from None
     return wrapper
 
@@ -78,10 +91,10 @@ def dump_teacher_cmd(
                  progress=progress)
     values = _merge_config(config, flags)
     t_kwargs, d_kwargs = _kwargs_of(values, "teacher_kwargs"), _kwargs_of(values, "dataset_kwargs")
-    teacher_spec, dataset_spec = values.pop("teacher", None), values.pop("dataset", None)
+    teacher_spec, dataset_spec = _text(values, "teacher"), _text(values, "dataset")
     if not teacher_spec or not dataset_spec:
         raise KdcacheError("--teacher and --dataset are required (as flags or in --config)")
-    ckpt, out_path = values.pop("checkpoint", None), values.pop("out", None)
+    ckpt, out_path = _text(values, "checkpoint"), _text(values, "out")
     settings = DumpConfig.from_mapping(values)
 
     model = load_model(teacher_spec, t_kwargs, ckpt)
@@ -90,7 +103,7 @@ def dump_teacher_cmd(
                          teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
                                        "checkpoint": str(ckpt) if ckpt else None},
                          dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
-    typer.echo(cache.path)
+    _echo(cache.path)
 
 
 def _load_config(path: Optional[Path]) -> dict[str, Any]:
@@ -109,6 +122,16 @@ def _load_config(path: Optional[Path]) -> dict[str, Any]:
 def _merge_config(config: Optional[Path], flags: dict[str, Any]) -> dict[str, Any]:
     """The ``--config`` file's keys, overridden by the flags given (those not None)."""
     return {**_load_config(config), **{k: v for k, v in flags.items() if v is not None}}
+
+
+def _text(values: dict[str, Any], key: str) -> str | None:
+    """Pop a spec or path setting: a string (a flag's path too), or None when not given."""
+    raw = values.pop(key, None)
+    if raw is None or isinstance(raw, str):
+        return raw
+    if isinstance(raw, Path):
+        return str(raw)
+    raise KdcacheError(f"--{key.replace('_', '-')} must be a string, got {raw!r:.60}")
 
 
 def _kwargs_of(values: dict[str, Any], key: str) -> dict[str, Any]:
@@ -173,12 +196,12 @@ def train_student_cmd(
         values["hints"] = values.pop("hint")
     s_kwargs, d_kwargs, e_kwargs, t_kwargs = (_kwargs_of(values, k) for k in (
         "student_kwargs", "dataset_kwargs", "eval_dataset_kwargs", "online_teacher_kwargs"))
-    student_spec, dataset_spec = values.pop("student", None), values.pop("dataset", None)
+    student_spec, dataset_spec = _text(values, "student"), _text(values, "dataset")
     if not student_spec or not dataset_spec:
         raise KdcacheError("--student and --dataset are required (as flags or in --config)")
-    cache_path, eval_spec = values.pop("cache", None), values.pop("eval_dataset", None)
-    teacher_spec, teacher_ckpt = values.pop("online_teacher", None), values.pop("online_teacher_checkpoint", None)
-    out_dir = Path(values.pop("out", "student-out"))
+    cache_path, eval_spec = _text(values, "cache"), _text(values, "eval_dataset")
+    teacher_spec, teacher_ckpt = _text(values, "online_teacher"), _text(values, "online_teacher_checkpoint")
+    out_dir = Path(_text(values, "out") or "student-out")
     settings = TrainConfig.from_mapping(values)
 
     model = load_model(student_spec, s_kwargs, role="student")
@@ -191,8 +214,8 @@ def train_student_cmd(
     final = result.final
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
              if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}
-    typer.echo(json.dumps(shown))
-    typer.echo(str(out_dir / "student.pt"))
+    _echo(json.dumps(shown))
+    _echo(str(out_dir / "student.pt"))
 
 
 def _size(n: float) -> str:
@@ -241,7 +264,7 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
     if meta.dump is not None and meta.dump.rows_per_s is not None:
         lines.append(f"dump         {meta.dump.rows_per_s:.0f} rows/s, {meta.dump.mb_per_s} MB/s on {meta.dump.device}")
     lines.append("versions     " + " ".join(f"{k} {v}" for k, v in meta.versions.items()))
-    typer.echo("\n".join(lines))
+    _echo("\n".join(lines))
 
 
 @app.command("ls")
@@ -263,16 +286,16 @@ def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a direct
         try:
             cache = TeacherCache.open(entry)
         except KdcacheError as err:
-            typer.echo(f"{entry}  unreadable: {err}")
+            _echo(f"{entry}  unreadable: {err}")
             continue
         found += 1
         outputs = ",".join(a.path for o in cache.outputs.values() for a in o.arrays.values())
         teacher = cache.meta.teacher
         size = sum(cache.nbytes_on_disk().values())
-        typer.echo(f"{entry}  {'complete' if cache.complete else 'incomplete'}  {cache.rows} rows  {outputs}  "
+        _echo(f"{entry}  {'complete' if cache.complete else 'incomplete'}  {cache.rows} rows  {outputs}  "
                    f"{_size(size)}  teacher {teacher.spec or teacher.class_name}")
     if not found:
-        typer.echo(f"no caches under {root}", err=True)
+        _echo(f"no caches under {root}", err=True)
 
 
 @app.command("verify")
@@ -296,9 +319,12 @@ def verify_cmd(
                            "kdcache never runs code named in a cache")
     problems = cache.verify()
     for problem in problems:
-        typer.echo(f"BAD {problem}")
+        _echo(f"BAD {problem}")
+    if problems:
+        _echo(f"cache {path} is damaged: repair it with the dump-teacher command that wrote it plus --repair "
+              "(only the damaged blocks are written again)")
     if not cache.complete:
-        typer.echo(f"cache {path} is incomplete: rerun its dump-teacher command to finish it")
+        _echo(f"cache {path} is incomplete: rerun its dump-teacher command to finish it")
     bad_rows: list[int] = []
     if replay > 0:
         from .dataset import replay_mismatches
@@ -308,19 +334,24 @@ def verify_cmd(
         bad_rows, checked = replay_mismatches(data, cache, replay)
         for row in bad_rows[:20]:
             sample, view = divmod(row, cache.views)
-            typer.echo(f"BAD replay: view {view} of sample {sample} (row {row}) differs from the input the teacher saw")
+            _echo(f"BAD replay: view {view} of sample {sample} (row {row}) differs from the input the teacher saw")
         if bad_rows:
-            typer.echo(f"{len(bad_rows)} of {checked} replayed rows differ: the dataset changed or its transform is not "
+            _echo(f"{len(bad_rows)} of {checked} replayed rows differ: the dataset changed or its transform is not "
                        "deterministic under a seed (draw randomness from torch, numpy.random or random)")
         else:
-            typer.echo(f"replay: {checked} rows regenerated, every input matches its dump-time digest")
+            _echo(f"replay: {checked} rows regenerated, every input matches its dump-time digest")
     if problems or bad_rows or not cache.complete:
         raise typer.Exit(1)
-    typer.echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
+    _echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        if "torch.distributed" in sys.modules:  # only a command that used it imported it
+            from .distributed import shutdown
+            shutdown()
 
 
 if __name__ == "__main__":

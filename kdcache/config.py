@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -21,11 +22,12 @@ __all__ = ["DumpConfig", "TrainConfig", "Hint", "AMP_CHOICES"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 HINT_KINDS = ("mse", "cosine", "attention")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DEFAULT_MASK_KEY = "attention_mask"
 
 
 def _describe(kind: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) is tuple:
         return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
@@ -177,6 +179,7 @@ class DumpConfig(_Settings):
             (self.vocab_size is None or self.vocab_size >= 1, "vocab_size must be >= 1"),
             (self.views is None or self.views >= 1, "views must be >= 1"),
             (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}"),
+            (_DEVICE.fullmatch(self.device) is not None, "device must be auto, cpu, cuda or cuda:N"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.block_rows is None or self.block_rows >= 1, "block_rows must be >= 1"),
@@ -253,6 +256,7 @@ class TrainConfig(_Settings):
                 (self.seed >= 0, "seed must be >= 0"),
                 (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
                 (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}"),
+                (_DEVICE.fullmatch(self.device) is not None, "device must be auto, cpu, cuda or cuda:N"),
                 (self.in_memory in ("auto", "yes", "no"), "in_memory must be auto, yes or no"),
                 (self.num_workers >= 0, "num_workers must be >= 0"),
                 (self.view in ("cycle", "random"), "view must be cycle or random")]

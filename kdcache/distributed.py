@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "barrier", "broadcast", "gather", "local_device"]
+__all__ = ["world", "barrier", "broadcast", "gather", "local_device", "shutdown"]
 
 
 def world() -> tuple[int, int]:
@@ -57,3 +57,11 @@ def gather(value: Any) -> list[Any]:
     out: list[Any] = [None] * world()[1]
     dist.all_gather_object(out, value)
     return out
+
+
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits: a gloo group still alive at exit
+    can abort the process ("terminate called without an active exception"). Callers meet at a
+    barrier first where every rank finished the same work."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

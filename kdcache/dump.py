@@ -126,6 +126,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         if plan is _Plan.HIT:
             if rank == 0:
                 log(f"cache hit: {path}")
+            distributed.barrier()  # no rank leaves while another still reads rank 0's word
             return TeacherCache.open(path)
 
         # run the teacher over this rank's unfinished blocks
@@ -183,6 +184,7 @@ def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: 
         except KdcacheError:  # e.g. another dump is creating it this instant: decide under the lock
             cache = None
         if cache is not None and cache.complete:
+            cache.check_layout()  # a damaged cache is no hit: say so (verify, --repair)
             return None, None
     lock = DumpLock(path)
     lock.acquire(on_wait=lambda who: log(f"waiting for the dump already writing {path} ({who})"))
@@ -194,6 +196,7 @@ def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: 
                                    "run the dump without --repair")
             _repair(cache, log)
         if cache is not None and cache.complete:
+            cache.check_layout()
             return None, lock
         if cache is None:
             cache = _create(teacher.to(dev).eval(), dataset, path, meta, cfg, dev)

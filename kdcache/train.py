@@ -7,6 +7,7 @@ side-by-side comparisons the same loop also accepts a live ``teacher`` module (o
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKL
 from .store import TeacherCache
 from .targets import SampledTargets, TeacherTargets, TopKTargets
 
-__all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate"]
+__all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate", "NonFiniteLoss"]
 
 @dataclass
 class TrainResult:
@@ -234,20 +235,27 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         try:
             for epoch in range(cfg.epochs):
                 sampler.set_epoch(epoch)
-                record = _epoch(model, loader, source, capture, hint_losses, kd_loss, optimizer, cfg, dev, amp, bar)
+                try:
+                    record = _epoch(model, loader, source, capture, hint_losses, kd_loss, optimizer, cfg, dev, amp,
+                                    bar)
+                except NonFiniteLoss as err:
+                    kept = (f"{out_dir / 'student.pt'} holds epoch {epoch}, the last finite one" if epoch and out_dir
+                            else "no epoch finished, so nothing was saved")
+                    raise NonFiniteLoss(err.step, f"the training loss became NaN/inf at epoch {epoch + 1}, step "
+                                                  f"{err.step} ({kept}); lower --lr or --temperature, or check the "
+                                                  "cache (dumped with --allow-nonfinite?) and the data") from None
                 record = {"epoch": epoch + 1, **record}
                 if eval_dataset is not None and rank == 0:
                     record.update(evaluate(student, eval_dataset, batch_size=max(cfg.batch_size, 256), device=dev))
                 result.metrics.append(record)
                 bar.set_postfix({k: round(v, 4) for k, v in record.items() if k in ("loss", "eval_acc")})
-                if out_dir is not None:
+                if out_dir is not None:  # every finished epoch is kept: a later failure loses no work
                     with open(out_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    _save(out_dir, student, hint_losses, cfg, student_spec, cache)
         finally:
             bar.close()
             source.close()
-    if out_dir is not None:
-        _save(out_dir, student, hint_losses, cfg, student_spec, cache)
     return result
 
 
@@ -287,6 +295,7 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
     student.train()
     world = distributed.world()[1]
     sums = torch.zeros(3 + len(hint_losses), device=dev)  # loss, kd, ce, hints...; one sync per epoch
+    first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # the first step with a NaN/inf loss
     rows = steps = 0
     non_blocking = dev.type == "cuda"
     t0 = time.perf_counter()
@@ -317,14 +326,18 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
                     p.grad /= world
             optimizer.step()
         sums += torch.stack([loss.detach().float(), *[p.detach().float() for p in parts]])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), steps, first_bad)
         rows += len(labels)
         steps += 1
         bar.update(1)
     seconds = time.perf_counter() - t0
-    if world > 1:  # every rank's share of the epoch
+    if world > 1:  # every rank's share of the epoch; a NaN on any rank stops them all
         totals = torch.cat([sums, torch.tensor([rows, steps], dtype=sums.dtype, device=dev)])
         torch.distributed.all_reduce(totals)
         sums, rows, steps = totals[:-2], int(totals[-2]), int(totals[-1])
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MAX)
+    if int(first_bad) >= 0:
+        raise NonFiniteLoss(int(first_bad) + 1)
     means = (sums / max(steps, 1)).tolist()
     record = {"loss": means[0], "kd": means[1], "ce": means[2]}
     record.update({f"hint:{h}": v for h, v in zip(cfg.hints, means[3:])})
@@ -343,10 +356,27 @@ def _labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 def _save(out: Path, student: nn.Module, hint_losses: list[nn.Module], cfg: TrainConfig,
           student_spec: dict[str, Any] | None, cache: Any) -> None:
+    """Write the checkpoint files, each to a temp file renamed into place (never half-written)."""
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-    torch.save({"state_dict": state, "spec": student_spec or {"class": type(student).__qualname__}}, out / "student.pt")
+    _replace(out / "student.pt", {"state_dict": state, "spec": student_spec or {"class": type(student).__qualname__}})
     if hint_losses:
-        torch.save({str(h): m.state_dict() for h, m in zip(cfg.hints, hint_losses)}, out / "hints.pt")
+        _replace(out / "hints.pt", {str(h): m.state_dict() for h, m in zip(cfg.hints, hint_losses)})
     cache_path = cache.path if isinstance(cache, TeacherCache) else (str(cache) if cache is not None else None)
     (out / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": cache_path, "student": student_spec},
                                                 indent=2) + "\n")
+
+
+def _replace(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class NonFiniteLoss(KdcacheError):
+    """Training stopped on a NaN/inf loss; the CLI exits with status 1 (not a usage mistake)."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, message: str = "") -> None:
+        super().__init__(message or f"NaN/inf loss at step {step}")
+        self.step = step

@@ -54,6 +54,8 @@ class TeacherCache:
         self.group = group
         self.meta = meta if meta is not None else read_meta(group, self.path)
         self._files: ChunkFileWriter | None = None
+        self._blocks: np.ndarray | None = None
+        self._arrays = {a.path: a for a in self.meta.data_arrays()}
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
@@ -211,10 +213,7 @@ class TeacherCache:
         return [a.path for a in self.meta.data_arrays()] + [BLOCKS]
 
     def array_info(self, path: str) -> ArrayInfo:
-        for a in self.meta.data_arrays():
-            if a.path == path:
-                return a
-        raise KeyError(path)
+        return self._arrays[path]
 
     # ---- dump side --------------------------------------------------------------------------
     def blocks_record(self) -> np.ndarray:
@@ -235,6 +234,7 @@ class TeacherCache:
         written = {**arrays, ROW_DIGEST: digests}
         bound = [block_digest(self.fingerprint, path, block, written[path]) for path in self.meta.bound]
         self._write_rows(BLOCKS, block, np.array([[1, *stats, *bound]], dtype=np.int64))
+        self._blocks = None
         fault_point("block")
 
     def forget_blocks(self, blocks: list[int]) -> None:
@@ -242,6 +242,7 @@ class TeacherCache:
         of the dump writes them again."""
         for block in blocks:
             self._write_rows(BLOCKS, block, np.zeros((1, self.meta.record_fields), np.int64))
+        self._blocks = None
         if self.complete:
             self.meta = replace(self.meta, complete=False)
             write_meta(self.group, self.meta)
@@ -262,7 +263,7 @@ class TeacherCache:
             rows = data[lo:lo + chunk_rows]
             if len(rows) < chunk_rows:  # the edge chunk is stored at full size, zero-padded
                 rows = np.concatenate([rows, np.zeros((chunk_rows - len(rows), *rows.shape[1:]), rows.dtype)])
-            jobs.append((Path(self.path) / chunk_key(path, array, (start + lo) // chunk_rows), rows))
+            jobs.append((Path(self.path) / chunk_key(path, array.ndim, (start + lo) // chunk_rows), rows))
         for future in [io_pool().submit(self._files.write, file, rows) for file, rows in jobs]:
             future.result()
 
@@ -304,7 +305,7 @@ class TeacherCache:
                                           f"({type(err).__name__})") from None
         if self.meta.bound and path in self.meta.bound:
             if record is None:
-                record = self.group[BLOCKS][block]
+                record = self._record()[block]
             column = 5 + self.meta.bound.index(path)
             if not record[0] or int(record[column]) != block_digest(self.fingerprint, path, block, data):
                 raise _damaged(self.path, f"{path} rows {start}..{stop - 1} are not the rows this cache wrote there "
@@ -313,11 +314,10 @@ class TeacherCache:
 
     def _read_local(self, a: ArrayInfo, start: int, stop: int, check_crc: bool) -> np.ndarray:
         """Rows ``start:stop`` read from the chunk files themselves (never a fill value)."""
-        array = self.group[a.path]
         out = np.empty((stop - start, *a.shape), a.dtype)
         for c in range(start // a.chunk_rows, -(-stop // a.chunk_rows)):
             lo, hi = c * a.chunk_rows, min((c + 1) * a.chunk_rows, self.rows)
-            file = Path(self.path) / chunk_key(a.path, array, c)
+            file = Path(self.path) / chunk_key(a.path, 1 + len(a.shape), c)
             chunk = read_chunk_file(file, a, check_crc)
             if chunk is None:
                 raise _damaged(self.path, f"{a.path} rows {lo}..{hi - 1}: the chunk file is missing or has the wrong "
@@ -326,10 +326,17 @@ class TeacherCache:
             out[take_lo - start:take_hi - start] = chunk[take_lo - lo:take_hi - lo]
         return out
 
+    def _record(self) -> np.ndarray:
+        """The completion record as of the first read (a reader's cache is finished: it does not
+        change under it; a dump reads :meth:`blocks_record` afresh)."""
+        if self._blocks is None:
+            self._blocks = self.blocks_record()
+        return self._blocks
+
     def load_array(self, path: str) -> np.ndarray:
         """Every row of array ``path``, each block checked as by :meth:`load_block`."""
         a = self.array_info(path)
-        record = self.blocks_record() if self.meta.bound else None
+        record = self._record() if self.meta.bound else None
         out = np.empty((self.rows, *a.shape), a.dtype)
         for block in range(self.n_blocks):
             start, stop = self.block_range(block)

@@ -3,8 +3,6 @@ whole chunks of every array, so no two writers ever touch one chunk."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..errors import KdcacheError
 
 __all__ = ["plan_blocks", "chunk_key", "TARGET_CHUNK_BYTES", "MAX_BLOCK_BYTES"]
@@ -12,7 +10,10 @@ __all__ = ["plan_blocks", "chunk_key", "TARGET_CHUNK_BYTES", "MAX_BLOCK_BYTES"]
 TARGET_CHUNK_BYTES = 2 << 20
 MAX_BLOCK_BYTES = 128 << 20
 MAX_CHUNK_ROWS = 1 << 16
-MIN_BLOCKS, MIN_BLOCK_ROWS = 16, 1024
+# The block is the unit of resumable work: an interrupt loses at most the blocks being filled.
+# 1,024 rows is ~10 s of a teacher that manages 100 rows/s; a cache of 1M rows then has ~1,000
+# blocks (a few files each), which costs the dump and the readers little (README, Benchmarks).
+MAX_BLOCK_ROWS = 1024
 
 
 def plan_blocks(row_bytes: dict[str, int], rows: int, block_rows: int | None = None) -> tuple[int, dict[str, int]]:
@@ -20,20 +21,16 @@ def plan_blocks(row_bytes: dict[str, int], rows: int, block_rows: int | None = N
 
     Each array aims at ~2 MB chunks (never more rows than the cache has, rounded up to a
     power of two, since zarr stores an edge chunk at full size); the block is the largest
-    chunk, capped at 128 MB of all arrays together, since a block is held in host memory
-    until written, and halved (not below 1,024 rows) until the cache has 16 blocks.
+    chunk, at most 1,024 rows (the unit of resumable work) and 128 MB of all arrays together
+    (a block is held in host memory until written); chunks never span blocks.
     """
     cap = min(MAX_CHUNK_ROWS, 1 << max(0, rows - 1).bit_length())
     ideal = {p: max(1, min(cap, 1 << max(0, (TARGET_CHUNK_BYTES // max(b, 1)).bit_length() - 1)))
              for p, b in row_bytes.items()}
     if block_rows is None:
-        block_rows = max(ideal.values())
+        block_rows = min(max(ideal.values()), MAX_BLOCK_ROWS)
         total = sum(row_bytes.values()) + 8
         while block_rows > 1 and block_rows * total > MAX_BLOCK_BYTES:
-            block_rows //= 2
-        # at least MIN_BLOCKS blocks (down to MIN_BLOCK_ROWS rows each): writes overlap the
-        # teacher, resume is fine-grained and torchrun ranks all get blocks
-        while block_rows > MIN_BLOCK_ROWS and rows < MIN_BLOCKS * block_rows:
             block_rows //= 2
     elif block_rows < 1:
         raise KdcacheError(f"block rows must be >= 1, got {block_rows}")
@@ -46,6 +43,8 @@ def plan_blocks(row_bytes: dict[str, int], rows: int, block_rows: int | None = N
     return block_rows, chunks
 
 
-def chunk_key(path: str, array: Any, chunk: int) -> str:
-    """Store key of row-chunk ``chunk`` of the zarr array at ``path`` (chunks span every other axis)."""
-    return f"{path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
+def chunk_key(path: str, ndim: int, chunk: int) -> str:
+    """Store key of row-chunk ``chunk`` of the ``ndim``-dimensional array at ``path``: zarr's
+    default encoding with "/" (chunks span every other axis), which every cache array has
+    (checked at open)."""
+    return f"{path}/c/{chunk}" + "/0" * (ndim - 1)

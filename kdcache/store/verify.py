@@ -157,7 +157,7 @@ def _pinpoint(cache: "TeacherCache", path: str, block: int) -> list[ChunkProblem
     start, stop = cache.block_range(block)
     found = []
     for c in range(start // a.chunk_rows, -(-stop // a.chunk_rows)):
-        file = Path(cache.path) / chunk_key(path, cache.group[path], c)
+        file = Path(cache.path) / chunk_key(path, 1 + len(a.shape), c)
         if read_chunk_file(file, a, check_crc=True) is None:
             found.append(ChunkProblem(path, c, c * a.chunk_rows, min((c + 1) * a.chunk_rows, cache.rows),
                                       "checksum mismatch (the chunk is corrupt)"))
