@@ -17,22 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 import kdcache
+from bench_read import Teacher  # the same (N, 32) -> hidden 256 -> 100 classes teacher
 from kdcache import CachedTeacherDataset, TeacherCache
 from kdcache.store import block_digest
-
-
-class Teacher(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(32, 256)
-        self.head = nn.Linear(256, 100)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.hidden(x)))
 
 
 def cpu_seconds(fn) -> tuple[float, object]:
