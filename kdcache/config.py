@@ -161,6 +161,7 @@ class DumpConfig(_Settings):
     block_rows: int | None = None
     allow_nonfinite: bool = False
     writer_threads: int = 8
+    layout: str = "auto"
     cache_root: str | None = field(default=None, metadata={"path": True})
     overwrite: bool = False
     repair: bool = False
@@ -184,6 +185,7 @@ class DumpConfig(_Settings):
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.block_rows is None or self.block_rows >= 1, "block_rows must be >= 1"),
             (self.writer_threads >= 1, "writer_threads must be >= 1"),
+            (self.layout in ("auto", "packed", "padded"), "layout must be auto, packed or padded"),
             (not (self.repair and self.overwrite), "repair and overwrite exclude each other: repair keeps the "
                                                    "cache's good blocks, overwrite replaces it"),
         ]

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, defaul
 
 from .targets import TeacherTargets
 from .errors import KdcacheError
-from .format import VIEW_PARAMS
-from .items import fetch_batch, row_digests
+from .format import SPANS, VIEW_PARAMS
+from .items import fetch_batch, input_mask, row_digests
+from .packing import row_token_starts, scatter_tokens, target_mask
 from .store import TeacherCache, dataset_digest, dump_in_progress, is_remote
 from .views import ViewedDataset
 
@@ -191,7 +192,9 @@ class CachedTeacherDataset(Dataset):
         if n * opened.views != opened.rows:
             raise KdcacheError(f"the dataset has {n} rows but cache {opened.path} has {opened.rows // opened.views}: "
                                "use the dataset the cache was dumped from, or dump this one")
-        if check_inputs and dataset_digest(self.source) != opened.meta.dataset.digest:
+        # a packed cache digests real tokens only (padding is not part of the input it recorded)
+        self.digest_mask = opened.meta.mask_key if opened.meta.packed is not None else None
+        if check_inputs and dataset_digest(self.source, self.digest_mask) != opened.meta.dataset.digest:
             if opened.seed is not None:
                 raise KdcacheError(f"the views regenerated from their seeds differ from the ones cache {opened.path} was "
                                    f"dumped from: {_VIEW_MISMATCH}")
@@ -209,10 +212,15 @@ class CachedTeacherDataset(Dataset):
         self.digests = opened.row_digests()
         # a TensorDataset row cannot change short of an in-place write: check it once
         self._checked = np.zeros(opened.rows, bool) if type(self.source) is TensorDataset else None
-        need = sum(o.row_bytes for o in self.outputs.values()) * opened.rows
+        need = sum(opened.length(a) * a.row_bytes for a in self.arrays.values())
         wanted = _in_memory(in_memory)
         self.in_memory = need <= memory_budget if wanted == "auto" else wanted == "yes"
         self.rows, self.block_rows = opened.rows, opened.block_rows
+        self.packed = opened.meta.packed
+        if self.packed is not None:  # where each row's stored tokens start on the token axis
+            self.spans = opened.load_array(SPANS)
+            self.token_blocks = opened.token_blocks()
+            self.token_start = row_token_starts(self.spans[:, 1], self.token_blocks[:, 0], self.block_rows)
         self._arrays = {p: opened.load_array(p) for p in self.arrays} if self.in_memory else None
         self._chunk_cache_bytes = chunk_cache_bytes
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -287,19 +295,35 @@ class CachedTeacherDataset(Dataset):
         return data
 
     def _rows(self, path: str, idx: np.ndarray) -> np.ndarray:
+        """Stored rows ``idx`` of a row array; of a packed per-token array, the stored tokens of
+        rows ``idx``, one row after the other."""
+        spec = self.arrays[path]
+        if spec.per_token:
+            counts = self.spans[idx, 1].astype(np.int64)
+            starts = self.token_start[idx]
+            idx = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+            block_ids = np.searchsorted(self.token_blocks[:, 0], idx, side="right") - 1
+            offsets = self.token_blocks[:, 0]
+        else:
+            block_ids = idx // self.block_rows
+            offsets = np.arange(0, self.rows, self.block_rows)
         if self._arrays is not None:
             return self._arrays[path][idx]
-        spec = self.arrays[path]
-        block_ids = idx // self.block_rows
         out = np.empty((len(idx), *spec.shape), spec.dtype)
         for b in np.unique(block_ids):
             mask = block_ids == b
-            out[mask] = self._block(path, int(b))[idx[mask] - b * self.block_rows]
+            out[mask] = self._block(path, int(b))[idx[mask] - offsets[b]]
         return out
 
-    def _teacher_rows(self, name: str, idx: np.ndarray) -> Any:
+    def _teacher_rows(self, name: str, idx: np.ndarray, targets: torch.Tensor | None) -> Any:
+        """Decoded teacher rows of output ``name``; a packed output's tokens placed at the batch's
+        positions that have a target (``targets``, (B, L))."""
         spec = self.outputs[name]
-        return spec.codec.decode({key: self._rows(a.path, idx) for key, a in spec.arrays.items()}, self.dtype)
+        stored = {key: self._rows(a.path, idx) for key, a in spec.arrays.items()}
+        if self.packed is not None and name in self.packed.outputs:
+            assert targets is not None
+            stored = {key: scatter_tokens(rows, targets) for key, rows in stored.items()}
+        return spec.codec.decode(stored, self.dtype)
 
     def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
         samples = np.asarray(indices, dtype=np.int64)
@@ -307,8 +331,9 @@ class CachedTeacherDataset(Dataset):
             raise IndexError(f"row index out of range for a cache of {len(self)} rows")
         idx = self.cache_rows(samples)
         inputs, labels = fetch_batch(self.source, idx)
+        mask = input_mask(inputs, self.mask_key)
         if self.check_inputs and (self._checked is None or not self._checked[idx].all()):
-            bad = np.flatnonzero(row_digests(inputs) != self.digests[idx])
+            bad = np.flatnonzero(row_digests(inputs, mask if self.digest_mask else None) != self.digests[idx])
             if bad.size:
                 if self.meta.seed is not None:
                     sample, view = divmod(int(idx[bad[0]]), self.views)
@@ -320,10 +345,11 @@ class CachedTeacherDataset(Dataset):
                                    "if the difference is deliberate")
             if self._checked is not None:
                 self._checked[idx] = True
-        teacher = TeacherTargets(logits=self._teacher_rows("logits", idx),
-                                 hidden={h: self._teacher_rows(h, idx) for h in self.hidden},
-                                 # sequences: True for real tokens, False for padding
-                                 mask=inputs[self.mask_key].bool() if self.mask_key is not None else None)
+        if self.packed is not None:  # the real positions that have a target (all of a dump's)
+            mask = target_mask(mask, torch.from_numpy(self.spans[idx]))
+        teacher = TeacherTargets(logits=self._teacher_rows("logits", idx, mask),
+                                 hidden={h: self._teacher_rows(h, idx, mask) for h in self.hidden},
+                                 mask=mask)  # sequences: True where a position counts, False for padding
         return TeacherBatch(inputs, labels, teacher)
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:
@@ -394,8 +420,9 @@ def replay_mismatches(dataset: Any, cache: TeacherCache | str | Path, n: int, *,
     rows = np.sort(np.random.default_rng(seed).choice(opened.rows, size=min(n, opened.rows), replace=False))
     recorded = opened.row_digests()
     bad: list[int] = []
+    mask_key = opened.meta.mask_key if opened.meta.packed is not None else None
     for s in range(0, len(rows), batch_size):
         part = rows[s:s + batch_size]
         inputs, _ = fetch_batch(source, part.tolist())
-        bad += part[row_digests(inputs) != recorded[part]].tolist()
+        bad += part[row_digests(inputs, input_mask(inputs, mask_key)) != recorded[part]].tolist()
     return bad, len(rows)

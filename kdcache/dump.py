@@ -31,13 +31,14 @@ from . import __version__, distributed
 from .capture import HiddenCapture, check_module_names
 from .config import DumpConfig
 from .errors import KdcacheError
-from .format import ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec, TeacherInfo, Vocab
-from .items import (autocast, call_model, collate_items, fetch_batch, move_inputs, resolve_amp, resolve_device,
-                    row_digests, select_output)
+from .format import SPANS, ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec, PackedTokens, TeacherInfo, Vocab
+from .items import (autocast, call_model, collate_items, fetch_batch, input_mask, move_inputs, resolve_amp,
+                    resolve_device, row_digests, select_output)
 from .store import (DumpLock, TeacherCache, dataset_digest, fault_point, fingerprint, is_remote, plan_blocks,
                     remove_cache, weights_digest)
 from .store.location import exists, refuse_file
 from .store.verify import damaged_blocks
+from .packing import place_blocks, token_counts
 from .views import ViewedDataset
 from .writer import BlockWriter, EncodedBatch
 
@@ -88,9 +89,10 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
     if cfg.views is not None:  # rows are (sample, view) pairs, each view's transform seeded
         dataset = ViewedDataset(dataset, cfg.views, cfg.seed or 0)
     viewed = isinstance(dataset, ViewedDataset)
+    cfg = cfg.updated(layout=_layout(dataset, cfg))
 
     # resolve the target: the fingerprint names the cache
-    data_digest, w_digest = dataset_digest(dataset), weights_digest(teacher)
+    data_digest, w_digest = dataset_digest(dataset, _digest_mask(cfg)), weights_digest(teacher)
     fp = fingerprint(w_digest, data_digest, cfg.fingerprint_inputs(amp, viewed and dataset.explicit))
     path = _target(out, cfg.cache_root, fp)
     rank, world = distributed.world()
@@ -203,11 +205,28 @@ def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: 
             fault_point("created")
         else:
             cache.create_missing_arrays()  # a creation that was interrupted
+            _ensure_token_blocks(cache, dataset, cfg)
         cache.remove_partial_files()  # a killed writer's temp files; we hold the lock
         return cache, lock
     except BaseException:
         lock.release()
         raise
+
+
+def _ensure_token_blocks(cache: TeacherCache, dataset: Any, cfg: DumpConfig) -> None:
+    """A packed cache whose creation stopped before it placed its blocks on the token axis:
+    place them again (the same counts give the same placement, checked by its crc)."""
+    if cache.meta.packed is None:
+        return
+    try:
+        cache.token_blocks()
+    except KdcacheError:
+        _, placed, crc = place_blocks(token_counts(dataset, cfg.mask_key, cfg.batch_size), cache.block_rows,
+                                      max(a.row_bytes for a in cache.meta.data_arrays() if a.per_token))
+        if crc != cache.meta.packed.blocks_crc:
+            raise KdcacheError(f"the dataset's attention masks differ from those cache {cache.path} was created for; "
+                               "use that dataset, or dump to another --out") from None
+        cache.write_token_blocks(placed)
 
 
 def _repair(cache: TeacherCache, log: Callable[[str], None]) -> None:
@@ -223,6 +242,20 @@ def _repair(cache: TeacherCache, log: Callable[[str], None]) -> None:
         log(f"nothing to repair in {cache.path}: every block verifies")
 
 
+def _layout(dataset: Any, cfg: DumpConfig) -> str:
+    """``packed`` (only real tokens stored) for sequences with an attention mask, unless asked
+    otherwise; ``padded`` (fixed positions, padding stored as zeros) for everything else."""
+    if cfg.layout != "auto":
+        return cfg.layout
+    inputs, _ = fetch_batch(dataset, [0])
+    return "packed" if input_mask(inputs, cfg.mask_key) is not None else "padded"
+
+
+def _digest_mask(cfg: DumpConfig) -> str | None:
+    """The mask key row digests see: a packed cache digests real tokens only."""
+    return cfg.mask_key if cfg.layout == "packed" else None
+
+
 def _versions() -> dict[str, str]:
     return {"kdcache": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
@@ -232,8 +265,8 @@ class _Batches(torch.utils.data.Dataset):
     """Item i is batch i of the dump: (first row, inputs, labels, input digests, explicit view
     parameters or None)."""
 
-    def __init__(self, dataset: Any, batches: Sequence[tuple[int, int]]) -> None:
-        self.dataset, self.batches = dataset, list(batches)
+    def __init__(self, dataset: Any, batches: Sequence[tuple[int, int]], mask_key: str | None) -> None:
+        self.dataset, self.batches, self.mask_key = dataset, list(batches), mask_key
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -246,7 +279,7 @@ class _Batches(torch.utils.data.Dataset):
             inputs, labels = collate_items(items, range(start, stop))
         else:
             inputs, labels = fetch_batch(self.dataset, range(start, stop))
-        return start, inputs, labels, row_digests(inputs), params
+        return start, inputs, labels, row_digests(inputs, input_mask(inputs, self.mask_key)), params
 
 
 def _plan_batches(cache: TeacherCache, blocks: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
@@ -271,17 +304,6 @@ def _forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key
         return {"logits": select_output(output, output_key), **capture.take()}
 
 
-def _input_mask(inputs: Any, mask_key: str | None) -> torch.Tensor | None:
-    """The (B, L) attention mask of dict inputs, as bool, or None."""
-    if not mask_key or not isinstance(inputs, dict) or mask_key not in inputs:
-        return None
-    mask = inputs[mask_key]
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
-        raise KdcacheError(f"inputs[{mask_key!r}] must be a (batch, length) tensor, got "
-                           f"{getattr(mask, 'shape', type(mask).__name__)}")
-    return mask.bool()
-
-
 def _create(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, cfg: DumpConfig,
             dev: torch.device) -> TeacherCache:
     """Learn the output shapes from a forward pass on two rows, then create the empty store."""
@@ -304,17 +326,37 @@ def _create(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, cfg: D
         codec = cfg.codec(name, int(t.shape[-1]) if t.ndim > 1 else 1)
         shape = tuple(t.shape[1:])
         planned.append((name, shape, codec, OutputSpec.planned(name, codec, shape)))
-    row_bytes = {p: int(np.prod(s, dtype=np.int64)) * d.itemsize for *_, paths in planned for p, s, d in paths.values()}
-    block_rows, chunks = plan_blocks(row_bytes, len(dataset), cfg.block_rows)
+    mask = input_mask(inputs, cfg.mask_key)
+    if cfg.layout == "packed" and mask is None:
+        raise KdcacheError(f"--layout packed needs dict inputs with an attention mask (inputs[{cfg.mask_key!r}])")
+    # packed: outputs with the mask's token axis are stored per real token
+    per_token = {name for name, t in outputs.items()
+                 if cfg.layout == "packed" and t.ndim >= 3 and tuple(t.shape[:2]) == tuple(mask.shape)}
+    counts = token_counts(dataset, cfg.mask_key, cfg.batch_size) if per_token else None
+    mean_tokens = float(counts.mean()) if counts is not None else 0.0
+    row_bytes = {p: int(np.prod(s[1:] if name in per_token else s, dtype=np.int64)) * d.itemsize
+                 * (mean_tokens if name in per_token else 1)
+                 for name, _, _, paths in planned for p, s, d in paths.values()}
+    block_rows, chunks = plan_blocks({p: max(1, round(b)) for p, b in row_bytes.items()}, len(dataset), cfg.block_rows)
+    packed, placed = None, None
+    if per_token:
+        token_bytes = max(int(np.prod(s[1:], dtype=np.int64)) * d.itemsize
+                          for name, _, _, paths in planned if name in per_token for _, s, d in paths.values())
+        chunk, placed, crc = place_blocks(counts, block_rows, token_bytes)
+        capacity = int(placed[-1, 0] + -(-placed[-1, 1] // chunk) * chunk)
+        packed = PackedTokens(tuple(n for n, *_ in planned if n in per_token), chunk, capacity, crc)
     logits = outputs["logits"]
     classes = int(logits.shape[-1]) if logits.ndim > 1 else 1
     meta = replace(meta, block_rows=block_rows, vocab=Vocab(cfg.vocab_size or classes, classes),
-                   view_params_shape=view_params,
-                   mask_key=cfg.mask_key if _input_mask(inputs, cfg.mask_key) is not None else None,
-                   outputs={name: OutputSpec(name, shape, codec, {key: ArrayInfo(p, s, d, chunks[p])
-                                                                  for key, (p, s, d) in paths.items()})
-                            for name, shape, codec, paths in planned})
-    return TeacherCache.create(path, replace(meta, bound=tuple(a.path for a in meta.data_arrays())))
+                   view_params_shape=view_params, mask_key=cfg.mask_key if mask is not None else None, packed=packed,
+                   outputs={name: OutputSpec(name, shape, codec, {
+                       key: (ArrayInfo(p, s[1:], d, packed.chunk, per_token=True) if name in per_token
+                             else ArrayInfo(p, s, d, chunks[p])) for key, (p, s, d) in paths.items()})
+                       for name, shape, codec, paths in planned})
+    cache = TeacherCache.create(path, replace(meta, bound=tuple(a.path for a in meta.data_arrays())))
+    if placed is not None:
+        cache.write_token_blocks(placed)
+    return cache
 
 
 def _zero_padding(arrays: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -330,10 +372,10 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
     """Run the teacher over blocks ``todo`` and write them; this process's share of the stats."""
     batches = _plan_batches(cache, todo, cfg.batch_size)
     cuda = dev.type == "cuda"
-    loader = DataLoader(_Batches(dataset, batches), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+    loader = DataLoader(_Batches(dataset, batches, _digest_mask(cfg)), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                         pin_memory=cuda, prefetch_factor=4 if cfg.num_workers else None)
     writer = BlockWriter(cache, cfg.writer_threads, cfg.allow_nonfinite)
-    mask_key = cache.meta.mask_key
+    mask_key, packed = cache.meta.mask_key, cache.meta.packed
     logits_spec = cache.outputs["logits"]
     positions = int(np.prod(logits_spec.shape[:-1], dtype=np.int64)) if len(logits_spec.shape) > 1 else 1
     total = sum(b - a for a, b in batches)
@@ -345,7 +387,7 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
         with HiddenCapture(teacher, cfg.hidden) as capture:
             for start, inputs, labels, digests, params in loader:
                 n = len(digests)
-                mask = _input_mask(inputs, mask_key)
+                mask = input_mask(inputs, mask_key)
                 tokens = int(mask.sum()) if mask is not None else n * positions
                 outputs = _forward(teacher, capture, move_inputs(inputs, dev, non_blocking=cuda), cfg.output_key, amp,
                                    dev)
@@ -354,12 +396,20 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
                 host = {}
                 for name, t in outputs.items():
                     spec = cache.outputs[name]
-                    if tuple(t.shape) != (n, *spec.shape):
+                    per_token = packed is not None and name in packed.outputs
+                    # a packed output's token axis may differ from batch to batch: only real tokens are kept
+                    expected = (n, *(t.shape[1:2] if per_token else ()), *spec.shape[1 if per_token else 0:])
+                    if tuple(t.shape) != expected:
                         raise KdcacheError(f"teacher output {name!r} for rows {start}.. has shape {tuple(t.shape[1:])}, "
                                            f"earlier rows {spec.shape}: dataset items must all have one shape")
                     # narrow on the device, then copy to pinned memory without blocking the next forward
-                    encoded = _zero_padding(spec.codec.encode(t, rows), dev_mask)
+                    encoded = spec.codec.encode(t, rows)
+                    encoded = ({k: v[dev_mask] for k, v in encoded.items()} if per_token
+                               else _zero_padding(encoded, dev_mask))
                     host.update({spec.arrays[key].path: v.to("cpu", non_blocking=cuda) for key, v in encoded.items()})
+                if packed is not None:  # every real position of a dumped row has a target
+                    host[SPANS] = torch.stack([torch.zeros_like(mask[:, 0], dtype=torch.int32),
+                                               mask.sum(1, dtype=torch.int32)], 1)
                 logits = outputs["logits"]
                 predicted = (logits.argmax(dim=-1).to("cpu", non_blocking=cuda)
                              if logits.ndim >= 2 and tuple(logits.shape[:-1]) == tuple(labels.shape) else None)

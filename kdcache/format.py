@@ -15,6 +15,13 @@ Arrays of the group (a **contract**):
 - ``_view_params`` (rows, P) float32  explicit augmentation parameters (optional)
 - ``_blocks``      (blocks, 5 + A) int64  completion record: done, rows, labelled, correct, tokens,
   then (format 3) one keyed digest per array A that binds the block's bytes to (cache, array, block)
+
+Packed sequence caches (format 3, ``packed`` in the attrs) store per-token outputs for the
+positions that have a target only, on one token axis: ``(tokens, ...)`` arrays, each block's
+tokens one contiguous range starting at a multiple of the token chunk, plus
+
+- ``_spans``        (rows, 2) int32   per row: first real position with a target, and how many
+- ``_token_blocks`` (blocks, 2) int64 per block: first token, tokens (checked against a crc in the attrs)
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ import numpy as np
 from .codecs import Codec, DenseCodec, codec_from_params
 from .errors import KdcacheError
 
-__all__ = ["FORMAT_VERSION", "ATTR", "BLOCKS", "BLOCK_STATS", "ROW_DIGEST", "VIEW_PARAMS", "ArrayInfo",
+__all__ = ["FORMAT_VERSION", "ATTR", "BLOCKS", "BLOCK_STATS", "ROW_DIGEST", "VIEW_PARAMS", "SPANS", "TOKEN_BLOCKS",
+           "PackedTokens", "ArrayInfo",
            "OutputSpec", "TeacherInfo", "DatasetInfo", "Vocab", "TeacherAccuracy", "DumpStats", "CacheMeta", "read_meta",
            "write_meta"]
 
@@ -41,6 +49,8 @@ BLOCKS = "_blocks"
 BLOCK_STATS = 5  # done, rows, labelled, correct, tokens (format 1: the first 4); then the block digests
 ROW_DIGEST = "_row_digest"
 VIEW_PARAMS = "_view_params"
+SPANS = "_spans"
+TOKEN_BLOCKS = "_token_blocks"
 
 # Bounds on what a cache may claim, so a hostile or damaged description cannot make a reader
 # allocate or loop without end: far above any real cache, far below what would hurt.
@@ -129,12 +139,14 @@ class _Reader:
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    """One stored array: its path in the group, per-row shape, stored dtype and chunk rows."""
+    """One stored array: its path in the group, shape per row (per token, for a packed per-token
+    array), stored dtype and rows (tokens) per chunk."""
 
     path: str
     shape: tuple[int, ...]
     dtype: np.dtype
     chunk_rows: int
+    per_token: bool = False
 
     @property
     def row_bytes(self) -> int:
@@ -160,6 +172,18 @@ class OutputSpec:
         """Codec key -> (array path, per-row shape, stored dtype) of an output, before chunking."""
         base = f"hidden/{name}" if name != "logits" else ("logits" if codec.name == "dense" else codec.name)
         return {key: (f"{base}/{key}" if key else base, s, d) for key, (s, d) in codec.arrays(shape).items()}
+
+
+@dataclass(frozen=True)
+class PackedTokens:
+    """The packed layout: which outputs are stored per real token, the token chunk (every
+    block's token range starts at a multiple of it), the token axis' length, and the crc32c of
+    the ``_token_blocks`` array that places each block on it."""
+
+    outputs: tuple[str, ...]
+    chunk: int
+    capacity: int
+    blocks_crc: int
 
 
 @dataclass(frozen=True)
@@ -247,6 +271,8 @@ class CacheMeta:
     dump: DumpStats | None = None
     format_version: int = FORMAT_VERSION
     bound: tuple[str, ...] = ()  # arrays whose block digests follow the stats in _blocks (format 3)
+    packed: PackedTokens | None = None
+    source: Mapping[str, Any] | None = None  # where imported targets came from (``kdcache import``)
 
     @property
     def blocks(self) -> int:
@@ -273,10 +299,13 @@ class CacheMeta:
         return sum(o.row_bytes for o in self.outputs.values())
 
     def data_arrays(self) -> list[ArrayInfo]:
-        """Every array with one row per cache row: the outputs', the row digests, the view
-        parameters (in this order, which is the order of the block digests)."""
+        """Every array written block by block: the outputs' (per row, or per token when packed),
+        the row digests, the packed spans, the view parameters (in this order, which is the
+        order of the block digests)."""
         arrays = [a for o in self.outputs.values() for a in o.arrays.values()]
         arrays.append(ArrayInfo(ROW_DIGEST, (), np.dtype("uint64"), self.block_rows))
+        if self.packed is not None:
+            arrays.append(ArrayInfo(SPANS, (2,), np.dtype("int32"), self.block_rows))
         if self.view_params is not None:
             arrays.append(self.view_params)
         return arrays
@@ -316,6 +345,12 @@ class CacheMeta:
             attrs["teacher_accuracy"] = {"labelled": acc.labelled, "correct": acc.correct, "accuracy": acc.accuracy}
         if self.tokens is not None:
             attrs["tokens"] = self.tokens
+        if self.packed is not None:
+            p = self.packed
+            attrs["packed"] = {"outputs": list(p.outputs), "chunk": p.chunk, "capacity": p.capacity,
+                               "blocks_crc": p.blocks_crc}
+        if self.source is not None:
+            attrs["source"] = dict(self.source)
         if self.format_version >= 3:
             attrs["block_digests"] = list(self.bound)
             attrs["attrs_digest"] = _attrs_digest(attrs)
@@ -358,7 +393,10 @@ class CacheMeta:
         outputs_attrs = r.mapping("outputs")
         if "logits" not in outputs_attrs:
             raise _fail(where, "field outputs.logits is missing")
-        outputs = {name: _output_from_attrs(name, o, r, block_rows) for name, o in outputs_attrs.items()}
+        packed = _packed_from_attrs(r, outputs_attrs)
+        outputs = {name: _output_from_attrs(name, o, r, block_rows,
+                                            packed.chunk if packed and name in packed.outputs else None)
+                   for name, o in outputs_attrs.items()}
         if sum(o.row_bytes for o in outputs.values()) > MAX_ROW_BYTES:
             raise _fail(where, "one row would take more than 16 GB")
         logits = outputs["logits"]
@@ -379,10 +417,14 @@ class CacheMeta:
             view_params_shape=vp.shape("shape") if vp else None, complete=r.flag("complete"),
             tokens=r.count("tokens", optional=True),
             teacher_accuracy=TeacherAccuracy(acc.count("labelled"), acc.count("correct")) if acc else None,
-            dump=_dump_from_attrs(dump) if dump else None, format_version=version)
+            dump=_dump_from_attrs(dump) if dump else None, format_version=version, packed=packed,
+            source=r.mapping("source", optional=True) or None)
         if meta.views > 1 and meta.seed is None:
             raise _fail(where, "a cache of several views must record their seed")
-        objects = sum(-(-rows // a.chunk_rows) for a in meta.data_arrays()) + meta.blocks
+        if packed is not None and meta.mask_key is None:
+            raise _fail(where, "a packed cache must record its mask key")
+        objects = sum(-(-(packed.capacity if a.per_token and packed else rows) // a.chunk_rows)
+                      for a in meta.data_arrays()) + meta.blocks
         if objects > MAX_OBJECTS or meta.blocks * (BLOCK_STATS + len(meta.data_arrays())) > MAX_RECORD:
             raise _fail(where, f"{objects} chunk files of {meta.blocks} blocks is beyond what kdcache writes")
         if version >= 3:
@@ -425,8 +467,21 @@ def _output_attrs(o: OutputSpec) -> dict[str, Any]:
                              "chunk_rows": a.chunk_rows} for key, a in o.arrays.items()}}
 
 
-def _output_from_attrs(name: str, value: Any, parent: _Reader, block_rows: int) -> OutputSpec:
-    """An output as recorded; its arrays must be exactly those its codec writes."""
+def _packed_from_attrs(r: _Reader, outputs: dict[str, Any]) -> PackedTokens | None:
+    p = r.obj("packed", optional=True)
+    if p is None:
+        return None
+    names = p.value.get("outputs")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in outputs for n in names):
+        raise _fail(r.where, f"packed.outputs {names!r:.80} are not outputs of the cache")
+    return PackedTokens(tuple(names), p.count("chunk", low=1, high=1 << 24), p.count("capacity"),
+                        p.count("blocks_crc", high=(1 << 32) - 1))
+
+
+def _output_from_attrs(name: str, value: Any, parent: _Reader, block_rows: int,
+                       token_chunk: int | None = None) -> OutputSpec:
+    """An output as recorded; its arrays must be exactly those its codec writes (per token,
+    without the output's token axis, when ``token_chunk`` says it is packed)."""
     where = parent.where
     o = _Reader(value, where, f"outputs.{name}.")
     if name != "logits" and (not name or len(name) > 512 or name.startswith(("/", ".")) or ".." in name):
@@ -445,12 +500,21 @@ def _output_from_attrs(name: str, value: Any, parent: _Reader, block_rows: int) 
     expected = OutputSpec.planned(name, codec, shape)
     if set(recorded) != set(expected):
         raise _fail(where, f"outputs.{name}.arrays are {sorted(recorded)}, its codec writes {sorted(expected)}")
+    if token_chunk is not None and len(shape) < 2:
+        raise _fail(where, f"packed output {name} has no token axis (shape {list(shape)})")
     arrays = {}
     for key, (path, row_shape, dtype) in expected.items():
+        if token_chunk is not None:
+            row_shape = row_shape[1:]  # stored per token
         a = _Reader(recorded[key], where, f"outputs.{name}.arrays.{key or 'dense'}.")
         if a.text("path") != path or a.shape("shape") != row_shape or a.text("stored_dtype") != str(dtype):
             raise _fail(where, f"array {a.value.get('path')!r:.60} of output {name} is not the "
                                f"{path} {row_shape} {dtype} its codec writes")
+        if token_chunk is not None:
+            if a.count("chunk_rows", low=1, high=1 << 24) != token_chunk:
+                raise _fail(where, f"{path} chunks are not the packed token chunk of {token_chunk}")
+            arrays[key] = ArrayInfo(path, row_shape, dtype, token_chunk, per_token=True)
+            continue
         chunk_rows = a.count("chunk_rows", low=1, high=block_rows)
         if block_rows % chunk_rows:
             raise _fail(where, f"{path} chunks of {chunk_rows} rows do not divide blocks of {block_rows}")

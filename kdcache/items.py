@@ -18,7 +18,8 @@ from torch.utils.data import TensorDataset, default_collate
 
 from .errors import KdcacheError
 
-__all__ = ["split_item", "fetch_batch", "collate_items", "row_digests", "move_inputs", "resolve_device", "resolve_amp",
+__all__ = ["split_item", "fetch_batch", "collate_items", "row_digests", "input_mask", "move_inputs", "resolve_device",
+           "resolve_amp",
            "autocast", "call_model", "select_output"]
 
 LABEL_KEYS = ("label", "labels")
@@ -133,18 +134,26 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def row_digests(inputs: Any) -> np.ndarray:
+def row_digests(inputs: Any, mask: torch.Tensor | None = None) -> np.ndarray:
     """A 64-bit digest of each row's input bytes, shape ``(B,)`` uint64, vectorised.
 
     Each row's bytes are read as 64-bit words and summed with fixed odd multipliers
     (mod 2^64), then mixed: a change of any single word always changes the digest, and
     reordered rows change it wherever their inputs differ. Not a cryptographic hash: it
     detects misalignment and edits, not tampering.
+
+    With ``mask`` (B, L) (packed caches), leaves with that (B, L) prefix are digested over
+    their real positions only, in order: the digest does not depend on how much padding a row
+    has, nor on which side.
     """
     digest = None
     for leaf in _leaves(inputs):
-        rows = leaf.detach().cpu().contiguous()
+        rows = leaf.detach().cpu()
         b = rows.shape[0]
+        real = None
+        if mask is not None and rows.ndim >= 2 and tuple(rows.shape[:2]) == tuple(mask.shape):
+            rows, real = _real_positions_first(rows, mask.cpu().bool())
+        rows = rows.contiguous()
         raw = rows.reshape(b, -1).view(torch.uint8) if rows.numel() else torch.zeros((b, 0), dtype=torch.uint8)
         nbytes = raw.shape[1]
         if nbytes % 8:
@@ -154,10 +163,26 @@ def row_digests(inputs: Any) -> np.ndarray:
         multipliers = _multipliers(words.shape[1])
         # uint64 arithmetic wraps mod 2^64; einsum streams short rows fastest, matmul long ones
         h = (np.einsum("ij,j->i", words, multipliers) if words.shape[1] < 1 << 14 else words @ multipliers)
-        h = h + np.uint64(nbytes)
+        if real is None:
+            h = h + np.uint64(nbytes)
+        else:  # trailing zeros add nothing to the sum: the real bytes alone count
+            position_bytes = rows[0, 0].numel() * rows.element_size() if rows.shape[1] else 0
+            h = h + real.astype(np.uint64) * np.uint64(position_bytes)
         digest = _mix(h) if digest is None else _mix(digest * np.uint64(0x9E3779B97F4A7C15) + _mix(h))
     assert digest is not None
     return digest
+
+
+def _real_positions_first(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """``rows`` (B, L, ...) with each row's real positions moved to the front, in order, and
+    zeros after them; and each row's count of real positions."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    counts = mask.sum(1)
+    index = order.view(*order.shape, *([1] * (rows.ndim - 2))).expand_as(rows)
+    keep = (torch.arange(mask.shape[1]).view(1, -1) < counts.view(-1, 1))
+    keep = keep.view(*keep.shape, *([1] * (rows.ndim - 2))).expand_as(rows)
+    moved = torch.where(keep, rows.gather(1, index), torch.zeros((), dtype=rows.dtype))
+    return moved, counts.numpy()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -168,6 +193,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KdcacheError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     return dev
+
+
+def input_mask(inputs: Any, mask_key: str | None) -> torch.Tensor | None:
+    """The (B, L) attention mask of dict inputs, as bool, or None."""
+    if not mask_key or not isinstance(inputs, dict) or mask_key not in inputs:
+        return None
+    mask = inputs[mask_key]
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        raise KdcacheError(f"inputs[{mask_key!r}] must be a (batch, length) tensor, got "
+                           f"{getattr(mask, 'shape', type(mask).__name__)}")
+    return mask.bool()
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

@@ -283,6 +283,8 @@ def _check_vocabulary(student: tuple[int, ...], teacher: Any, meta: CacheMeta | 
         expected, sizes = tuple(teacher.shape[1:]), {int(teacher.shape[-1])}
     else:
         expected, sizes = meta.logits.shape, {meta.vocab.real, meta.vocab.padded}
+        if meta.packed is not None and "logits" in meta.packed.outputs:  # any length: tokens are placed by the mask
+            expected = (*student[:-1], expected[-1])
     if student[:-1] != expected[:-1] or (student and student[-1] not in sizes):
         what = " or ".join(str(v) for v in sorted(sizes))
         raise KdcacheError(f"the student's logits have shape {student} but the teacher's {expected}: positions must "

@@ -18,7 +18,7 @@ import torch
 
 from .codecs import Codec, DenseCodec
 from .errors import KdcacheError
-from .format import VIEW_PARAMS, ArrayInfo
+from .format import SPANS, VIEW_PARAMS, ArrayInfo
 from .store import TeacherCache, is_disk_full
 
 __all__ = ["BlockWriter", "EncodedBatch"]
@@ -45,6 +45,7 @@ class _Block:
     labelled: int = 0
     correct: int = 0
     tokens: int = 0
+    token_filled: int = 0  # a packed block: stored tokens so far (its batches arrive in order)
 
 
 class BlockWriter:
@@ -57,6 +58,8 @@ class BlockWriter:
             a.path: (name, key, o.codec, a) for name, o in cache.outputs.items() for key, a in o.arrays.items()}
         if cache.view_params is not None:  # explicit augmentation parameters, stored like an output
             self.arrays[VIEW_PARAMS] = ("view parameters", "", DenseCodec("float32"), cache.view_params)
+        if cache.meta.packed is not None:  # each row's span of stored tokens
+            self.arrays[SPANS] = ("token spans", "", _Exact(), cache.array_info(SPANS))
         self.queue: queue.Queue[EncodedBatch | None] = queue.Queue(maxsize=depth)
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="kdcache-write")
         self.slots = threading.Semaphore(max(1, threads) + 1)  # blocks held in memory at once
@@ -87,13 +90,17 @@ class BlockWriter:
                 except BaseException as err:  # handed to the main thread
                     self.error = err
 
-    def _check_finite(self, path: str, start: int, stored: np.ndarray) -> None:
-        name, key, codec, _ = self.arrays[path]
+    def _check_finite(self, path: str, batch: EncodedBatch, stored: np.ndarray) -> None:
+        name, key, codec, array = self.arrays[path]
         nonfinite = codec.nonfinite_rows(key, stored)
         bad = np.flatnonzero(nonfinite) if nonfinite is not None else ()
         if len(bad):
+            row = batch.start + int(bad[0])
+            if array.per_token:  # a stored token: find its row
+                ends = np.cumsum(batch.arrays[SPANS][:, 1].numpy())
+                row = batch.start + int(np.searchsorted(ends, bad[0], side="right"))
             hint = " (float16 overflows above 65504: try --logits-dtype float32)" if stored.dtype == np.float16 else ""
-            raise KdcacheError(f"teacher output {name!r} is NaN/inf at row {start + int(bad[0])} (the first bad row){hint}; "
+            raise KdcacheError(f"teacher output {name!r} is NaN/inf at row {row} (the first bad row){hint}; "
                                "fix the teacher or pass --allow-nonfinite to keep such rows")
 
     def _accept(self, batch: EncodedBatch) -> None:
@@ -105,15 +112,23 @@ class BlockWriter:
         if block not in self.pending:
             self.slots.acquire()
             self.pending[block] = _Block(
-                arrays={path: np.empty((b_stop - b_start, *a.shape), a.dtype) for path, (*_, a) in self.arrays.items()},
+                arrays={path: np.empty((len(range(*self.cache.array_range(a, block))), *a.shape), a.dtype)
+                        for path, (*_, a) in self.arrays.items()},
                 digests=np.empty(b_stop - b_start, np.uint64))
         p = self.pending[block]
-        lo = batch.start - b_start
+        lo, added = batch.start - b_start, 0
         for path, host in batch.arrays.items():
             stored = self.arrays[path][2].to_numpy(host)
             if not self.allow_nonfinite:
-                self._check_finite(path, batch.start, stored)
-            p.arrays[path][lo:lo + n] = stored
+                self._check_finite(path, batch, stored)
+            if self.arrays[path][3].per_token:
+                if p.token_filled + len(stored) > len(p.arrays[path]):
+                    raise _masks_changed(self.cache, block)
+                p.arrays[path][p.token_filled:p.token_filled + len(stored)] = stored
+                added = len(stored)
+            else:
+                p.arrays[path][lo:lo + n] = stored
+        p.token_filled += added
         p.digests[lo:lo + n] = batch.digests
         if batch.predicted is not None:
             labelled = batch.labels >= 0
@@ -122,6 +137,8 @@ class BlockWriter:
         p.filled += n
         p.tokens += batch.tokens
         if p.filled == b_stop - b_start:
+            if any(a.per_token and p.token_filled != len(p.arrays[path]) for path, (*_, a) in self.arrays.items()):
+                raise _masks_changed(self.cache, block)
             del self.pending[block]
             self.futures.append(self.pool.submit(self._write, block, p))
 
@@ -144,3 +161,18 @@ class BlockWriter:
             f.exception()
         self.pool.shutdown(wait=True)
         self.raise_error()
+
+
+class _Exact:
+    """Stores an int32 array as it is (a packed cache's spans)."""
+
+    def to_numpy(self, host: torch.Tensor) -> np.ndarray:
+        return host.numpy()
+
+    def nonfinite_rows(self, key: str, stored: np.ndarray) -> None:
+        return None
+
+
+def _masks_changed(cache: TeacherCache, block: int) -> KdcacheError:
+    return KdcacheError(f"block {block} of cache {cache.path} holds another number of real tokens than when the cache "
+                        "was created: the dataset's attention masks changed; use that dataset, or dump to another --out")

@@ -75,3 +75,22 @@ def test_dump_resume_and_train_against_s3(tmp_path, models_file, s3):
     assert listed.returncode == 0 and listed.stdout.startswith(again.stdout.strip() + "  complete  300 rows"), listed.stdout
     nowhere = run_cli("ls", "s3://kdcache-test/no-such-root", env=s3)
     assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr
+
+
+def test_packed_token_cache_on_s3_resumes_and_reads_like_a_local_one(tmp_path, models_file, models, s3):
+    import torch
+    from kdcache import CachedTeacherDataset, TeacherCache
+    spec = f"{models_file}:"
+    dump = ["dump-teacher", "--teacher", spec + "tiny_lm", "--dataset", spec + "tokens", "--topk", "4",
+            "--vocab-size", "40", "--block-rows", "8", "--batch-size", "8", "--no-progress"]
+    url = "s3://kdcache-test/caches/packed"
+    assert run_cli(*dump, "--out", url, env={**s3, "KDCACHE_KILL_AT": "block:2"}).returncode != 0
+    resumed = run_cli(*dump, "--out", url, env=s3)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
+    assert run_cli(*dump, "--out", str(tmp_path / "local"), env=s3).returncode == 0
+    remote = TeacherCache.open(url)
+    assert remote.meta.packed is not None and remote.verify() == []
+    rows = list(range(40))
+    got = CachedTeacherDataset(models.tokens(), url, in_memory=False).__getitems__(rows).collated[2]
+    want = CachedTeacherDataset(models.tokens(), tmp_path / "local").__getitems__(rows).collated[2]
+    assert all(torch.equal(got.logits[k], want.logits[k]) for k in want.logits.keys())

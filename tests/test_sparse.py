@@ -28,6 +28,7 @@ def _teacher_logits(models, ds):
 def topk_cache(tmp_path, models):
     ds = models.tokens()
     cache = dump_teacher(models.tiny_lm(), ds, tmp_path / "topk", topk=8, vocab_size=VOCAB, batch_size=16,
+                         layout="padded",
                          progress=False, log=lambda m: None)
     return ds, cache
 
@@ -70,8 +71,10 @@ def test_top32_of_a_32k_vocabulary_fits_128_bytes_per_token():
 def test_sampled_cache_counts_draws_per_real_token_and_is_batch_independent(tmp_path, models):
     ds = models.tokens()
     a = dump_teacher(models.tiny_lm(), ds, tmp_path / "a", sample_k=16, vocab_size=VOCAB, seed=3, batch_size=16,
+                     layout="padded",
                      progress=False, log=lambda m: None)
     b = dump_teacher(models.tiny_lm(), ds, tmp_path / "b", sample_k=16, vocab_size=VOCAB, seed=3, batch_size=5,
+                     layout="padded",
                      block_rows=8, progress=False, log=lambda m: None)
     _, mask = _teacher_logits(models, ds)
     got = SampledCodec(16, VOCAB, 1.0, 3).decode(a.read_output("logits", 0, len(ds)))

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
@@ -24,7 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ..errors import KdcacheError
-from ..format import BLOCKS, ROW_DIGEST, ArrayInfo, CacheMeta, DumpStats, OutputSpec, TeacherAccuracy, read_meta, \
+from ..format import BLOCKS, ROW_DIGEST, TOKEN_BLOCKS, ArrayInfo, CacheMeta, DumpStats, OutputSpec, TeacherAccuracy, read_meta, \
     write_meta
 from . import verify as _verify
 from .chunkfile import ChunkFileWriter, io_pool, read_chunk_file
@@ -55,6 +56,7 @@ class TeacherCache:
         self.meta = meta if meta is not None else read_meta(group, self.path)
         self._files: ChunkFileWriter | None = None
         self._blocks: np.ndarray | None = None
+        self._tokens: np.ndarray | None = None
         self._arrays = {a.path: a for a in self.meta.data_arrays()}
 
     def __repr__(self) -> str:
@@ -83,10 +85,17 @@ class TeacherCache:
     def _layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype, int, int | None]]:
         """Array path -> (shape, dtype, chunk rows, shard rows) as this cache's description says."""
         shard = self.block_rows if is_remote(self.path) else None
-        layout = {a.path: ((self.rows, *a.shape), a.dtype, a.chunk_rows, shard) for a in self.meta.data_arrays()}
+        layout = {a.path: ((self.length(a), *a.shape), a.dtype, a.chunk_rows, None if a.per_token else shard)
+                  for a in self.meta.data_arrays()}
         layout[ROW_DIGEST] = ((self.rows,), np.dtype("uint64"), self.block_rows, None)
         layout[BLOCKS] = ((self.n_blocks, self.meta.record_fields), np.dtype("int64"), 1, None)  # a file per block
+        if self.meta.packed is not None:  # written once, at creation: where each block's tokens go
+            layout[TOKEN_BLOCKS] = ((self.n_blocks, 2), np.dtype("int64"), self.n_blocks, None)
         return layout
+
+    def length(self, a: ArrayInfo) -> int:
+        """Rows of array ``a``: the cache's rows, or the token axis of a packed per-token array."""
+        return self.meta.packed.capacity if a.per_token and self.meta.packed else self.rows
 
     def create_missing_arrays(self) -> None:
         """Create every array whose metadata is not there yet (all of them for a new cache; the
@@ -209,6 +218,32 @@ class TeacherCache:
         start = block * self.block_rows
         return start, min(start + self.block_rows, self.rows)
 
+    def token_blocks(self) -> np.ndarray:
+        """(blocks, 2) int64 of a packed cache: each block's first token and token count, checked
+        against the crc its description records."""
+        if self._tokens is None:
+            assert self.meta.packed is not None
+            try:
+                placed = np.asarray(self.group[TOKEN_BLOCKS][:], dtype=np.int64)
+            except Exception as err:  # a torn object can fail in any codec
+                raise _damaged(self.path, f"{TOKEN_BLOCKS} cannot be read ({type(err).__name__})") from None
+            if google_crc32c.value(np.ascontiguousarray(placed).tobytes()) != self.meta.packed.blocks_crc:
+                raise _damaged(self.path, f"{TOKEN_BLOCKS} does not match the description's crc")
+            self._tokens = placed
+        return self._tokens
+
+    def write_token_blocks(self, placed: np.ndarray) -> None:
+        """Write where each block's tokens go (creation of a packed cache)."""
+        self.group[TOKEN_BLOCKS][:] = placed
+        self._tokens = None
+
+    def array_range(self, a: ArrayInfo, block: int) -> tuple[int, int]:
+        """The rows (tokens, for a packed per-token array) block ``block`` holds in array ``a``."""
+        if a.per_token and self.meta.packed is not None:
+            start, count = (int(v) for v in self.token_blocks()[block])
+            return start, start + count
+        return self.block_range(block)
+
     def array_paths(self) -> list[str]:
         return [a.path for a in self.meta.data_arrays()] + [BLOCKS]
 
@@ -228,7 +263,7 @@ class TeacherCache:
         of each array's block bytes, format 3)."""
         start, _ = self.block_range(block)
         for path, data in arrays.items():
-            self._write_rows(path, start, data)
+            self._write_rows(path, self.array_range(self.array_info(path), block)[0], data)
             fault_point("array-written")
         self._write_rows(ROW_DIGEST, start, digests)
         written = {**arrays, ROW_DIGEST: digests}
@@ -294,7 +329,7 @@ class TeacherCache:
         or bytes that are not this cache's for this array and block, raise one line naming the
         rows. ``record`` is the block's ``_blocks`` row when the caller has it."""
         a = self.array_info(path)
-        start, stop = self.block_range(block)
+        start, stop = self.array_range(a, block)
         if isinstance(self.group.store, zarr.storage.LocalStore):
             data = self._read_local(a, start, stop, check_crc=not self.meta.bound)
         else:
@@ -316,7 +351,7 @@ class TeacherCache:
         """Rows ``start:stop`` read from the chunk files themselves (never a fill value)."""
         out = np.empty((stop - start, *a.shape), a.dtype)
         for c in range(start // a.chunk_rows, -(-stop // a.chunk_rows)):
-            lo, hi = c * a.chunk_rows, min((c + 1) * a.chunk_rows, self.rows)
+            lo, hi = c * a.chunk_rows, min((c + 1) * a.chunk_rows, self.length(a))
             file = Path(self.path) / chunk_key(a.path, 1 + len(a.shape), c)
             chunk = read_chunk_file(file, a, check_crc)
             if chunk is None:
@@ -337,14 +372,17 @@ class TeacherCache:
         """Every row of array ``path``, each block checked as by :meth:`load_block`."""
         a = self.array_info(path)
         record = self._record() if self.meta.bound else None
-        out = np.empty((self.rows, *a.shape), a.dtype)
+        out = np.zeros((self.length(a), *a.shape), a.dtype)  # a packed array's alignment slack stays 0
         for block in range(self.n_blocks):
-            start, stop = self.block_range(block)
+            start, stop = self.array_range(a, block)
             out[start:stop] = self.load_block(path, block, record[block] if record is not None else None)
         return out
 
     def _read(self, path: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a row array, through the checked block reads."""
+        if self.array_info(path).per_token:
+            raise KdcacheError(f"{path} is stored per token (a packed cache): read it with kdcache.CachedTeacherDataset "
+                               "or TeacherCache.load_block")
         if not 0 <= start <= stop <= self.rows:
             raise IndexError(f"rows {start}..{stop} out of range for a cache of {self.rows} rows")
         first, last = start // self.block_rows, max(start, stop - 1) // self.block_rows

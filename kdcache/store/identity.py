@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..items import fetch_batch, row_digests
+from ..items import fetch_batch, input_mask, row_digests
 
 __all__ = ["fingerprint", "weights_digest", "dataset_digest", "block_digest", "DIGEST_SAMPLE_ROWS",
            "FINGERPRINT_VERSION"]
@@ -56,8 +56,9 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def dataset_digest(dataset: Any) -> str:
-    """Length plus the input digests of up to 64 rows spread over the dataset.
+def dataset_digest(dataset: Any, mask_key: str | None = None) -> str:
+    """Length plus the input digests of up to 64 rows spread over the dataset (over real tokens
+    only when ``mask_key`` names the attention mask of a packed cache's inputs).
 
     Cheap enough to check at every cache open; every row's own digest is checked as it is
     read in stage two, which catches an edit anywhere.
@@ -66,5 +67,5 @@ def dataset_digest(dataset: Any) -> str:
     sample = np.unique(np.linspace(0, n - 1, min(n, DIGEST_SAMPLE_ROWS)).round().astype(int)).tolist()
     inputs, _ = fetch_batch(dataset, sample)
     h = hashlib.sha256(f"{n};{sample}".encode())
-    h.update(row_digests(inputs).tobytes())
+    h.update(row_digests(inputs, input_mask(inputs, mask_key)).tobytes())
     return h.hexdigest()[:32]

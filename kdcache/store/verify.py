@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import zarr
@@ -46,13 +46,18 @@ class ChunkProblem:
         return f"{self.array} {self.unit} {self.chunk} (rows {self.start}..{self.stop - 1}): {self.reason}{more}"
 
 
-def _objects(cache: "TeacherCache", path: str) -> tuple[int, int, int]:
-    """(rows per stored object, objects, array length) of array ``path``."""
+def _objects(cache: "TeacherCache", path: str) -> tuple[int, int, int, Callable[[int], int]]:
+    """(rows per stored object, objects, array length, object index -> its block) of array ``path``."""
     if path == BLOCKS:
-        return 1, cache.n_blocks, cache.n_blocks
+        return 1, cache.n_blocks, cache.n_blocks, lambda i: i
     a: ArrayInfo = cache.array_info(path)
+    if a.per_token:  # a packed array: token chunks, each block's range chunk-aligned
+        starts = cache.token_blocks()[:, 0]
+        length = cache.length(a)
+        return a.chunk_rows, -(-length // a.chunk_rows), length, \
+            lambda i: max(0, int(np.searchsorted(starts, i * a.chunk_rows, side="right")) - 1)
     per = cache.block_rows if cache._layout()[path][3] else a.chunk_rows  # shards on object storage
-    return per, -(-cache.rows // per), cache.rows
+    return per, -(-cache.rows // per), cache.rows, lambda i: i * per // cache.block_rows
 
 
 def _present(cache: "TeacherCache", path: str, ndim: int) -> dict[int, int | None]:
@@ -84,7 +89,7 @@ def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[Chu
     the number of objects (:data:`kdcache.format.MAX_OBJECTS`), so this loop is bounded too."""
     problems: list[ChunkProblem] = []
     for path in cache.array_paths():
-        per, count, length = _objects(cache, path)
+        per, count, length, block_of = _objects(cache, path)
         ndim = 2 if path == BLOCKS else 1 + len(cache.array_info(path).shape)
         present = _present(cache, path, ndim)
         size = None
@@ -92,7 +97,7 @@ def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[Chu
             size = per * cache.array_info(path).row_bytes + 4
         listed: list[ChunkProblem] = []
         for index in range(count):
-            if done is not None and not done[index if path == BLOCKS else index * per // cache.block_rows]:
+            if done is not None and not done[min(block_of(index), len(done) - 1)]:
                 continue  # an unfinished block's objects are not there yet
             if index not in present:
                 reason = "chunk file is missing"
@@ -110,8 +115,12 @@ def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[Chu
 
 
 def _blocks_of(cache: "TeacherCache", problem: ChunkProblem) -> range:
-    if problem.array == BLOCKS:
+    if problem.array == BLOCKS or problem.unit == "block":
         return range(problem.chunk, problem.chunk + 1)
+    if cache.array_info(problem.array).per_token:  # token positions -> the blocks whose ranges hold them
+        starts = cache.token_blocks()[:, 0]
+        first, last = (int(np.searchsorted(starts, t, side="right")) - 1 for t in (problem.start, problem.stop - 1))
+        return range(max(first, 0), last + 1)
     return range(problem.start // cache.block_rows, -(-problem.stop // cache.block_rows))
 
 
@@ -154,11 +163,12 @@ def _pinpoint(cache: "TeacherCache", path: str, block: int) -> list[ChunkProblem
     if not isinstance(cache.group.store, zarr.storage.LocalStore):
         return []
     a = cache.array_info(path)
-    start, stop = cache.block_range(block)
+    start, stop = cache.array_range(a, block)
     found = []
     for c in range(start // a.chunk_rows, -(-stop // a.chunk_rows)):
         file = Path(cache.path) / chunk_key(path, 1 + len(a.shape), c)
         if read_chunk_file(file, a, check_crc=True) is None:
-            found.append(ChunkProblem(path, c, c * a.chunk_rows, min((c + 1) * a.chunk_rows, cache.rows),
-                                      "checksum mismatch (the chunk is corrupt)"))
+            found.append(ChunkProblem(path, c, c * a.chunk_rows, min((c + 1) * a.chunk_rows, cache.length(a)),
+                                      "checksum mismatch (the chunk is corrupt)",
+                                      unit="token chunk" if a.per_token else "chunk"))
     return found
