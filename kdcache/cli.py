@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -12,7 +14,13 @@ import typer
 
 from .errors import KdcacheError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+__all__ = ["app", "main"]
+
+# Plain click help (rich_markup_mode=None): rich's markup would eat bracketed text such as
+# "cuda[:N]" or "[@WEIGHT]", and its tables cut long option names at 80 columns. Nothing here
+# imports torch at module level: `kdcache --help` stays fast.
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"max_content_width": 100},
                   help="Offline knowledge distillation: dump the teacher once, train students from the cache.")
 
 
@@ -31,36 +39,36 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@app.command("dump-teacher")
+@app.command("dump-teacher", short_help="Run the teacher once; cache its outputs.")
 @_user_errors
 def dump_teacher_cmd(
-    teacher: Optional[str] = typer.Option(None, help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
-    dataset: Optional[str] = typer.Option(None, help="Transfer-set spec, same forms; items (inputs, label), {..., 'label'} or inputs."),
-    teacher_kwargs: Optional[str] = typer.Option(None, help="JSON object of keyword arguments for the teacher callable."),
-    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON object of keyword arguments for the dataset callable."),
-    checkpoint: Optional[Path] = typer.Option(None, help="State dict (or kdcache student.pt) to load into the teacher."),
-    hidden: Optional[list[str]] = typer.Option(None, help="Submodule whose output to store (repeatable); 'mod#0' takes a tuple's element 0."),
-    output_key: Optional[str] = typer.Option(None, help="Pick the logits from a tuple (index), dict (key) or object (attribute)."),
-    logits_dtype: Optional[str] = typer.Option(None, help="Stored logits dtype: float16, float32 or bfloat16 [float16]."),
-    hidden_dtype: Optional[str] = typer.Option(None, help="Stored hidden-state dtype: float16, float32 or bfloat16 [float16]."),
-    topk: Optional[int] = typer.Option(None, help="Store the K largest logits per position + ids + logsumexp (sparse; large vocabularies)."),
-    sample_k: Optional[int] = typer.Option(None, help="Store N ids sampled from the teacher per position, as unique ids + counts (unbiased sparse KD)."),
-    sample_temperature: Optional[float] = typer.Option(None, help="Temperature of the distribution --sample-k draws from [1.0]."),
-    vocab_size: Optional[int] = typer.Option(None, help="Real vocabulary size when the teacher's output layer is padded."),
-    mask_key: Optional[str] = typer.Option(None, help="Inputs key of the (B, L) attention mask; padding is stored as zeros and masked [attention_mask]."),
-    views: Optional[int] = typer.Option(None, help="Store K augmented views per sample (row = sample*K + view), each made by the dataset's transform under RNGs seeded from (seed, sample, view)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of augmentation views and of --sample-k draws [0]."),
-    batch_size: Optional[int] = typer.Option(None, help="Teacher batch size [256]."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers preparing batches [0]."),
-    device: Optional[str] = typer.Option(None, help="auto (cuda when present), cpu or cuda[:N] [auto]."),
-    amp: Optional[str] = typer.Option(None, help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none [auto]."),
-    out: Optional[str] = typer.Option(None, help="Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>)."),
-    cache_root: Optional[str] = typer.Option(None, help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
+    teacher: Optional[str] = typer.Option(None, metavar="SPEC", help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
+    dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Transfer-set spec, same forms; items (inputs, label), {..., 'label'} or inputs."),
+    teacher_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON object of keyword arguments for the teacher callable."),
+    dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON object of keyword arguments for the dataset callable."),
+    checkpoint: Optional[Path] = typer.Option(None, metavar="FILE", help="State dict (or kdcache student.pt) to load into the teacher."),
+    hidden: Optional[list[str]] = typer.Option(None, metavar="MODULE", help="Submodule whose output to store (repeatable); 'mod#0' takes a tuple's element 0."),
+    output_key: Optional[str] = typer.Option(None, metavar="KEY", help="Pick the logits from a tuple (index), dict (key) or object (attribute)."),
+    logits_dtype: Optional[str] = typer.Option(None, metavar="DTYPE", help="Stored logits dtype: float16, float32 or bfloat16 [float16]."),
+    hidden_dtype: Optional[str] = typer.Option(None, metavar="DTYPE", help="Stored hidden-state dtype: float16, float32 or bfloat16 [float16]."),
+    topk: Optional[int] = typer.Option(None, metavar="K", help="Store the K largest logits per position + ids + logsumexp (sparse; large vocabularies)."),
+    sample_k: Optional[int] = typer.Option(None, metavar="N", help="Store N ids sampled from the teacher per position, as unique ids + counts (unbiased sparse KD)."),
+    sample_temperature: Optional[float] = typer.Option(None, metavar="T", help="Temperature of the distribution --sample-k draws from [1.0]."),
+    vocab_size: Optional[int] = typer.Option(None, metavar="V", help="Real vocabulary size when the teacher's output layer is padded."),
+    mask_key: Optional[str] = typer.Option(None, metavar="KEY", help="Inputs key of the (B, L) attention mask; padding is stored as zeros and masked [attention_mask]."),
+    views: Optional[int] = typer.Option(None, metavar="K", help="Store K augmented views per sample (row = sample*K + view), each made by the dataset's transform under RNGs seeded from (seed, sample, view)."),
+    seed: Optional[int] = typer.Option(None, metavar="S", help="Seed of augmentation views and of --sample-k draws [0]."),
+    batch_size: Optional[int] = typer.Option(None, metavar="N", help="Teacher batch size [256]."),
+    num_workers: Optional[int] = typer.Option(None, metavar="N", help="DataLoader workers preparing batches [0]."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", help="auto (cuda when present), cpu or cuda[:N] [auto]."),
+    amp: Optional[str] = typer.Option(None, metavar="MODE", help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none [auto]."),
+    out: Optional[str] = typer.Option(None, metavar="PATH", help="Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>)."),
+    cache_root: Optional[str] = typer.Option(None, metavar="DIR", help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at the path (another fingerprint, or redo)."),
-    block_rows: Optional[int] = typer.Option(None, help="Rows per write block (default: chosen for ~2 MB chunks)."),
+    block_rows: Optional[int] = typer.Option(None, metavar="N", help="Rows per write block (default: chosen for ~2 MB chunks)."),
     allow_nonfinite: Optional[bool] = typer.Option(None, "--allow-nonfinite", help="Store NaN/inf teacher outputs instead of stopping at the first."),
-    writer_threads: Optional[int] = typer.Option(None, help="Threads writing blocks in parallel [8]."),
-    config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
+    writer_threads: Optional[int] = typer.Option(None, metavar="N", help="Threads writing blocks in parallel [8]."),
+    config: Optional[Path] = typer.Option(None, metavar="FILE", help="TOML file with any of these options as keys (flags override)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar [progress]."),
 ) -> None:
     """Run the teacher once over the dataset and cache its logits and chosen hidden states."""
@@ -89,7 +97,14 @@ def dump_teacher_cmd(
                          teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
                                        "checkpoint": str(ckpt) if ckpt else None},
                          dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
-    typer.echo(cache.path)
+    if _rank() == 0:  # under torchrun: one line, not one per process
+        typer.echo(cache.path)
+
+
+def _rank() -> int:
+    from .distributed import world
+
+    return world()[0]
 
 
 def _load_config(path: Optional[Path]) -> dict[str, Any]:
@@ -123,37 +138,39 @@ def _kwargs_of(values: dict[str, Any], key: str) -> dict[str, Any]:
     return parse_kwargs(raw, flag)
 
 
-@app.command("train-student")
+@app.command("train-student", short_help="Train a student from a cache.")
 @_user_errors
 def train_student_cmd(
-    student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr or path/file.py:attr."),
-    dataset: Optional[str] = typer.Option(None, help="Training (transfer) set spec; rows labelled -1 get only KD terms."),
-    cache: Optional[str] = typer.Option(None, help="Teacher cache to distil from; without it, plain training on labels."),
-    eval_dataset: Optional[str] = typer.Option(None, help="Labelled dataset spec for per-epoch accuracy and loss."),
-    student_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the student callable."),
-    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the dataset callable."),
-    eval_dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the eval dataset callable."),
-    online_teacher: Optional[str] = typer.Option(None, help="Distil online from this live teacher spec instead (for comparisons)."),
-    online_teacher_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the online teacher."),
-    online_teacher_checkpoint: Optional[Path] = typer.Option(None, help="State dict for the online teacher."),
-    mask_key: Optional[str] = typer.Option(None, help="Online teacher: inputs key of the (B, L) attention mask [attention_mask]."),
-    temperature: Optional[float] = typer.Option(None, help="Softmax temperature T of the KD term [4.0]."),
-    alpha: Optional[float] = typer.Option(None, help="Weight of the KD term; CE gets 1 - alpha [0.9]."),
-    hint: Optional[list[str]] = typer.Option(None, help="STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT] (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs [10]."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size [64]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [1e-3]."),
-    optimizer: Optional[str] = typer.Option(None, help="sgd or adamw [adamw]."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay [0]."),
-    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and shuffling [0]."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N] [auto]."),
-    amp: Optional[str] = typer.Option(None, help="Autocast: auto, bf16, fp16 or none [auto]."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [0]."),
-    in_memory: Optional[str] = typer.Option(None, help="Hold the cache in memory: auto, yes or no [auto]."),
-    view: Optional[str] = typer.Option(None, help="Cache of K augmentation views: epoch e reads view (e % K) 'cycle' or a seeded 'random' one [cycle]."),
+    student: Optional[str] = typer.Option(None, metavar="SPEC", help="Student spec: pkg.module:attr or path/file.py:attr."),
+    dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Training (transfer) set spec; rows labelled -1 get only KD terms."),
+    cache: Optional[str] = typer.Option(None, metavar="PATH", help="Teacher cache to distil from; without it, plain training on labels."),
+    eval_dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Labelled dataset spec for per-epoch accuracy and loss."),
+    student_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the student callable."),
+    dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the dataset callable."),
+    eval_dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the eval dataset callable."),
+    online_teacher: Optional[str] = typer.Option(None, metavar="SPEC", help="Distil online from this live teacher spec instead (for comparisons)."),
+    online_teacher_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the online teacher."),
+    online_teacher_checkpoint: Optional[Path] = typer.Option(None, metavar="FILE", help="State dict for the online teacher."),
+    mask_key: Optional[str] = typer.Option(None, metavar="KEY", help="Online teacher: inputs key of the (B, L) attention mask [attention_mask]."),
+    temperature: Optional[float] = typer.Option(None, metavar="T", help="Softmax temperature T of the KD term [4.0]."),
+    alpha: Optional[float] = typer.Option(None, metavar="A", help="Weight of the KD term; CE gets 1 - alpha [0.9]."),
+    hint: Optional[list[str]] = typer.Option(None, metavar="S=T[:LOSS][@WEIGHT]",
+                                      help="Hint term (repeatable): student module S, teacher module T, LOSS mse, "
+                                           "cosine or attention [mse], WEIGHT [1.0]."),
+    epochs: Optional[int] = typer.Option(None, metavar="N", help="Epochs [10]."),
+    batch_size: Optional[int] = typer.Option(None, metavar="N", help="Batch size [64]."),
+    lr: Optional[float] = typer.Option(None, metavar="LR", help="Learning rate [1e-3]."),
+    optimizer: Optional[str] = typer.Option(None, metavar="NAME", help="sgd or adamw [adamw]."),
+    weight_decay: Optional[float] = typer.Option(None, metavar="WD", help="Weight decay [0]."),
+    seed: Optional[int] = typer.Option(None, metavar="S", help="Seed of initialisation and shuffling [0]."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", help="auto, cpu or cuda[:N] [auto]."),
+    amp: Optional[str] = typer.Option(None, metavar="MODE", help="Autocast: auto, bf16, fp16 or none [auto]."),
+    num_workers: Optional[int] = typer.Option(None, metavar="N", help="DataLoader workers [0]."),
+    in_memory: Optional[str] = typer.Option(None, metavar="WHEN", help="Hold the cache in memory: auto, yes or no [auto]."),
+    view: Optional[str] = typer.Option(None, metavar="HOW", help="Cache of K augmentation views: epoch e reads view (e % K) 'cycle' or a seeded 'random' one [cycle]."),
     allow_input_mismatch: Optional[bool] = typer.Option(None, "--allow-input-mismatch", help="Accept inputs that differ from what the teacher saw (deliberate)."),
-    out: Optional[Path] = typer.Option(None, help="Directory for metrics.jsonl, student.pt, hints.pt, config.json [student-out]."),
-    config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
+    out: Optional[Path] = typer.Option(None, metavar="PATH", help="Directory for metrics.jsonl, student.pt, hints.pt, config.json [student-out]."),
+    config: Optional[Path] = typer.Option(None, metavar="FILE", help="TOML file with any of these options as keys (flags override)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train the student from the cached teacher outputs (the teacher is never loaded)."""
@@ -187,6 +204,8 @@ def train_student_cmd(
     result = train_student(model, data, cache_path, eval_dataset=eval_data, teacher=teacher, out=out_dir,
                            config=settings, progress=progress,
                            student_spec={"spec": student_spec, "kwargs": s_kwargs})
+    if _rank() != 0:
+        return
     final = result.final
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
              if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}
@@ -202,9 +221,9 @@ def _size(n: float) -> str:
     return str(n)
 
 
-@app.command("info")
+@app.command("info", short_help="Describe a cache.")
 @_user_errors
-def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) -> None:
+def info_cmd(path: str = typer.Argument(..., metavar="CACHE", help="A cache directory or URL.")) -> None:
     """Describe a cache: rows, outputs (shape, dtype, bytes), fingerprint, teacher, completeness."""
     from .store import TeacherCache, dump_in_progress
 
@@ -243,9 +262,9 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
     typer.echo("\n".join(lines))
 
 
-@app.command("ls")
+@app.command("ls", short_help="List the caches under a root.")
 @_user_errors
-def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a directory or URL "
+def ls_cmd(root: Optional[str] = typer.Argument(None, metavar="ROOT", help="Cache root, a directory or URL "
                                                              "[$KDCACHE_HOME or ./kdcache-store].")) -> None:
     """List the caches under a root, one line each."""
     from .dump import default_cache_root
@@ -274,14 +293,14 @@ def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a direct
         typer.echo(f"no caches under {root}", err=True)
 
 
-@app.command("verify")
+@app.command("verify", short_help="Check every chunk of a cache.")
 @_user_errors
 def verify_cmd(
-    path: str = typer.Argument(..., help="A cache directory or URL."),
-    replay: int = typer.Option(0, help="Also regenerate N random rows' inputs (views replayed from their seeds, no "
+    path: str = typer.Argument(..., metavar="CACHE", help="A cache directory or URL."),
+    replay: int = typer.Option(0, metavar="N", help="Also regenerate N random rows' inputs (views replayed from their seeds, no "
                                       "teacher) and check they hash to what the dump recorded."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset spec for --replay [the one recorded in the cache]."),
-    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset [recorded]."),
+    dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Dataset spec for --replay [the one recorded in the cache]."),
+    dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for --dataset [recorded]."),
 ) -> None:
     """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
     from .store import TeacherCache
@@ -316,8 +335,43 @@ def verify_cmd(
     typer.echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
 
 
-def main() -> None:
-    app()
+def _click_exceptions() -> Any:
+    try:
+        from typer._click import exceptions  # typer >= 0.25 carries its own click
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions
+    return exceptions
+
+
+def _usage_line(err: Any) -> str:
+    """One line for a usage mistake: what was wrong, the closest option, where to look."""
+    message = " ".join(err.format_message().split()).rstrip(".")
+    possibilities = list(getattr(err, "possibilities", None) or [])
+    if possibilities:  # click's "(Possible options: ...)": the closest one, as a question
+        best = difflib.get_close_matches(str(err.option_name), possibilities, n=1, cutoff=0)[0]
+        message = f"{err.message.rstrip('.')} (did you mean {best}?)"
+    where = err.ctx.command_path if err.ctx is not None else "kdcache"
+    return f"kdcache: error: {message[:1].lower()}{message[1:]}; see '{where} --help'"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``kdcache`` command. A usage mistake (unknown option, missing or bad value) is one
+    line on stderr naming the closest option, exit status 2."""
+    exceptions = _click_exceptions()
+    try:
+        code = app(args=argv, prog_name="kdcache", standalone_mode=False)
+    except getattr(exceptions, "NoArgsIsHelpError", ()) as err:  # bare `kdcache`: the help
+        typer.echo(err.format_message())
+        code = 0
+    except exceptions.UsageError as err:
+        typer.echo(_usage_line(err), err=True)
+        code = 2
+    except exceptions.ClickException as err:
+        typer.echo(f"kdcache: error: {' '.join(err.format_message().split())}", err=True)
+        code = err.exit_code
+    except typer.Abort:
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
