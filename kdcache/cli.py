@@ -197,11 +197,11 @@ def train_student_cmd(
     out_dir = Path(values.pop("out", "student-out"))
     settings = TrainConfig.from_mapping(values)
 
-    model = load_model(student_spec, s_kwargs, role="student")
     data = load_dataset(dataset_spec, d_kwargs)
     eval_data = load_dataset(eval_spec, e_kwargs) if eval_spec else None
     teacher = load_model(teacher_spec, t_kwargs, teacher_ckpt) if teacher_spec else None
-    result = train_student(model, data, cache_path, eval_dataset=eval_data, teacher=teacher, out=out_dir,
+    # built by train_student right after seeding: --seed fixes the initial weights too
+    result = train_student(lambda: load_model(student_spec, s_kwargs, role="student"), data, cache_path, eval_dataset=eval_data, teacher=teacher, out=out_dir,
                            config=settings, progress=progress,
                            student_spec={"spec": student_spec, "kwargs": s_kwargs})
     if _rank() != 0:

@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,10 +36,12 @@ __all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate"]
 
 @dataclass
 class TrainResult:
-    """What :func:`train_student` returns: per-epoch metrics and where things were saved."""
+    """What :func:`train_student` returns: per-epoch metrics, the trained student and where
+    things were saved."""
 
     metrics: list[dict[str, Any]] = field(default_factory=list)
     out: Path | None = None
+    student: nn.Module | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -67,6 +69,21 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _built(student: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module:
+    """The student, built now (right after seeding) when given as a callable, so that its
+    initial weights are the seed's."""
+    if isinstance(student, nn.Module):
+        return student
+    if not callable(student):
+        raise KdcacheError(f"student must be a torch.nn.Module or a callable that builds one, got "
+                           f"{type(student).__name__}")
+    _seed_everything(seed)
+    model = student()
+    if not isinstance(model, nn.Module):
+        raise KdcacheError(f"the student callable gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.Tensor) -> nn.Module:
@@ -160,7 +177,7 @@ def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device:
             "eval_rows": seen}
 
 
-def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | Path | None = None, *,
+def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, cache: TeacherCache | str | Path | None = None, *,
                   eval_dataset: Any = None, teacher: nn.Module | None = None, out: str | Path | None = None,
                   config: TrainConfig | None = None, progress: bool = True, student_spec: dict[str, Any] | None = None,
                   **settings: Any) -> TrainResult:
@@ -168,7 +185,9 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
 
     Args:
         student: the model to train (its logits picked as in dump-teacher: tensor, tuple[0],
-            dict["logits"] or ``.logits``).
+            dict["logits"] or ``.logits``), or a callable that builds it: it is then called
+            right after seeding with ``seed``, so its initial weights are reproducible (the CLI
+            passes one). The trained model is ``result.student``.
         dataset: the transfer set; rows labelled -1 contribute only the KD terms.
         cache: the teacher cache dumped from ``dataset``; None trains plainly on labels
             (unless ``teacher`` is given).
@@ -185,6 +204,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         raise KdcacheError("give either a cache or a live teacher, not both")
     if cfg.hints and cache is None and teacher is None:
         raise KdcacheError("--hint needs teacher hidden states: pass --cache (dumped with --hidden)")
+    student = _built(student, cfg.seed)
     _seed_everything(cfg.seed)
     rank, world = distributed.world()  # under torchrun: DDP on the student, each rank its share of batches
     dev = resolve_device(distributed.local_device(cfg.device))
@@ -225,7 +245,7 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
         params = list(student.parameters()) + [p for m in hint_losses for p in m.parameters()]
         optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
                      if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-        result = TrainResult(out=out_dir)
+        result = TrainResult(out=out_dir, student=student)
         model: nn.Module = student
         if world > 1:
             model = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -265,7 +285,9 @@ def _probe(student: nn.Module, data: Dataset, source: _Teacher, capture: HiddenC
     teacher = source.outputs(inputs, cached)
     if teacher is not None:
         _check_vocabulary(tuple(logits.shape[1:]), teacher.logits, getattr(data, "meta", None))
-    losses = [_build_hint_loss(h, hidden[h.student], teacher.hidden[h.teacher]) for h in cfg.hints] if teacher else []
+    with torch.random.fork_rng(devices=[]):  # projections from the seed alone, whatever the data drew
+        torch.manual_seed(cfg.seed)
+        losses = [_build_hint_loss(h, hidden[h.student], teacher.hidden[h.teacher]) for h in cfg.hints] if teacher else []
     return [m.to(dev) for m in losses]
 
 
