@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,28 @@ def test_the_package_still_exports_its_api_lazily():
     code = ("import kdcache; from kdcache import dump_teacher, TeacherCache, KLDivLoss, evaluate; "
             "assert set(kdcache.__all__) <= set(dir(kdcache)); assert kdcache.losses.KLDivLoss is KLDivLoss")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_misspelled_spec_attribute_lists_what_the_module_defines(models_file):
+    from kdcache import KdcacheError
+    from kdcache.spec import resolve_spec
+
+    with pytest.raises(KdcacheError) as caught:
+        resolve_spec(f"{models_file}:techer")
+    message = str(caught.value)
+    assert "did you mean 'teacher'?" in message
+    defined = message.split("it defines: ")[1].rstrip(")").split(", ")
+    assert {"Teacher", "Student", "teacher", "student", "dataset"} <= set(defined)
+    assert not {"np", "nn", "torch", "random", "Dataset", "TensorDataset"} & set(defined)  # imported, not defined
+    with pytest.raises(KdcacheError, match=r"it defines: MLP, AugmentedDigits, teacher, student"):
+        resolve_spec("kdcache.examples.digits:teachr")  # a module with __all__: exactly that
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line_that_never_suggests_unsafe_loading(tmp_path):
+    readme = str(Path(__file__).resolve().parent.parent / "README.md")
+    out = run_cli("dump-teacher", "--teacher", "kdcache.examples.digits:teacher", "--dataset",
+                  "kdcache.examples.digits:transfer", "--checkpoint", readme, "--out", str(tmp_path / "c"))
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot be read as a state dict" in lines[0], out.stderr
+    assert "weights_only" not in out.stderr and not (tmp_path / "c").exists()
