@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .errors import KdcacheError
+from .errors import KdcacheError, speak_cli
 
 __all__ = ["app", "main"]
 
@@ -358,6 +358,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """The ``kdcache`` command. A usage mistake (unknown option, missing or bad value) is one
     line on stderr naming the closest option, exit status 2."""
     exceptions = _click_exceptions()
+    speak_cli()  # error messages name flags (--overwrite), not arguments (overwrite=True)
     try:
         code = app(args=argv, prog_name="kdcache", standalone_mode=False)
     except getattr(exceptions, "NoArgsIsHelpError", ()) as err:  # bare `kdcache`: the help

@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .capture import HiddenCapture, check_module_names
 from .config import DumpConfig
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 from .format import ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec, TeacherInfo, Vocab
 from .items import (autocast, call_model, collate_items, fetch_batch, move_inputs, resolve_amp, resolve_device,
                     row_digests, select_output)
-from .store import (DumpLock, TeacherCache, dataset_digest, fault_point, fingerprint, is_remote, plan_blocks,
-                    remove_cache, weights_digest)
+from .store import (DumpLock, TeacherCache, dataset_digest, fault_point, fingerprint, identity_differences, is_remote,
+                    plan_blocks, remove_cache, weights_digest)
 from .store.location import exists, refuse_file
 from .views import ViewedDataset
 from .writer import BlockWriter, EncodedBatch
@@ -151,24 +151,29 @@ def _target(out: str | Path | None, cache_root: str | None, fp: str) -> Any:
     """The cache's location: ``out``, or ``cache_root/<fingerprint>``; a URL stays a string."""
     root = str(cache_root or default_cache_root())
     where = str(out) if out is not None else (f"{root.rstrip('/')}/{fp}" if is_remote(root) else str(Path(root) / fp))
-    refuse_file(where, "choose another --out")
+    refuse_file(where, f"choose another {option('out')}")
     return where if is_remote(where) else Path(where)
 
 
-def _existing(path: Any, fp: str, overwrite: bool) -> TeacherCache | None:
+def _existing(path: Any, fp: str, overwrite: bool, asked: tuple[CacheMeta, DumpConfig] | None = None
+              ) -> TeacherCache | None:
     """The cache at ``path`` when it has this fingerprint; None when there is none (or it was
-    removed for ``overwrite``)."""
+    removed for ``overwrite``). ``asked``: this dump's description and settings, to say what
+    differs when another cache is there."""
     if not exists(path):
         if isinstance(path, Path) and path.exists() and any(path.iterdir()):
             if not overwrite:
-                raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another --out or pass --overwrite")
+                raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another {option('out')} or pass "
+                                   f"{option('overwrite', True)}")
             remove_cache(path)
         return None
     cache = TeacherCache.open(path, mode="r+")
     if cache.fingerprint != fp or overwrite:
         if not overwrite:
-            raise KdcacheError(f"{path} holds another cache (fingerprint {cache.fingerprint}, this dump is {fp}); "
-                               "pass --overwrite to replace it or choose another --out")
+            differs = "; ".join(identity_differences(cache.meta, *asked)) if asked else ""
+            raise KdcacheError(f"{path} holds another cache (fingerprint {cache.fingerprint}, this dump is {fp}"
+                               + (f"; {differs}" if differs else "") + f"); pass {option('overwrite', True)} to "
+                               f"replace it or choose another {option('out')}")
         remove_cache(path)
         return None
     return cache
@@ -179,7 +184,7 @@ def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: 
     """Rank 0: ``(cache to fill, lock held)`` — created or resumed — or ``(None, ...)`` on a cache hit."""
     if not cfg.overwrite and exists(path):  # a finished cache needs no lock
         try:
-            cache = _existing(path, meta.fingerprint, overwrite=False)
+            cache = _existing(path, meta.fingerprint, overwrite=False, asked=(meta, cfg))
         except KdcacheError:  # e.g. another dump is creating it this instant: decide under the lock
             cache = None
         if cache is not None and cache.complete:
@@ -187,7 +192,7 @@ def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: 
     lock = DumpLock(path)
     lock.acquire(on_wait=lambda who: log(f"waiting for the dump already writing {path} ({who})"))
     try:
-        cache = _existing(path, meta.fingerprint, cfg.overwrite)
+        cache = _existing(path, meta.fingerprint, cfg.overwrite, asked=(meta, cfg))
         if cache is not None and cache.complete:
             return None, lock
         if cache is None:
@@ -277,7 +282,7 @@ def _create(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, cfg: D
         if not t.is_floating_point():
             raise KdcacheError(f"teacher output {name!r} is {t.dtype}, not floating point")
         if name == "logits" and t.ndim == 1 and cfg.sparse:
-            raise KdcacheError("--topk/--sample-k need logits with a class axis, (B, C) or (B, L, V)")
+            raise KdcacheError(f"{option('topk')}/{option('sample_k')} need logits with a class axis, (B, C) or (B, L, V)")
         codec = cfg.codec(name, int(t.shape[-1]) if t.ndim > 1 else 1)
         shape = tuple(t.shape[1:])
         planned.append((name, shape, codec, OutputSpec.planned(name, codec, shape)))

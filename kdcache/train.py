@@ -25,7 +25,7 @@ from .capture import HiddenCapture, check_module_names
 from .codecs import Codec, SampledCodec
 from .config import Hint, TrainConfig
 from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatch, collate
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 from .format import CacheMeta
 from .items import autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
 from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
@@ -89,12 +89,12 @@ def _built(student: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module
 def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.Tensor) -> nn.Module:
     if hint.kind == "attention":
         if student_out.ndim != 4 or teacher_out.ndim != 4:
-            raise KdcacheError(f"--hint {hint}: attention transfer needs conv maps (B, C, H, W), got student "
+            raise KdcacheError(f"{option('hints')} {hint}: attention transfer needs conv maps (B, C, H, W), got student "
                                f"{tuple(student_out.shape[1:])} and teacher {tuple(teacher_out.shape[1:])}")
         return AttentionTransferLoss()
     conv = student_out.ndim == 4
     if (student_out.ndim != teacher_out.ndim or (not conv and student_out.shape[1:-1] != teacher_out.shape[1:-1])):
-        raise KdcacheError(f"--hint {hint}: student output {tuple(student_out.shape[1:])} cannot be matched to "
+        raise KdcacheError(f"{option('hints')} {hint}: student output {tuple(student_out.shape[1:])} cannot be matched to "
                            f"teacher output {tuple(teacher_out.shape[1:])}")
     axis = 1 if conv else -1
     return HiddenStateLoss(hint.kind, int(student_out.shape[axis]), int(teacher_out.shape[axis]), conv=conv)
@@ -140,8 +140,9 @@ class _KDTerm:
         if isinstance(codec, SampledCodec):
             sampled_at = float(codec.temperature)
             if temperature is not None and temperature != sampled_at:
-                raise KdcacheError(f"this cache was sampled at temperature {sampled_at:g}: train with --temperature "
-                                   f"{sampled_at:g} (or leave it out), or dump again with --sample-temperature {temperature:g}")
+                raise KdcacheError(f"this cache was sampled at temperature {sampled_at:g}: train with "
+                                   f"{option('temperature', sampled_at)} (or leave it out), or dump again with "
+                                   f"{option('sample_temperature', temperature)}")
             temperature = sampled_at
         self.temperature = 4.0 if temperature is None else float(temperature)
         self.loss = {"dense": KLDivLoss, "topk": TopKKLDivLoss, "sampled": SampledKLDivLoss}[self.kind](self.temperature)
@@ -203,7 +204,8 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, ca
     if cache is not None and teacher is not None:
         raise KdcacheError("give either a cache or a live teacher, not both")
     if cfg.hints and cache is None and teacher is None:
-        raise KdcacheError("--hint needs teacher hidden states: pass --cache (dumped with --hidden)")
+        raise KdcacheError(f"{option('hints')} needs teacher hidden states: pass {option('cache')} (dumped with "
+                           f"{option('hidden')})")
     student = _built(student, cfg.seed)
     _seed_everything(cfg.seed)
     rank, world = distributed.world()  # under torchrun: DDP on the student, each rank its share of batches
@@ -238,7 +240,7 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, ca
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics.jsonl").write_text("")
         except OSError as err:
-            raise KdcacheError(f"cannot write to --out {out_dir}: {err.strerror}") from None
+            raise KdcacheError(f"cannot write to {option('out')} {out_dir}: {err.strerror}") from None
 
     with HiddenCapture(student, [h.student for h in cfg.hints], role="student") as capture:
         hint_losses = _probe(student, data, source, capture, cfg, dev, amp)

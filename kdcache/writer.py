@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .codecs import Codec, DenseCodec
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 from .format import VIEW_PARAMS, ArrayInfo
 from .store import TeacherCache, is_disk_full
 
@@ -92,9 +92,9 @@ class BlockWriter:
         nonfinite = codec.nonfinite_rows(key, stored)
         bad = np.flatnonzero(nonfinite) if nonfinite is not None else ()
         if len(bad):
-            hint = " (float16 overflows above 65504: try --logits-dtype float32)" if stored.dtype == np.float16 else ""
+            hint = f" (float16 overflows above 65504: try {option('logits_dtype', 'float32')})" if stored.dtype == np.float16 else ""
             raise KdcacheError(f"teacher output {name!r} is NaN/inf at row {start + int(bad[0])} (the first bad row){hint}; "
-                               "fix the teacher or pass --allow-nonfinite to keep such rows")
+                               f"fix the teacher or pass {option('allow_nonfinite', True)} to keep such rows")
 
     def _accept(self, batch: EncodedBatch) -> None:
         if batch.copied is not None:
