@@ -243,10 +243,11 @@ def info_cmd(path: str = typer.Argument(..., metavar="CACHE", help="A cache dire
         what = codec["dtype"] if codec["name"] == "dense" else " ".join(f"{k}={v}" for k, v in codec.items())
         lines.append(f"  {name}: shape ({cache.rows}, {', '.join(map(str, o.shape))})  {what}")
         for a in o.arrays.values():
-            per = f"{sizes[a.path] / tokens:.1f} B/token" if meta.mask_key or tokens != cache.rows \
-                else f"{sizes[a.path] / cache.rows:.0f} B/row"
-            lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  chunk "
-                         f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk ({per})")
+            # what the rows hold, not the files: the last chunk is stored whole, zero-padded
+            per = f"{a.row_bytes * cache.rows / tokens:.1f} B/token" if meta.mask_key or tokens != cache.rows \
+                else f"{a.row_bytes} B/row"
+            lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  {per}  chunk "
+                         f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk")
     if meta.vocab.real != meta.vocab.padded or meta.mask_key:
         lines.append(f"vocabulary   {meta.vocab.real} classes (output layer {meta.vocab.padded})"
                      + (f"; padding masked by inputs[{meta.mask_key!r}], {tokens} real tokens" if meta.mask_key else ""))

@@ -200,11 +200,20 @@ def test_info_and_ls_describe_the_cache(tmp_path, models_file):
     for needle in ["complete", "rows         300", "logits", "hidden/body", "float16", "teacher accuracy",
                    f"{models_file}:teacher"]:
         assert needle in info.stdout
+    # bytes per row are what a row holds (5 float16 logits, 32 float16 hidden values), not the
+    # files over the rows: 300 rows sit in a chunk of 512 that is stored whole
+    assert "float16  10 B/row" in info.stdout and "float16  64 B/row" in info.stdout
     listing = run_cli("ls", str(tmp_path / "root"))
     assert listing.returncode == 0 and path in listing.stdout and "complete" in listing.stdout
     again = run_cli("dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset", f"{models_file}:dataset",
                     "--hidden", "body", "--cache-root", str(tmp_path / "root"), "--no-progress")
     assert again.returncode == 0 and f"cache hit: {path}" in again.stderr
+
+
+def test_a_cache_prints_what_it_holds(tmp_path, models):
+    cache = kdcache.dump_teacher(models.teacher(), models.dataset(), tmp_path / "c", hidden=["body"], progress=False)
+    assert repr(cache) == (f"TeacherCache({str(tmp_path / 'c')!r}, 300 rows: logits (5,) float16, hidden/body (32,) "
+                           f"float16; complete, fingerprint {cache.fingerprint})")
 
 
 def test_dump_help_documents_every_option():
