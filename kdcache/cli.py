@@ -306,12 +306,23 @@ def verify_cmd(
     """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
     from .store import TeacherCache
 
+    from .store.verify import unwritten
+
     cache = TeacherCache.open(path)
     problems = cache.verify()
-    for problem in problems:
+    expected = unwritten(cache, problems) if not cache.complete else []
+    damage = [p for p in problems if p not in expected]
+    if not cache.complete:  # the summary first, then only what a resumed dump would not mend
+        written = int((cache.blocks_record()[:, 0] != 0).sum())
+        typer.echo(f"cache {path} is incomplete: {written} of {cache.n_blocks} blocks written"
+                   + (f" ({len(expected)} chunks of the unwritten blocks not there yet)" if expected else "")
+                   + "; rerun its dump-teacher command to finish it")
+    if damage:
+        typer.echo(f"cache {path} is damaged: {len(damage)} missing or corrupt chunks; dump it again with --overwrite")
+    for problem in damage[:20]:
         typer.echo(f"BAD {problem}")
-    if not cache.complete:
-        typer.echo(f"cache {path} is incomplete: rerun its dump-teacher command to finish it")
+    if len(damage) > 20:
+        typer.echo(f"... and {len(damage) - 20} more")
     bad_rows: list[int] = []
     if replay > 0:
         from .dataset import replay_mismatches
