@@ -133,7 +133,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         if rank == 0 and len(todo) < cache.n_blocks:
             log(f"resuming {path}: {cache.n_blocks - len(todo)} of {cache.n_blocks} blocks already written")
         stats = _run(teacher.to(dev).eval(), dataset, cache, [b for b in todo if b % world == rank], cfg, amp, dev,
-                     cfg.progress and rank == 0)
+                     cfg.progress and rank == 0, every_rank=todo)
 
         # finalise: every rank's blocks are on disk once gathered
         every = distributed.gather(stats)
@@ -308,8 +308,10 @@ def _zero_padding(arrays: dict[str, torch.Tensor], mask: torch.Tensor | None) ->
 
 
 def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int], cfg: DumpConfig, amp: str,
-         dev: torch.device, progress: bool) -> dict[str, Any]:
-    """Run the teacher over blocks ``todo`` and write them; this process's share of the stats."""
+         dev: torch.device, progress: bool, every_rank: Sequence[int] = ()) -> dict[str, Any]:
+    """Run the teacher over blocks ``todo`` and write them; this process's share of the stats.
+    The progress bar counts the rows of ``every_rank``'s blocks (all processes'), advancing by
+    this process's rows scaled to that total: ranks run in step, and only one prints."""
     batches = _plan_batches(cache, todo, cfg.batch_size)
     cuda = dev.type == "cuda"
     loader = DataLoader(_Batches(dataset, batches), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
@@ -319,8 +321,10 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
     logits_spec = cache.outputs["logits"]
     positions = int(np.prod(logits_spec.shape[:-1], dtype=np.int64)) if len(logits_spec.shape) > 1 else 1
     total = sum(b - a for a, b in batches)
-    bar = tqdm(total=total, unit="rows", unit_scale=True, desc="dump-teacher", disable=not progress,
+    everyone = sum(stop - start for start, stop in map(cache.block_range, every_rank)) or total
+    bar = tqdm(total=everyone, unit="rows", unit_scale=True, desc="dump-teacher", disable=not progress,
                dynamic_ncols=True)
+    scale = everyone / max(total, 1)
     t0 = time.perf_counter()
     tokens_done = 0
     try:
@@ -353,7 +357,7 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
                 writer.put(EncodedBatch(start, host, predicted, labels, digests, tokens, copied))
                 fault_point("batch")
                 tokens_done += tokens
-                bar.update(n)
+                bar.update(n * scale)
     finally:
         bar.close()
         writer.close()
