@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
 import sys
 import tomllib
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
@@ -145,6 +147,7 @@ def train_student_cmd(
     dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Training (transfer) set spec; rows labelled -1 get only KD terms."),
     cache: Optional[str] = typer.Option(None, metavar="PATH", help="Teacher cache to distil from; without it, plain training on labels."),
     eval_dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Labelled dataset spec for per-epoch accuracy and loss."),
+    eval_cache: Optional[str] = typer.Option(None, metavar="PATH", help="The teacher's cache of --eval-dataset: record the student's KL to the teacher on held-out rows each epoch and warn when it overfits the cache."),
     student_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the student callable."),
     dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the dataset callable."),
     eval_dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the eval dataset callable."),
@@ -177,7 +180,8 @@ def train_student_cmd(
     from .spec import load_dataset, load_model
     from .train import TrainConfig, train_student
 
-    flags = dict(student=student, dataset=dataset, cache=cache, eval_dataset=eval_dataset, student_kwargs=student_kwargs,
+    flags = dict(student=student, dataset=dataset, cache=cache, eval_dataset=eval_dataset, eval_cache=eval_cache,
+                 student_kwargs=student_kwargs,
                  dataset_kwargs=dataset_kwargs, eval_dataset_kwargs=eval_dataset_kwargs, online_teacher=online_teacher,
                  online_teacher_kwargs=online_teacher_kwargs, online_teacher_checkpoint=online_teacher_checkpoint,
                  mask_key=mask_key, temperature=temperature, alpha=alpha, hints=hint or None, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -192,7 +196,7 @@ def train_student_cmd(
     student_spec, dataset_spec = values.pop("student", None), values.pop("dataset", None)
     if not student_spec or not dataset_spec:
         raise KdcacheError("--student and --dataset are required (as flags or in --config)")
-    cache_path, eval_spec = values.pop("cache", None), values.pop("eval_dataset", None)
+    cache_path, eval_spec, eval_cache_path = (values.pop(k, None) for k in ("cache", "eval_dataset", "eval_cache"))
     teacher_spec, teacher_ckpt = values.pop("online_teacher", None), values.pop("online_teacher_checkpoint", None)
     out_dir = Path(values.pop("out", "student-out"))
     settings = TrainConfig.from_mapping(values)
@@ -201,9 +205,10 @@ def train_student_cmd(
     eval_data = load_dataset(eval_spec, e_kwargs) if eval_spec else None
     teacher = load_model(teacher_spec, t_kwargs, teacher_ckpt) if teacher_spec else None
     # built by train_student right after seeding: --seed fixes the initial weights too
-    result = train_student(lambda: load_model(student_spec, s_kwargs, role="student"), data, cache_path, eval_dataset=eval_data, teacher=teacher, out=out_dir,
-                           config=settings, progress=progress,
-                           student_spec={"spec": student_spec, "kwargs": s_kwargs})
+    with _warnings_as_lines():
+        result = train_student(lambda: load_model(student_spec, s_kwargs, role="student"), data, cache_path,
+                               eval_dataset=eval_data, eval_cache=eval_cache_path, teacher=teacher, out=out_dir,
+                               config=settings, progress=progress, student_spec={"spec": student_spec, "kwargs": s_kwargs})
     if _rank() != 0:
         return
     final = result.final
@@ -211,6 +216,26 @@ def train_student_cmd(
              if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}
     typer.echo(json.dumps(shown))
     typer.echo(str(out_dir / "student.pt"))
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """kdcache's own warnings as one ``kdcache: warning: ...`` line on stderr, when they happen."""
+    from .monitor import OverfitToCacheWarning
+
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, OverfitToCacheWarning):
+            typer.echo(f"kdcache: warning: {message}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _size(n: float) -> str:

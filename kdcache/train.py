@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +30,7 @@ from .errors import KdcacheError, option
 from .format import CacheMeta
 from .items import autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
 from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
+from .monitor import OverfitToCacheWarning, teacher_fit
 from .store import TeacherCache
 from .targets import SampledTargets, TeacherTargets, TopKTargets
 
@@ -179,7 +181,8 @@ def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device:
 
 
 def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, cache: TeacherCache | str | Path | None = None, *,
-                  eval_dataset: Any = None, teacher: nn.Module | None = None, out: str | Path | None = None,
+                  eval_dataset: Any = None, eval_cache: TeacherCache | str | Path | None = None,
+                  teacher: nn.Module | None = None, out: str | Path | None = None,
                   config: TrainConfig | None = None, progress: bool = True, student_spec: dict[str, Any] | None = None,
                   **settings: Any) -> TrainResult:
     """Train ``student`` with ``alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y) + sum_i w_i * hint_i``.
@@ -195,6 +198,12 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, ca
         teacher: a live teacher for online KD, for comparisons only (kdcache's own path is
             ``cache``); it is run under inference_mode on every step.
         eval_dataset: labelled data for per-epoch accuracy and loss.
+        eval_cache: the teacher's cache dumped from ``eval_dataset``: each epoch then records
+            the student's KD term and top-1 agreement with the teacher on held-out rows
+            (``eval_kl``, ``eval_agree``) beside a sample of training rows (``train_kl``,
+            ``agree``, recorded whenever there is a teacher), and an
+            :class:`~kdcache.monitor.OverfitToCacheWarning` is issued once when the gap keeps
+            growing.
         out: directory for ``metrics.jsonl``, ``student.pt``, ``hints.pt`` and ``config.json``.
         config / settings: a :class:`TrainConfig`, or its fields as keyword arguments.
     """
@@ -228,6 +237,8 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, ca
     source = _Teacher(teacher, teacher_hidden, dev, amp, cfg.mask_key)
     kd_loss = (_KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature)
                if isinstance(data, CachedTeacherDataset) else _KDTerm(None, None, cfg.temperature))
+    fit = (teacher_fit(data, eval_dataset, eval_cache, source.outputs, kd_loss, live_teacher=teacher is not None,
+                       cfg=cfg, device=dev, amp=amp) if rank == 0 else None)
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda",
                         # workers must restart to see a new epoch's augmentation view
@@ -260,6 +271,11 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, ca
                 record = {"epoch": epoch + 1, **record}
                 if eval_dataset is not None and rank == 0:
                     record.update(evaluate(student, eval_dataset, batch_size=max(cfg.batch_size, 256), device=dev))
+                if fit is not None:
+                    record.update(fit.measure(student))
+                    overfit = fit.check([*result.metrics, record])
+                    if overfit:
+                        warnings.warn(overfit, OverfitToCacheWarning, stacklevel=2)
                 result.metrics.append(record)
                 bar.set_postfix({k: round(v, 4) for k, v in record.items() if k in ("loss", "eval_acc")})
                 if out_dir is not None:
@@ -269,7 +285,7 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, ca
             bar.close()
             source.close()
     if out_dir is not None:
-        _save(out_dir, student, hint_losses, cfg, student_spec, cache)
+        _save(out_dir, student, hint_losses, cfg, student_spec, cache, eval_cache)
     return result
 
 
@@ -366,11 +382,13 @@ def _labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 
 def _save(out: Path, student: nn.Module, hint_losses: list[nn.Module], cfg: TrainConfig,
-          student_spec: dict[str, Any] | None, cache: Any) -> None:
+          student_spec: dict[str, Any] | None, cache: Any, eval_cache: Any = None) -> None:
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
     torch.save({"state_dict": state, "spec": student_spec or {"class": type(student).__qualname__}}, out / "student.pt")
     if hint_losses:
         torch.save({str(h): m.state_dict() for h, m in zip(cfg.hints, hint_losses)}, out / "hints.pt")
-    cache_path = cache.path if isinstance(cache, TeacherCache) else (str(cache) if cache is not None else None)
-    (out / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": cache_path, "student": student_spec},
-                                                indent=2) + "\n")
+    def path_of(c: Any) -> str | None:
+        return c.path if isinstance(c, TeacherCache) else (str(c) if c is not None else None)
+
+    saved = {**cfg.to_json(), "cache": path_of(cache), "eval_cache": path_of(eval_cache), "student": student_spec}
+    (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
