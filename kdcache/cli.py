@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import functools
 import json
 import sys
 import tomllib
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
+from . import cli_figures
+from .cli_errors import run_app, warnings_as_lines
 from .errors import KdcacheError, speak_cli
 
 __all__ = ["app", "main"]
@@ -205,7 +204,7 @@ def train_student_cmd(
     eval_data = load_dataset(eval_spec, e_kwargs) if eval_spec else None
     teacher = load_model(teacher_spec, t_kwargs, teacher_ckpt) if teacher_spec else None
     # built by train_student right after seeding: --seed fixes the initial weights too
-    with _warnings_as_lines():
+    with warnings_as_lines():
         result = train_student(lambda: load_model(student_spec, s_kwargs, role="student"), data, cache_path,
                                eval_dataset=eval_data, eval_cache=eval_cache_path, teacher=teacher, out=out_dir,
                                config=settings, progress=progress, student_spec={"spec": student_spec, "kwargs": s_kwargs})
@@ -216,26 +215,6 @@ def train_student_cmd(
              if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}
     typer.echo(json.dumps(shown))
     typer.echo(str(out_dir / "student.pt"))
-
-
-@contextlib.contextmanager
-def _warnings_as_lines() -> Iterator[None]:
-    """kdcache's own warnings as one ``kdcache: warning: ...`` line on stderr, when they happen."""
-    from .monitor import OverfitToCacheWarning
-
-    shown = warnings.showwarning
-
-    def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, OverfitToCacheWarning):
-            typer.echo(f"kdcache: warning: {message}", err=True)
-        else:
-            shown(message, category, *args, **kwargs)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
 
 
 def _size(n: float) -> str:
@@ -372,44 +351,15 @@ def verify_cmd(
     typer.echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
 
 
-def _click_exceptions() -> Any:
-    try:
-        from typer._click import exceptions  # typer >= 0.25 carries its own click
-    except ImportError:  # pragma: no cover - older typer
-        from click import exceptions
-    return exceptions
-
-
-def _usage_line(err: Any) -> str:
-    """One line for a usage mistake: what was wrong, the closest option, where to look."""
-    message = " ".join(err.format_message().split()).rstrip(".")
-    possibilities = list(getattr(err, "possibilities", None) or [])
-    if possibilities:  # click's "(Possible options: ...)": the closest one, as a question
-        best = difflib.get_close_matches(str(err.option_name), possibilities, n=1, cutoff=0)[0]
-        message = f"{err.message.rstrip('.')} (did you mean {best}?)"
-    where = err.ctx.command_path if err.ctx is not None else "kdcache"
-    return f"kdcache: error: {message[:1].lower()}{message[1:]}; see '{where} --help'"
+app.command("report", short_help="Draw what a cache holds (PNGs + HTML).")(_user_errors(cli_figures.report_cmd))
+app.command("plot", short_help="Draw training runs side by side.")(_user_errors(cli_figures.plot_cmd))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The ``kdcache`` command. A usage mistake (unknown option, missing or bad value) is one
     line on stderr naming the closest option, exit status 2."""
-    exceptions = _click_exceptions()
     speak_cli()  # error messages name flags (--overwrite), not arguments (overwrite=True)
-    try:
-        code = app(args=argv, prog_name="kdcache", standalone_mode=False)
-    except getattr(exceptions, "NoArgsIsHelpError", ()) as err:  # bare `kdcache`: the help
-        typer.echo(err.format_message())
-        code = 0
-    except exceptions.UsageError as err:
-        typer.echo(_usage_line(err), err=True)
-        code = 2
-    except exceptions.ClickException as err:
-        typer.echo(f"kdcache: error: {' '.join(err.format_message().split())}", err=True)
-        code = err.exit_code
-    except typer.Abort:
-        code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(run_app(app, argv))
 
 
 if __name__ == "__main__":
