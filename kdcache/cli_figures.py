@@ -24,10 +24,13 @@ def report_cmd(
 ) -> None:
     """Figures of what a cache holds (teacher confidence and entropy, calibration and per-class
     accuracy on labelled rows, top-k probability mass, bytes per row) and one HTML page."""
+    from .errors import KdcacheError
     from .report import write_report
     from .spec import load_dataset, parse_kwargs
     from .store import TeacherCache
 
+    if positions < 1:
+        raise KdcacheError(f"--positions must be >= 1, got {positions}")
     cache = TeacherCache.open(path)
     data = load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs")) if dataset else None
     report = write_report(cache, out or Path(f"report-{cache.fingerprint}"), data, max_positions=positions)
