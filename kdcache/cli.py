@@ -310,11 +310,9 @@ def verify_cmd(
     """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
     from .store import TeacherCache
 
-    from .store.verify import unwritten
-
     cache = TeacherCache.open(path)
     problems = cache.verify()
-    expected = unwritten(cache, problems) if not cache.complete else []
+    expected = _unwritten(cache, problems) if not cache.complete else []
     damage = [p for p in problems if p not in expected]
     if not cache.complete:  # the summary first, then only what a resumed dump would not mend
         written = int((cache.blocks_record()[:, 0] != 0).sum())
@@ -349,6 +347,19 @@ def verify_cmd(
     if problems or bad_rows or not cache.complete:
         raise typer.Exit(1)
     typer.echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
+
+
+def _unwritten(cache: Any, problems: list[Any]) -> list[Any]:
+    """The missing chunks of blocks the dump has not written yet: what an incomplete cache is
+    expected to lack (a resumed dump writes them), as opposed to damage."""
+    done = cache.blocks_record()[:, 0] != 0
+
+    def blocks_of(p: Any) -> range:
+        if p.array == "_blocks":  # one chunk per block: its "rows" are blocks
+            return range(p.start, p.stop)
+        return range(p.start // cache.block_rows, (p.stop - 1) // cache.block_rows + 1)
+
+    return [p for p in problems if "missing" in p.reason and not any(done[b] for b in blocks_of(p))]
 
 
 app.command("report", short_help="Draw what a cache holds (PNGs + HTML).")(_user_errors(cli_figures.report_cmd))

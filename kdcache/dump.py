@@ -34,9 +34,10 @@ from .errors import KdcacheError, option
 from .format import ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec, TeacherInfo, Vocab
 from .items import (autocast, call_model, collate_items, fetch_batch, move_inputs, resolve_amp, resolve_device,
                     row_digests, select_output)
-from .store import (DumpLock, TeacherCache, dataset_digest, fault_point, fingerprint, identity_differences, is_remote,
-                    plan_blocks, remove_cache, weights_digest)
+from .store import (DumpLock, TeacherCache, dataset_digest, fault_point, fingerprint, is_remote, plan_blocks,
+                    remove_cache, weights_digest)
 from .store.location import exists, refuse_file
+from .store.mismatch import identity_differences
 from .views import ViewedDataset
 from .writer import BlockWriter, EncodedBatch
 

@@ -15,7 +15,7 @@ The description a cache records about itself is :class:`kdcache.format.CacheMeta
 from ..format import BLOCKS, FORMAT_VERSION, ROW_DIGEST, VIEW_PARAMS, ArrayInfo, CacheMeta, OutputSpec
 from .cache import TeacherCache
 from .faults import fault_point
-from .identity import dataset_digest, fingerprint, identity_differences, weights_digest
+from .identity import dataset_digest, fingerprint, weights_digest
 from .layout import plan_blocks
 from .location import is_disk_full, is_remote, list_dir, remove_cache
 from .lock import DumpLock, dump_in_progress
@@ -23,5 +23,5 @@ from .verify import ChunkProblem
 
 __all__ = ["FORMAT_VERSION", "BLOCKS", "ROW_DIGEST", "VIEW_PARAMS", "ArrayInfo", "OutputSpec", "CacheMeta",
            "TeacherCache", "DumpLock", "ChunkProblem", "plan_blocks", "fingerprint", "weights_digest",
-           "dataset_digest", "identity_differences", "dump_in_progress", "remove_cache", "is_disk_full", "is_remote", "list_dir",
+           "dataset_digest", "dump_in_progress", "remove_cache", "is_disk_full", "is_remote", "list_dir",
            "fault_point"]

@@ -10,7 +10,7 @@ from typing import Any
 import zarr
 from zarr.core.sync import sync
 
-from ..errors import KdcacheError, option
+from ..errors import KdcacheError
 
 __all__ = ["is_remote", "open_store", "remote_fs", "exists", "refuse_file", "list_dir", "remove_cache",
            "is_disk_full"]
@@ -80,7 +80,7 @@ def remove_cache(path: str | Path) -> None:
         if fs.exists(root):
             fs.rm(root, recursive=True)
         return
-    refuse_file(path, f"choose another {option('out')}")
+    refuse_file(path, "choose another --out")
     if Path(path).is_dir():
         shutil.rmtree(path)
 

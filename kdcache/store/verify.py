@@ -12,7 +12,7 @@ from .layout import chunk_key
 if TYPE_CHECKING:
     from .cache import TeacherCache
 
-__all__ = ["ChunkProblem", "missing_chunks", "verify", "unwritten"]
+__all__ = ["ChunkProblem", "missing_chunks", "verify"]
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,6 @@ class ChunkProblem:
 
     def __str__(self) -> str:
         return f"{self.array} chunk {self.chunk} (rows {self.start}..{self.stop - 1}): {self.reason}"
-
-
-MISSING = "chunk file is missing"
 
 
 def stored_chunks(cache: "TeacherCache", path: str) -> Iterator[tuple[int, int, int, str]]:
@@ -51,7 +48,7 @@ def missing_chunks(cache: "TeacherCache") -> list[ChunkProblem]:
     problems = []
     for path in cache.array_paths():
         keys = _stored_keys(cache, path)
-        problems += [ChunkProblem(path, c, a, b, MISSING)
+        problems += [ChunkProblem(path, c, a, b, "chunk file is missing")
                      for c, a, b, key in stored_chunks(cache, path) if key not in keys]
     return problems
 
@@ -69,19 +66,3 @@ def verify(cache: "TeacherCache") -> list[ChunkProblem]:
             except Exception as err:  # a torn chunk can fail in any codec
                 problems.append(ChunkProblem(path, c, a, b, f"{type(err).__name__}: {err}"))
     return problems
-
-
-def unwritten(cache: "TeacherCache", problems: list[ChunkProblem]) -> list[ChunkProblem]:
-    """The missing chunks that belong to blocks the dump has not written yet: what an
-    incomplete cache is expected to lack (a resumed dump writes them), as opposed to damage."""
-    from ..format import BLOCKS
-
-    done = cache.blocks_record()[:, 0] != 0
-    block_rows = cache.block_rows
-
-    def blocks_of(p: ChunkProblem) -> range:
-        if p.array == BLOCKS:  # one chunk per block: its "rows" are blocks
-            return range(p.start, p.stop)
-        return range(p.start // block_rows, (p.stop - 1) // block_rows + 1)
-
-    return [p for p in problems if p.reason == MISSING and not any(done[b] for b in blocks_of(p))]
