@@ -25,6 +25,41 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Offline knowledge distillation: dump the teacher once, train students from the cache.")
 
 
+# What an option's value looks like, for --help ("--teacher SPEC"): typer would print its type
+# ("<str>", "<list[str]>"). Options not named here get one from their name (see _metavar).
+_METAVARS = {
+    "teacher": "SPEC", "dataset": "SPEC", "student": "SPEC", "eval_dataset": "SPEC", "online_teacher": "SPEC",
+    "hidden": "MODULE", "output_key": "KEY", "mask_key": "KEY", "logits_dtype": "DTYPE", "hidden_dtype": "DTYPE",
+    "topk": "K", "sample_k": "N", "sample_temperature": "T", "vocab_size": "V", "views": "K", "seed": "S",
+    "batch_size": "N", "num_workers": "N", "device": "DEVICE", "amp": "MODE", "out": "PATH", "cache_root": "DIR",
+    "block_rows": "N", "writer_threads": "N", "cache": "PATH", "eval_cache": "PATH", "temperature": "T",
+    "alpha": "A", "hint": "S=T[:LOSS][@WEIGHT]", "epochs": "N", "lr": "LR", "optimizer": "NAME",
+    "weight_decay": "WD", "in_memory": "WHEN", "view": "HOW", "replay": "N", "positions": "N",
+    "path": "CACHE", "root": "ROOT", "runs": "RUN_DIR",
+}
+
+
+def _metavar(name: str) -> str:
+    if name in _METAVARS:
+        return _METAVARS[name]
+    if name.endswith("_kwargs"):
+        return "JSON"
+    if name.endswith(("checkpoint", "config")):
+        return "FILE"
+    return name.rsplit("_", 1)[-1].upper()
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose help names each option's value by what it is (``--teacher SPEC``)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if param.metavar is None and not getattr(param, "is_flag", False) and param.name:
+                param.metavar = _metavar(param.name)
+        return params
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a KdcacheError as one line and exit 2; Ctrl-C exits 130 without a traceback."""
     @functools.wraps(fn)
@@ -40,36 +75,36 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@app.command("dump-teacher", short_help="Run the teacher once; cache its outputs.")
+@app.command("dump-teacher", short_help="Run the teacher once; cache its outputs.", cls=_Command)
 @_user_errors
 def dump_teacher_cmd(
-    teacher: Optional[str] = typer.Option(None, metavar="SPEC", help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
-    dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Transfer-set spec, same forms; items (inputs, label), {..., 'label'} or inputs."),
-    teacher_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON object of keyword arguments for the teacher callable."),
-    dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON object of keyword arguments for the dataset callable."),
-    checkpoint: Optional[Path] = typer.Option(None, metavar="FILE", help="State dict (or kdcache student.pt) to load into the teacher."),
-    hidden: Optional[list[str]] = typer.Option(None, metavar="MODULE", help="Submodule whose output to store (repeatable); 'mod#0' takes a tuple's element 0."),
-    output_key: Optional[str] = typer.Option(None, metavar="KEY", help="Pick the logits from a tuple (index), dict (key) or object (attribute)."),
-    logits_dtype: Optional[str] = typer.Option(None, metavar="DTYPE", help="Stored logits dtype: float16, float32 or bfloat16 [float16]."),
-    hidden_dtype: Optional[str] = typer.Option(None, metavar="DTYPE", help="Stored hidden-state dtype: float16, float32 or bfloat16 [float16]."),
-    topk: Optional[int] = typer.Option(None, metavar="K", help="Store the K largest logits per position + ids + logsumexp (sparse; large vocabularies)."),
-    sample_k: Optional[int] = typer.Option(None, metavar="N", help="Store N ids sampled from the teacher per position, as unique ids + counts (unbiased sparse KD)."),
-    sample_temperature: Optional[float] = typer.Option(None, metavar="T", help="Temperature of the distribution --sample-k draws from [1.0]."),
-    vocab_size: Optional[int] = typer.Option(None, metavar="V", help="Real vocabulary size when the teacher's output layer is padded."),
-    mask_key: Optional[str] = typer.Option(None, metavar="KEY", help="Inputs key of the (B, L) attention mask; padding is stored as zeros and masked [attention_mask]."),
-    views: Optional[int] = typer.Option(None, metavar="K", help="Store K augmented views per sample (row = sample*K + view), each made by the dataset's transform under RNGs seeded from (seed, sample, view)."),
-    seed: Optional[int] = typer.Option(None, metavar="S", help="Seed of augmentation views and of --sample-k draws [0]."),
-    batch_size: Optional[int] = typer.Option(None, metavar="N", help="Teacher batch size [256]."),
-    num_workers: Optional[int] = typer.Option(None, metavar="N", help="DataLoader workers preparing batches [0]."),
-    device: Optional[str] = typer.Option(None, metavar="DEVICE", help="auto (cuda when present), cpu or cuda[:N] [auto]."),
-    amp: Optional[str] = typer.Option(None, metavar="MODE", help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none [auto]."),
-    out: Optional[str] = typer.Option(None, metavar="PATH", help="Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>)."),
-    cache_root: Optional[str] = typer.Option(None, metavar="DIR", help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
+    dataset: Optional[str] = typer.Option(None, help="Transfer-set spec, same forms; items (inputs, label), {..., 'label'} or inputs."),
+    teacher_kwargs: Optional[str] = typer.Option(None, help="JSON object of keyword arguments for the teacher callable."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON object of keyword arguments for the dataset callable."),
+    checkpoint: Optional[Path] = typer.Option(None, help="State dict (or kdcache student.pt) to load into the teacher."),
+    hidden: Optional[list[str]] = typer.Option(None, help="Submodule whose output to store (repeatable); 'mod#0' takes a tuple's element 0."),
+    output_key: Optional[str] = typer.Option(None, help="Pick the logits from a tuple (index), dict (key) or object (attribute)."),
+    logits_dtype: Optional[str] = typer.Option(None, help="Stored logits dtype: float16, float32 or bfloat16 [float16]."),
+    hidden_dtype: Optional[str] = typer.Option(None, help="Stored hidden-state dtype: float16, float32 or bfloat16 [float16]."),
+    topk: Optional[int] = typer.Option(None, help="Store the K largest logits per position + ids + logsumexp (sparse; large vocabularies)."),
+    sample_k: Optional[int] = typer.Option(None, help="Store N ids sampled from the teacher per position, as unique ids + counts (unbiased sparse KD)."),
+    sample_temperature: Optional[float] = typer.Option(None, help="Temperature of the distribution --sample-k draws from [1.0]."),
+    vocab_size: Optional[int] = typer.Option(None, help="Real vocabulary size when the teacher's output layer is padded."),
+    mask_key: Optional[str] = typer.Option(None, help="Inputs key of the (B, L) attention mask; padding is stored as zeros and masked [attention_mask]."),
+    views: Optional[int] = typer.Option(None, help="Store K augmented views per sample (row = sample*K + view), each made by the dataset's transform under RNGs seeded from (seed, sample, view)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of augmentation views and of --sample-k draws [0]."),
+    batch_size: Optional[int] = typer.Option(None, help="Teacher batch size [256]."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers preparing batches [0]."),
+    device: Optional[str] = typer.Option(None, help="auto (cuda when present), cpu or cuda[:N] [auto]."),
+    amp: Optional[str] = typer.Option(None, help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none [auto]."),
+    out: Optional[str] = typer.Option(None, help="Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>)."),
+    cache_root: Optional[str] = typer.Option(None, help="Where fingerprint-named caches live (default $KDCACHE_HOME or ./kdcache-store)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at the path (another fingerprint, or redo)."),
-    block_rows: Optional[int] = typer.Option(None, metavar="N", help="Rows per write block (default: chosen for ~2 MB chunks)."),
+    block_rows: Optional[int] = typer.Option(None, help="Rows per write block (default: chosen for ~2 MB chunks)."),
     allow_nonfinite: Optional[bool] = typer.Option(None, "--allow-nonfinite", help="Store NaN/inf teacher outputs instead of stopping at the first."),
-    writer_threads: Optional[int] = typer.Option(None, metavar="N", help="Threads writing blocks in parallel [8]."),
-    config: Optional[Path] = typer.Option(None, metavar="FILE", help="TOML file with any of these options as keys (flags override)."),
+    writer_threads: Optional[int] = typer.Option(None, help="Threads writing blocks in parallel [8]."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar [progress]."),
 ) -> None:
     """Run the teacher once over the dataset and cache its logits and chosen hidden states."""
@@ -139,40 +174,38 @@ def _kwargs_of(values: dict[str, Any], key: str) -> dict[str, Any]:
     return parse_kwargs(raw, flag)
 
 
-@app.command("train-student", short_help="Train a student from a cache.")
+@app.command("train-student", short_help="Train a student from a cache.", cls=_Command)
 @_user_errors
 def train_student_cmd(
-    student: Optional[str] = typer.Option(None, metavar="SPEC", help="Student spec: pkg.module:attr or path/file.py:attr."),
-    dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Training (transfer) set spec; rows labelled -1 get only KD terms."),
-    cache: Optional[str] = typer.Option(None, metavar="PATH", help="Teacher cache to distil from; without it, plain training on labels."),
-    eval_dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Labelled dataset spec for per-epoch accuracy and loss."),
-    eval_cache: Optional[str] = typer.Option(None, metavar="PATH", help="The teacher's cache of --eval-dataset: record the student's KL to the teacher on held-out rows each epoch and warn when it overfits the cache."),
-    student_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the student callable."),
-    dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the dataset callable."),
-    eval_dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the eval dataset callable."),
-    online_teacher: Optional[str] = typer.Option(None, metavar="SPEC", help="Distil online from this live teacher spec instead (for comparisons)."),
-    online_teacher_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for the online teacher."),
-    online_teacher_checkpoint: Optional[Path] = typer.Option(None, metavar="FILE", help="State dict for the online teacher."),
-    mask_key: Optional[str] = typer.Option(None, metavar="KEY", help="Online teacher: inputs key of the (B, L) attention mask [attention_mask]."),
-    temperature: Optional[float] = typer.Option(None, metavar="T", help="Softmax temperature T of the KD term [4.0]."),
-    alpha: Optional[float] = typer.Option(None, metavar="A", help="Weight of the KD term; CE gets 1 - alpha [0.9]."),
-    hint: Optional[list[str]] = typer.Option(None, metavar="S=T[:LOSS][@WEIGHT]",
-                                      help="Hint term (repeatable): student module S, teacher module T, LOSS mse, "
-                                           "cosine or attention [mse], WEIGHT [1.0]."),
-    epochs: Optional[int] = typer.Option(None, metavar="N", help="Epochs [10]."),
-    batch_size: Optional[int] = typer.Option(None, metavar="N", help="Batch size [64]."),
-    lr: Optional[float] = typer.Option(None, metavar="LR", help="Learning rate [1e-3]."),
-    optimizer: Optional[str] = typer.Option(None, metavar="NAME", help="sgd or adamw [adamw]."),
-    weight_decay: Optional[float] = typer.Option(None, metavar="WD", help="Weight decay [0]."),
-    seed: Optional[int] = typer.Option(None, metavar="S", help="Seed of initialisation and shuffling [0]."),
-    device: Optional[str] = typer.Option(None, metavar="DEVICE", help="auto, cpu or cuda[:N] [auto]."),
-    amp: Optional[str] = typer.Option(None, metavar="MODE", help="Autocast: auto, bf16, fp16 or none [auto]."),
-    num_workers: Optional[int] = typer.Option(None, metavar="N", help="DataLoader workers [0]."),
-    in_memory: Optional[str] = typer.Option(None, metavar="WHEN", help="Hold the cache in memory: auto, yes or no [auto]."),
-    view: Optional[str] = typer.Option(None, metavar="HOW", help="Cache of K augmentation views: epoch e reads view (e % K) 'cycle' or a seeded 'random' one [cycle]."),
+    student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr or path/file.py:attr."),
+    dataset: Optional[str] = typer.Option(None, help="Training (transfer) set spec; rows labelled -1 get only KD terms."),
+    cache: Optional[str] = typer.Option(None, help="Teacher cache to distil from; without it, plain training on labels."),
+    eval_dataset: Optional[str] = typer.Option(None, help="Labelled dataset spec for per-epoch accuracy and loss."),
+    eval_cache: Optional[str] = typer.Option(None, help="The teacher's cache of --eval-dataset: record the student's KL to the teacher on held-out rows each epoch and warn when it overfits the cache."),
+    student_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the student callable."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the dataset callable."),
+    eval_dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the eval dataset callable."),
+    online_teacher: Optional[str] = typer.Option(None, help="Distil online from this live teacher spec instead (for comparisons)."),
+    online_teacher_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the online teacher."),
+    online_teacher_checkpoint: Optional[Path] = typer.Option(None, help="State dict for the online teacher."),
+    mask_key: Optional[str] = typer.Option(None, help="Online teacher: inputs key of the (B, L) attention mask [attention_mask]."),
+    temperature: Optional[float] = typer.Option(None, help="Softmax temperature T of the KD term [4.0]."),
+    alpha: Optional[float] = typer.Option(None, help="Weight of the KD term; CE gets 1 - alpha [0.9]."),
+    hint: Optional[list[str]] = typer.Option(None, help="Hint term (repeatable): student module S, teacher module T, LOSS mse, cosine or attention [mse], WEIGHT [1.0]."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs [10]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [64]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [1e-3]."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adamw [adamw]."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay [0]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and shuffling [0]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N] [auto]."),
+    amp: Optional[str] = typer.Option(None, help="Autocast: auto, bf16, fp16 or none [auto]."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [0]."),
+    in_memory: Optional[str] = typer.Option(None, help="Hold the cache in memory: auto, yes or no [auto]."),
+    view: Optional[str] = typer.Option(None, help="Cache of K augmentation views: epoch e reads view (e % K) 'cycle' or a seeded 'random' one [cycle]."),
     allow_input_mismatch: Optional[bool] = typer.Option(None, "--allow-input-mismatch", help="Accept inputs that differ from what the teacher saw (deliberate)."),
-    out: Optional[Path] = typer.Option(None, metavar="PATH", help="Directory for metrics.jsonl, student.pt, hints.pt, config.json [student-out]."),
-    config: Optional[Path] = typer.Option(None, metavar="FILE", help="TOML file with any of these options as keys (flags override)."),
+    out: Optional[Path] = typer.Option(None, help="Directory for metrics.jsonl, student.pt, hints.pt, config.json [student-out]."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train the student from the cached teacher outputs (the teacher is never loaded)."""
@@ -225,9 +258,9 @@ def _size(n: float) -> str:
     return str(n)
 
 
-@app.command("info", short_help="Describe a cache.")
+@app.command("info", short_help="Describe a cache.", cls=_Command)
 @_user_errors
-def info_cmd(path: str = typer.Argument(..., metavar="CACHE", help="A cache directory or URL.")) -> None:
+def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) -> None:
     """Describe a cache: rows, outputs (shape, dtype, bytes), fingerprint, teacher, completeness."""
     from .store import TeacherCache, dump_in_progress
 
@@ -267,9 +300,9 @@ def info_cmd(path: str = typer.Argument(..., metavar="CACHE", help="A cache dire
     typer.echo("\n".join(lines))
 
 
-@app.command("ls", short_help="List the caches under a root.")
+@app.command("ls", short_help="List the caches under a root.", cls=_Command)
 @_user_errors
-def ls_cmd(root: Optional[str] = typer.Argument(None, metavar="ROOT", help="Cache root, a directory or URL "
+def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a directory or URL "
                                                              "[$KDCACHE_HOME or ./kdcache-store].")) -> None:
     """List the caches under a root, one line each."""
     from .dump import default_cache_root
@@ -298,14 +331,14 @@ def ls_cmd(root: Optional[str] = typer.Argument(None, metavar="ROOT", help="Cach
         typer.echo(f"no caches under {root}", err=True)
 
 
-@app.command("verify", short_help="Check every chunk of a cache.")
+@app.command("verify", short_help="Check every chunk of a cache.", cls=_Command)
 @_user_errors
 def verify_cmd(
-    path: str = typer.Argument(..., metavar="CACHE", help="A cache directory or URL."),
-    replay: int = typer.Option(0, metavar="N", help="Also regenerate N random rows' inputs (views replayed from their seeds, no "
+    path: str = typer.Argument(..., help="A cache directory or URL."),
+    replay: int = typer.Option(0, help="Also regenerate N random rows' inputs (views replayed from their seeds, no "
                                       "teacher) and check they hash to what the dump recorded."),
-    dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="Dataset spec for --replay [the one recorded in the cache]."),
-    dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for --dataset [recorded]."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset spec for --replay [the one recorded in the cache]."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset [recorded]."),
 ) -> None:
     """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
     from .store import TeacherCache
@@ -362,8 +395,9 @@ def _unwritten(cache: Any, problems: list[Any]) -> list[Any]:
     return [p for p in problems if "missing" in p.reason and not any(done[b] for b in blocks_of(p))]
 
 
-app.command("report", short_help="Draw what a cache holds (PNGs + HTML).")(_user_errors(cli_figures.report_cmd))
-app.command("plot", short_help="Draw training runs side by side.")(_user_errors(cli_figures.plot_cmd))
+app.command("report", short_help="Draw what a cache holds (PNGs + HTML).", cls=_Command)(
+    _user_errors(cli_figures.report_cmd))
+app.command("plot", short_help="Draw training runs side by side.", cls=_Command)(_user_errors(cli_figures.plot_cmd))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

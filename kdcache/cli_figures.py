@@ -12,14 +12,14 @@ __all__ = ["report_cmd", "plot_cmd"]
 
 
 def report_cmd(
-    path: str = typer.Argument(..., metavar="CACHE", help="A cache directory or URL."),
-    out: Optional[Path] = typer.Option(None, metavar="DIR", help="Where the PNGs and report.html go "
+    path: str = typer.Argument(..., help="A cache directory or URL."),
+    out: Optional[Path] = typer.Option(None, help="Where the PNGs and report.html go "
                                        "[report-<fingerprint>]."),
-    dataset: Optional[str] = typer.Option(None, metavar="SPEC", help="The dataset the cache was dumped from: adds "
+    dataset: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from: adds "
                                           "calibration and per-class accuracy from its labels (the spec recorded in "
                                           "the cache is never imported)."),
-    dataset_kwargs: Optional[str] = typer.Option(None, metavar="JSON", help="JSON keyword arguments for --dataset."),
-    positions: int = typer.Option(200_000, metavar="N", help="Summarise at most about N positions (rows x tokens), "
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset."),
+    positions: int = typer.Option(200_000, help="Summarise at most about N positions (rows x tokens), "
                                   "whole chunks chosen at random."),
 ) -> None:
     """Figures of what a cache holds (teacher confidence and entropy, calibration and per-class
@@ -40,8 +40,8 @@ def report_cmd(
 
 
 def plot_cmd(
-    runs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="train-student --out directories."),
-    out: Path = typer.Option(Path("runs.png"), metavar="FILE", help="The PNG to write [runs.png]."),
+    runs: list[Path] = typer.Argument(..., help="train-student --out directories."),
+    out: Path = typer.Option(Path("runs.png"), help="The PNG to write."),
 ) -> None:
     """Runs side by side from their metrics.jsonl: eval accuracy and loss, KD and CE terms,
     top-1 agreement with the teacher, samples/s, and train vs held-out KL when recorded."""

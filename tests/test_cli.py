@@ -81,7 +81,7 @@ def test_a_misspelled_spec_attribute_lists_what_the_module_defines(models_file):
     defined = message.split("it defines: ")[1].rstrip(")").split(", ")
     assert {"Teacher", "Student", "teacher", "student", "dataset"} <= set(defined)
     assert not {"np", "nn", "torch", "random", "Dataset", "TensorDataset"} & set(defined)  # imported, not defined
-    with pytest.raises(KdcacheError, match=r"it defines: MLP, AugmentedDigits, teacher, student"):
+    with pytest.raises(KdcacheError, match=r"it defines: MLP, AugmentedDigits, teacher, trained_teacher, student"):
         resolve_spec("kdcache.examples.digits:teachr")  # a module with __all__: exactly that
 
 
