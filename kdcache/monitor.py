@@ -23,11 +23,22 @@ from .config import TrainConfig
 from .dataset import CachedTeacherDataset, collate
 from .errors import KdcacheError, option
 from .items import autocast, call_model, move_inputs, select_output
-from .targets import TeacherTargets, top1
+from .targets import LogitTargets, SampledTargets, TeacherTargets, TopKTargets
 
-__all__ = ["TeacherFit", "OverfitToCacheWarning", "growing_gap", "teacher_fit"]
+__all__ = ["TeacherFit", "OverfitToCacheWarning", "growing_gap", "teacher_fit", "top1"]
 
 SAMPLE_ROWS = 2048  # rows measured per side and epoch: enough for a stable mean, bounded in cost
+
+
+def top1(logits: LogitTargets, classes: int | None = None) -> torch.Tensor:
+    """The most likely class per position, int64 (B, *P): the argmax of dense logits (over the
+    first ``classes``, the real vocabulary), a top-k row's first kept id (kept in descending
+    order), or a sampled row's most drawn id (an estimate)."""
+    if isinstance(logits, TopKTargets):
+        return logits.indices[..., 0]
+    if isinstance(logits, SampledTargets):
+        return logits.ids.gather(-1, logits.counts.argmax(-1, keepdim=True)).squeeze(-1)
+    return (logits[..., :classes] if classes is not None else logits).argmax(-1)
 
 
 class OverfitToCacheWarning(UserWarning):

@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["TopKTargets", "SampledTargets", "TeacherTargets", "LogitTargets", "map_tensors", "top1"]
+__all__ = ["TopKTargets", "SampledTargets", "TeacherTargets", "LogitTargets", "map_tensors"]
 
 
 class _Named:
@@ -57,17 +57,6 @@ class SampledTargets(_Named):
 
 
 LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets]
-
-
-def top1(logits: LogitTargets, classes: int | None = None) -> torch.Tensor:
-    """The teacher's most likely class per position, int64 (B, *P): the argmax of dense logits
-    (over the first ``classes``, the real vocabulary), a top-k row's first kept id (kept in
-    descending order), or a sampled row's most drawn id (an estimate)."""
-    if isinstance(logits, TopKTargets):
-        return logits.indices[..., 0]
-    if isinstance(logits, SampledTargets):
-        return logits.ids.gather(-1, logits.counts.argmax(-1, keepdim=True)).squeeze(-1)
-    return (logits[..., :classes] if classes is not None else logits).argmax(-1)
 
 
 def map_tensors(value: Any, fn: Any) -> Any:

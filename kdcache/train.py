@@ -29,8 +29,8 @@ from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatc
 from .errors import KdcacheError, option
 from .format import CacheMeta
 from .items import autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
-from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 from .monitor import OverfitToCacheWarning, teacher_fit
+from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 from .store import TeacherCache
 from .targets import SampledTargets, TeacherTargets, TopKTargets
 
@@ -180,7 +180,8 @@ def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device:
             "eval_rows": seen}
 
 
-def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, cache: TeacherCache | str | Path | None = None, *,
+def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
+                  cache: TeacherCache | str | Path | None = None, *,
                   eval_dataset: Any = None, eval_cache: TeacherCache | str | Path | None = None,
                   teacher: nn.Module | None = None, out: str | Path | None = None,
                   config: TrainConfig | None = None, progress: bool = True, student_spec: dict[str, Any] | None = None,
@@ -237,8 +238,6 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, ca
     source = _Teacher(teacher, teacher_hidden, dev, amp, cfg.mask_key)
     kd_loss = (_KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature)
                if isinstance(data, CachedTeacherDataset) else _KDTerm(None, None, cfg.temperature))
-    fit = (teacher_fit(data, eval_dataset, eval_cache, source.outputs, kd_loss, live_teacher=teacher is not None,
-                       cfg=cfg, device=dev, amp=amp) if rank == 0 else None)
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda",
                         # workers must restart to see a new epoch's augmentation view
@@ -246,6 +245,8 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any, ca
                         multiprocessing_context=getattr(data, "worker_context", None) if cfg.num_workers else None)
     out_dir = Path(out) if out is not None and rank == 0 else None
     progress = progress and rank == 0
+    fit = (teacher_fit(data, eval_dataset, eval_cache, source.outputs, kd_loss, live_teacher=teacher is not None,
+                       cfg=cfg, device=dev, amp=amp) if rank == 0 else None)
     if out_dir is not None:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,8 @@ def _page(cache: TeacherCache, stats: CacheStats, figures: list[ReportFigure]) -
              ("teacher", meta.teacher.spec or meta.teacher.class_name), ("dataset", meta.dataset.spec or "?"),
              ("logits", f"{stats.codec}, {stats.classes} classes"),
              ("summarised", f"{stats.rows:,} rows, {stats.positions:,} positions"),
-             ("mean confidence", f"{stats.confidence.mean():.4f}"), ("mean entropy", f"{stats.entropy.mean():.4f} nats")]
+             ("mean confidence", f"{stats.confidence.mean():.4f}"),
+             ("mean entropy", f"{stats.entropy.mean():.4f} nats")]
     if stats.labels is not None and stats.labelled().any():
         _, _, right = stats._right()
         facts += [("teacher accuracy", f"{right.mean():.4f} on {right.size:,} labelled positions"),

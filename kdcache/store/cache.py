@@ -42,12 +42,14 @@ class TeacherCache:
         complete, fingerprint 3f...)``"""
         def form(o: OutputSpec) -> str:
             p = o.codec.params()
-            return {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples"}.get(o.codec.name, p.get("dtype", ""))
+            words = {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples"}
+            return words.get(o.codec.name, p.get("dtype", ""))
         outputs = ", ".join(f"{'logits' if name == 'logits' else 'hidden/' + name} {o.shape} {form(o)}"
                             for name, o in self.outputs.items())
         views = f" ({self.views} views)" if self.seed is not None else ""
         state = "complete" if self.complete else "incomplete"
-        return f"TeacherCache({self.path!r}, {self.rows} rows{views}: {outputs}; {state}, fingerprint {self.fingerprint})"
+        return (f"TeacherCache({self.path!r}, {self.rows} rows{views}: {outputs}; {state}, "
+                f"fingerprint {self.fingerprint})")
 
     # ---- create / open ------------------------------------------------------------------
     @classmethod
