@@ -109,6 +109,16 @@ def own_names(obj: Any) -> list[str]:
     return names
 
 
+def _load_failure(err: Exception) -> str:
+    """torch.load's reason in a few words: its own message runs to several lines and suggests
+    ``weights_only=False``, which would run code from the file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = found.group(1) if found else (lines[0] if lines else type(err).__name__)
+    return reason.split(". ")[0].rstrip(".")[:160]
+
+
 def load_model(spec: str, kwargs: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
                *, role: str = "teacher") -> nn.Module:
     """Build a model from a spec and optionally load a state dict into it."""
@@ -146,16 +156,6 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, *, role: str = "te
         raise KdcacheError(f"checkpoint {path} does not fit the {role}: {k} has shape {tuple(state[k].shape)}, "
                            f"the model expects {tuple(own[k].shape)}")
     model.load_state_dict(state)
-
-
-def _load_failure(err: Exception) -> str:
-    """torch.load's reason in a few words: its own message runs to several lines and suggests
-    ``weights_only=False``, which would run code from the file."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = found.group(1) if found else (lines[0] if lines else type(err).__name__)
-    return reason.split(". ")[0].rstrip(".")[:160]
 
 
 def load_dataset(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
