@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -13,6 +14,7 @@ import typer
 
 from . import cli_figures
 from .cli_errors import run_app, warnings_as_lines
+from .cli_help import HelpCommand
 from .errors import KdcacheError, speak_cli
 
 __all__ = ["app", "main"]
@@ -23,41 +25,6 @@ __all__ = ["app", "main"]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"max_content_width": 100},
                   help="Offline knowledge distillation: dump the teacher once, train students from the cache.")
-
-
-# What an option's value looks like, for --help ("--teacher SPEC"): typer would print its type
-# ("<str>", "<list[str]>"). Options not named here get one from their name (see _metavar).
-_METAVARS = {
-    "teacher": "SPEC", "dataset": "SPEC", "student": "SPEC", "eval_dataset": "SPEC", "online_teacher": "SPEC",
-    "hidden": "MODULE", "output_key": "KEY", "mask_key": "KEY", "logits_dtype": "DTYPE", "hidden_dtype": "DTYPE",
-    "topk": "K", "sample_k": "N", "sample_temperature": "T", "vocab_size": "V", "views": "K", "seed": "S",
-    "batch_size": "N", "num_workers": "N", "device": "DEVICE", "amp": "MODE", "out": "PATH", "cache_root": "DIR",
-    "block_rows": "N", "writer_threads": "N", "cache": "PATH", "eval_cache": "PATH", "temperature": "T",
-    "alpha": "A", "hint": "S=T[:LOSS][@WEIGHT]", "epochs": "N", "lr": "LR", "optimizer": "NAME",
-    "weight_decay": "WD", "in_memory": "WHEN", "view": "HOW", "replay": "N", "positions": "N",
-    "path": "CACHE", "root": "ROOT", "runs": "RUN_DIR",
-}
-
-
-def _metavar(name: str) -> str:
-    if name in _METAVARS:
-        return _METAVARS[name]
-    if name.endswith("_kwargs"):
-        return "JSON"
-    if name.endswith(("checkpoint", "config")):
-        return "FILE"
-    return name.rsplit("_", 1)[-1].upper()
-
-
-class _Command(typer.core.TyperCommand):
-    """A command whose help names each option's value by what it is (``--teacher SPEC``)."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            if param.metavar is None and not getattr(param, "is_flag", False) and param.name:
-                param.metavar = _metavar(param.name)
-        return params
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,7 +42,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@app.command("dump-teacher", short_help="Run the teacher once; cache its outputs.", cls=_Command)
+@app.command("dump-teacher", short_help="Run the teacher once; cache its outputs.", cls=HelpCommand)
 @_user_errors
 def dump_teacher_cmd(
     teacher: Optional[str] = typer.Option(None, help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
@@ -133,14 +100,7 @@ def dump_teacher_cmd(
                          teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
                                        "checkpoint": str(ckpt) if ckpt else None},
                          dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
-    if _rank() == 0:  # under torchrun: one line, not one per process
-        typer.echo(cache.path)
-
-
-def _rank() -> int:
-    from .distributed import world
-
-    return world()[0]
+    typer.echo(cache.path)
 
 
 def _load_config(path: Optional[Path]) -> dict[str, Any]:
@@ -174,7 +134,7 @@ def _kwargs_of(values: dict[str, Any], key: str) -> dict[str, Any]:
     return parse_kwargs(raw, flag)
 
 
-@app.command("train-student", short_help="Train a student from a cache.", cls=_Command)
+@app.command("train-student", short_help="Train a student from a cache.", cls=HelpCommand)
 @_user_errors
 def train_student_cmd(
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr or path/file.py:attr."),
@@ -241,8 +201,6 @@ def train_student_cmd(
         result = train_student(lambda: load_model(student_spec, s_kwargs, role="student"), data, cache_path,
                                eval_dataset=eval_data, eval_cache=eval_cache_path, teacher=teacher, out=out_dir,
                                config=settings, progress=progress, student_spec={"spec": student_spec, "kwargs": s_kwargs})
-    if _rank() != 0:
-        return
     final = result.final
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
              if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}
@@ -258,7 +216,7 @@ def _size(n: float) -> str:
     return str(n)
 
 
-@app.command("info", short_help="Describe a cache.", cls=_Command)
+@app.command("info", short_help="Describe a cache.", cls=HelpCommand)
 @_user_errors
 def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) -> None:
     """Describe a cache: rows, outputs (shape, dtype, bytes), fingerprint, teacher, completeness."""
@@ -300,7 +258,7 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
     typer.echo("\n".join(lines))
 
 
-@app.command("ls", short_help="List the caches under a root.", cls=_Command)
+@app.command("ls", short_help="List the caches under a root.", cls=HelpCommand)
 @_user_errors
 def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a directory or URL "
                                                              "[$KDCACHE_HOME or ./kdcache-store].")) -> None:
@@ -331,7 +289,7 @@ def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a direct
         typer.echo(f"no caches under {root}", err=True)
 
 
-@app.command("verify", short_help="Check every chunk of a cache.", cls=_Command)
+@app.command("verify", short_help="Check every chunk of a cache.", cls=HelpCommand)
 @_user_errors
 def verify_cmd(
     path: str = typer.Argument(..., help="A cache directory or URL."),
@@ -395,15 +353,17 @@ def _unwritten(cache: Any, problems: list[Any]) -> list[Any]:
     return [p for p in problems if "missing" in p.reason and not any(done[b] for b in blocks_of(p))]
 
 
-app.command("report", short_help="Draw what a cache holds (PNGs + HTML).", cls=_Command)(
+app.command("report", short_help="Draw what a cache holds (PNGs + HTML).", cls=HelpCommand)(
     _user_errors(cli_figures.report_cmd))
-app.command("plot", short_help="Draw training runs side by side.", cls=_Command)(_user_errors(cli_figures.plot_cmd))
+app.command("plot", short_help="Draw training runs side by side.", cls=HelpCommand)(_user_errors(cli_figures.plot_cmd))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The ``kdcache`` command. A usage mistake (unknown option, missing or bad value) is one
     line on stderr naming the closest option, exit status 2."""
     speak_cli()  # error messages name flags (--overwrite), not arguments (overwrite=True)
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ.get("RANK") or 0) > 0:
+        sys.stdout = open(os.devnull, "w")  # under torchrun the results print once, from rank 0
     sys.exit(run_app(app, argv))
 
 

@@ -286,7 +286,7 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
             bar.close()
             source.close()
     if out_dir is not None:
-        _save(out_dir, student, hint_losses, cfg, student_spec, cache, eval_cache)
+        _save(out_dir, student, hint_losses, cfg, student_spec, cache)
     return result
 
 
@@ -383,13 +383,11 @@ def _labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 
 def _save(out: Path, student: nn.Module, hint_losses: list[nn.Module], cfg: TrainConfig,
-          student_spec: dict[str, Any] | None, cache: Any, eval_cache: Any = None) -> None:
+          student_spec: dict[str, Any] | None, cache: Any) -> None:
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
     torch.save({"state_dict": state, "spec": student_spec or {"class": type(student).__qualname__}}, out / "student.pt")
     if hint_losses:
         torch.save({str(h): m.state_dict() for h, m in zip(cfg.hints, hint_losses)}, out / "hints.pt")
-    def path_of(c: Any) -> str | None:
-        return c.path if isinstance(c, TeacherCache) else (str(c) if c is not None else None)
-
-    saved = {**cfg.to_json(), "cache": path_of(cache), "eval_cache": path_of(eval_cache), "student": student_spec}
-    (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+    cache_path = cache.path if isinstance(cache, TeacherCache) else (str(cache) if cache is not None else None)
+    (out / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": cache_path, "student": student_spec},
+                                                indent=2) + "\n")
