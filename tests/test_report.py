@@ -51,8 +51,13 @@ def test_report_numbers_come_from_the_cache(dense, models):
     assert stats.rows == stats.positions == 300
     np.testing.assert_allclose(np.sort(stats.confidence), np.sort(p.max(-1).values.numpy()), rtol=1e-6)
     assert stats.mass_k[0] == 1 and stats.mass_k[-1] == 5  # k = 1 .. V
-    np.testing.assert_allclose(stats.mass[:, -1], 1.0, atol=1e-6)  # all V classes keep all the mass
-    np.testing.assert_allclose(np.sort(stats.mass[:, 0]), np.sort(stats.confidence), rtol=1e-6)
+    assert set(stats.mass) == {1.0, 4.0}
+    for mass in stats.mass.values():
+        np.testing.assert_allclose(mass[:, -1], 1.0, atol=1e-6)  # all V classes keep all the mass
+        assert (np.diff(mass, axis=1) >= -1e-6).all()  # more classes never keep less
+    np.testing.assert_allclose(np.sort(stats.mass[1.0][:, 0]), np.sort(stats.confidence), rtol=1e-6)
+    p4 = torch.softmax(torch.from_numpy(cache.read("logits", 0, 300)).float() / 4, -1)
+    np.testing.assert_allclose(np.sort(stats.mass[4.0][:, 0]), np.sort(p4.max(-1).values.numpy()), rtol=1e-6)
     # accuracy on the labelled rows is what the dump recorded in the cache
     _, _, right = stats._right()
     assert right.size == 200 and right.mean() == pytest.approx(cache.meta.teacher_accuracy.accuracy)
@@ -80,7 +85,7 @@ def test_report_of_sparse_sequence_caches_counts_real_tokens_only(tmp_path, mode
     assert {f.name: f.panels for f in s.figures}["topk_mass"] == ["distinct ids among 16 draws"]
     d = cache_stats(dense)  # padding stored as zeros is recognised without the dataset
     assert d.positions == real and d.classes == VOCAB
-    np.testing.assert_allclose(np.sort(d.mass[:, 7]), np.sort(expected_kept), atol=2e-3)
+    np.testing.assert_allclose(np.sort(d.mass[1.0][:, 7]), np.sort(expected_kept), atol=2e-3)
 
 
 def test_report_reads_a_bounded_sample(dense):

@@ -4,8 +4,8 @@ Figures, from :func:`~kdcache.report.stats.cache_stats`:
 
 - ``confidence.png``  the teacher's confidence and entropy per position (histograms);
 - ``calibration.png`` with labels: a reliability diagram and the teacher's accuracy per class;
-- ``topk_mass.png``   dense caches: the probability the k most likely classes hold, against k
-  (to choose ``--topk`` before dumping a large-vocabulary cache); top-k caches: the mass the
+- ``topk_mass.png``   dense caches: the probability the k most likely classes hold, against k,
+  at T = 1 and 4 (to choose ``--topk`` before dumping a large-vocabulary cache); top-k caches: the mass the
   stored K classes hold; sampled caches: distinct ids among the N draws;
 - ``bytes.png``       bytes one row takes in each stored array.
 """
@@ -100,10 +100,10 @@ def _calibration(stats: CacheStats, out: Path) -> ReportFigure:
 def _mass(stats: CacheStats, out: Path) -> ReportFigure:
     figure, (ax,) = new_figure(1, 1, width=5.0)
     if stats.mass is not None and stats.mass_k is not None:
-        low, median, high = np.quantile(stats.mass, [0.1, 0.5, 0.9], axis=0)
-        ax.fill_between(stats.mass_k, low, high, alpha=0.25, color="C0", label="10-90% of positions")
-        ax.plot(stats.mass_k, stats.mass.mean(0), color="C0", label="mean")
-        ax.plot(stats.mass_k, median, ":", color="C0", label="median")
+        for i, (t, mass) in enumerate(stats.mass.items()):
+            low, high = np.quantile(mass, [0.1, 0.9], axis=0)
+            ax.fill_between(stats.mass_k, low, high, alpha=0.2, color=f"C{i}")
+            ax.plot(stats.mass_k, mass.mean(0), color=f"C{i}", label=f"T = {t:g}: mean, 10-90% of positions")
         ax.set_xscale("log")
         ax.set(xlabel="k (classes kept, --topk)", ylabel="probability mass kept", ylim=(0, 1.02))
         ax.set_title("probability mass kept by the top k classes")

@@ -28,7 +28,7 @@ def save(figure: Any, path: Path) -> list[str]:
     """Write ``figure`` as a PNG; the titles of its panels, in order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        figure.savefig(path, dpi=90)
+        figure.savefig(path, dpi=80, pil_kwargs={"optimize": True})
     except OSError as err:
         raise KdcacheError(f"cannot write {path}: {err.strerror}") from None
     return [ax.get_title() for ax in figure.axes if ax.get_visible() and ax.get_title()]

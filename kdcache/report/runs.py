@@ -94,6 +94,9 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path) -> RunsFigure:
             ax.plot(epochs, values, line, color=colour, label=plain(name))
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        values = [v for _, ys in series[title].values() for v in ys]
+        if min(values) > 0 and max(values) > 20 * min(values) and not title.startswith(("eval acc", "top-1", "samples")):
+            ax.set_yscale("log")  # losses falling by orders of magnitude
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes[len(titles):]:
         ax.set_visible(False)

@@ -26,6 +26,7 @@ from ..targets import SampledTargets, TopKTargets
 __all__ = ["CacheStats", "cache_stats"]
 
 CURVE_POSITIONS = 20_000  # positions the dense top-k mass curve is computed over
+TEMPERATURES = (1.0, 4.0)  # the stored distribution, and the one KD at the default T = 4 matches
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class CacheStats:
         predicted: (positions,) int64, the teacher's top-1 class.
         labels: (positions,) int64 labels (negative = none), when the dataset was given.
         mass_k: dense only: the k of the top-k mass curve, 1 .. classes.
-        mass: dense only: (curve positions, len(mass_k)) float32, the probability the k most
-            likely classes hold.
+        mass: dense only: temperature -> (curve positions, len(mass_k)) float32, the probability
+            the k most likely classes hold in ``softmax(logits / T)``.
         kept_mass: top-k only: (positions,) float32, the probability the stored K classes hold.
         distinct: sampled only: (positions,) int64, distinct ids among the N draws.
         row_bytes: bytes one row takes in each stored array (no chunk padding).
@@ -59,7 +60,7 @@ class CacheStats:
     row_bytes: dict[str, int]
     labels: np.ndarray | None = None
     mass_k: np.ndarray | None = None
-    mass: np.ndarray | None = None
+    mass: dict[float, np.ndarray] | None = None
     kept_mass: np.ndarray | None = None
     distinct: np.ndarray | None = None
     stored_k: int | None = None
@@ -106,10 +107,12 @@ class CacheStats:
 
 
 def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_positions: int = 200_000,
-                max_values: int = 1 << 27, seed: int = 0) -> CacheStats:
+                max_values: int = 1 << 27, seed: int = 0, temperatures: tuple[float, ...] = TEMPERATURES
+                ) -> CacheStats:
     """Summarise a sample of ``cache``'s logits; with ``dataset`` (the one it was dumped from,
     checked) also their labels. Reads at most about ``max_positions`` positions and
-    ``max_values`` stored logit values, whole chunks at a time."""
+    ``max_values`` stored logit values, whole chunks at a time; a dense cache's top-k mass is
+    given at each of ``temperatures``."""
     if max_positions < 1 or max_values < 1:
         raise KdcacheError(f"max_positions must be >= 1 and max_values >= 1, got {max_positions} and {max_values}")
     opened = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
@@ -129,8 +132,8 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
     rows = curve = 0
     for targets, labels, mask in _batches(opened, dataset, budget, seed):
         rows += _length(targets)
-        summary = _summarise(targets, classes, mask, mass_k if curve < CURVE_POSITIONS else None)
-        curve += len(summary.get("mass", ()))
+        summary = _summarise(targets, classes, mask, mass_k if curve < CURVE_POSITIONS else None, temperatures)
+        curve += len(summary.get(f"mass@{temperatures[0]}", ()))
         if labels is not None:
             summary["labels"] = labels.reshape(-1)[mask.reshape(-1)].numpy() if mask is not None else \
                 labels.reshape(-1).numpy()
@@ -147,11 +150,11 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
     labels_ok = dataset is not None and "labels" in arrays and arrays["labels"].shape == arrays["confidence"].shape
     if dataset is not None and not labels_ok:
         notes.append("the dataset's labels do not match the teacher's positions: no calibration")
-    dense = "mass" in arrays
+    dense = f"mass@{temperatures[0]}" in arrays
     return CacheStats(codec=logits.codec.name, classes=classes, rows=rows, confidence=arrays["confidence"],
                       entropy=arrays["entropy"], predicted=arrays["predicted"], row_bytes=row_bytes,
                       labels=arrays["labels"] if labels_ok else None, mass_k=mass_k if dense else None,
-                      mass=arrays["mass"][:CURVE_POSITIONS] if dense else None,
+                      mass={t: arrays[f"mass@{t}"][:CURVE_POSITIONS] for t in temperatures} if dense else None,
                       kept_mass=arrays.get("kept_mass"), distinct=arrays.get("distinct"),
                       stored_k=width if logits.codec.name != "dense" else None, notes=notes)
 
@@ -198,10 +201,10 @@ def _stored_padding(targets: Any) -> torch.Tensor:
     return (targets != 0).any(-1)
 
 
-def _summarise(targets: Any, classes: int, mask: torch.Tensor | None, mass_k: np.ndarray | None
-               ) -> dict[str, np.ndarray]:
+def _summarise(targets: Any, classes: int, mask: torch.Tensor | None, mass_k: np.ndarray | None,
+               temperatures: tuple[float, ...] = TEMPERATURES) -> dict[str, np.ndarray]:
     """Per real position: confidence, entropy, predicted class and the codec's own measure
-    (dense: the top-k mass at each of ``mass_k``, when given)."""
+    (dense: the top-k mass at each of ``mass_k`` and ``temperatures``, when ``mass_k`` is given)."""
     real = mask.reshape(-1) if mask is not None else None
 
     def positions(t: torch.Tensor, per_class: bool = True) -> torch.Tensor:
@@ -230,6 +233,8 @@ def _summarise(targets: Any, classes: int, mask: torch.Tensor | None, mass_k: np
     confidence, predicted = p.max(-1)
     out = {"confidence": confidence.numpy(), "entropy": entropy.numpy(), "predicted": predicted.numpy()}
     if mass_k is not None:
-        mass = p[:CURVE_POSITIONS].sort(-1, descending=True).values.cumsum(-1)
-        out["mass"] = mass[:, torch.from_numpy(mass_k - 1)].numpy()
+        for t in temperatures:
+            p_t = torch.softmax(logits[:CURVE_POSITIONS] / t, -1)
+            mass = p_t.sort(-1, descending=True).values.cumsum(-1)
+            out[f"mass@{t}"] = mass[:, torch.from_numpy(mass_k - 1)].numpy()
     return out
