@@ -3,22 +3,52 @@
 Stage one, :func:`dump_teacher`, runs the teacher once and stores its outputs in a zarr
 cache; stage two, :func:`train_student` (or your own loop over :class:`CachedTeacherDataset`
 with the losses in :mod:`kdcache.losses`), trains students from it without the teacher.
+
+The names below are imported on first use, so that ``import kdcache.cli`` (and so
+``kdcache --help``) does not pay for importing torch and zarr.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from . import losses  # noqa: E402
-from .targets import SampledTargets, TeacherTargets, TopKTargets  # noqa: E402
-from .config import DumpConfig, Hint, TrainConfig  # noqa: E402
-from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, collate  # noqa: E402
-from .dump import dump_teacher  # noqa: E402
-from .errors import KdcacheError  # noqa: E402
-from .format import CacheMeta  # noqa: E402
-from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SoftTargetCrossEntropy  # noqa: E402
-from .store import TeacherCache  # noqa: E402
-from .train import train_student  # noqa: E402
+# public name -> the module that defines it
+_HOMES = {
+    "KdcacheError": "errors", "TeacherCache": "store", "CacheMeta": "format", "dump_teacher": "dump",
+    "DumpConfig": "config", "CachedTeacherDataset": "dataset", "ChunkShuffleBatchSampler": "dataset",
+    "collate": "dataset", "TeacherTargets": "targets", "TopKTargets": "targets", "SampledTargets": "targets",
+    "train_student": "train", "evaluate": "train", "TrainConfig": "config", "Hint": "config", "KLDivLoss": "losses",
+    "SoftTargetCrossEntropy": "losses", "HiddenStateLoss": "losses", "AttentionTransferLoss": "losses",
+}
 
-__all__ = ["__version__", "KdcacheError", "TeacherCache", "CacheMeta", "dump_teacher", "DumpConfig",
-           "CachedTeacherDataset", "ChunkShuffleBatchSampler", "collate", "TeacherTargets", "TopKTargets",
-           "SampledTargets", "train_student", "TrainConfig", "Hint", "losses", "KLDivLoss", "SoftTargetCrossEntropy",
-           "HiddenStateLoss", "AttentionTransferLoss"]
+__all__ = ["__version__", "losses", *_HOMES]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "losses":
+        return importlib.import_module(".losses", __name__)
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from . import losses
+    from .config import DumpConfig, Hint, TrainConfig
+    from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, collate
+    from .dump import dump_teacher
+    from .errors import KdcacheError
+    from .format import CacheMeta
+    from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SoftTargetCrossEntropy
+    from .store import TeacherCache
+    from .targets import SampledTargets, TeacherTargets, TopKTargets
+    from .train import evaluate, train_student

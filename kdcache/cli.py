@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -11,9 +12,18 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .errors import KdcacheError
+from . import cli_figures
+from .cli_errors import run_app, warnings_as_lines
+from .cli_help import HelpCommand
+from .errors import KdcacheError, speak_cli
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+__all__ = ["app", "main"]
+
+# Plain click help (rich_markup_mode=None): rich's markup would eat bracketed text such as
+# "cuda[:N]" or "[@WEIGHT]", and its tables cut long option names at 80 columns. Nothing here
+# imports torch at module level: `kdcache --help` stays fast.
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"max_content_width": 100},
                   help="Offline knowledge distillation: dump the teacher once, train students from the cache.")
 
 
@@ -44,7 +54,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@app.command("dump-teacher")
+@app.command("dump-teacher", short_help="Run the teacher once; cache its outputs.", cls=HelpCommand)
 @_user_errors
 def dump_teacher_cmd(
     teacher: Optional[str] = typer.Option(None, help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
@@ -147,13 +157,14 @@ def _kwargs_of(values: dict[str, Any], key: str) -> dict[str, Any]:
     return parse_kwargs(raw, flag)
 
 
-@app.command("train-student")
+@app.command("train-student", short_help="Train a student from a cache.", cls=HelpCommand)
 @_user_errors
 def train_student_cmd(
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr or path/file.py:attr."),
     dataset: Optional[str] = typer.Option(None, help="Training (transfer) set spec; rows labelled -1 get only KD terms."),
     cache: Optional[str] = typer.Option(None, help="Teacher cache to distil from; without it, plain training on labels."),
     eval_dataset: Optional[str] = typer.Option(None, help="Labelled dataset spec for per-epoch accuracy and loss."),
+    eval_cache: Optional[str] = typer.Option(None, help="The teacher's cache of --eval-dataset: record the student's KL to the teacher on held-out rows each epoch and warn when it overfits the cache."),
     student_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the student callable."),
     dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the dataset callable."),
     eval_dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for the eval dataset callable."),
@@ -163,7 +174,7 @@ def train_student_cmd(
     mask_key: Optional[str] = typer.Option(None, help="Online teacher: inputs key of the (B, L) attention mask [attention_mask]."),
     temperature: Optional[float] = typer.Option(None, help="Softmax temperature T of the KD term [4.0]."),
     alpha: Optional[float] = typer.Option(None, help="Weight of the KD term; CE gets 1 - alpha [0.9]."),
-    hint: Optional[list[str]] = typer.Option(None, help="STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT] (repeatable)."),
+    hint: Optional[list[str]] = typer.Option(None, help="Hint term (repeatable): student module S, teacher module T, LOSS mse, cosine or attention [mse], WEIGHT [1.0]."),
     epochs: Optional[int] = typer.Option(None, help="Epochs [10]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [64]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [1e-3]."),
@@ -184,7 +195,8 @@ def train_student_cmd(
     from .spec import load_dataset, load_model
     from .train import TrainConfig, train_student
 
-    flags = dict(student=student, dataset=dataset, cache=cache, eval_dataset=eval_dataset, student_kwargs=student_kwargs,
+    flags = dict(student=student, dataset=dataset, cache=cache, eval_dataset=eval_dataset, eval_cache=eval_cache,
+                 student_kwargs=student_kwargs,
                  dataset_kwargs=dataset_kwargs, eval_dataset_kwargs=eval_dataset_kwargs, online_teacher=online_teacher,
                  online_teacher_kwargs=online_teacher_kwargs, online_teacher_checkpoint=online_teacher_checkpoint,
                  mask_key=mask_key, temperature=temperature, alpha=alpha, hints=hint or None, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -199,18 +211,19 @@ def train_student_cmd(
     student_spec, dataset_spec = _text(values, "student"), _text(values, "dataset")
     if not student_spec or not dataset_spec:
         raise KdcacheError("--student and --dataset are required (as flags or in --config)")
-    cache_path, eval_spec = _text(values, "cache"), _text(values, "eval_dataset")
+    cache_path, eval_spec, eval_cache_path = _text(values, "cache"), _text(values, "eval_dataset"), _text(values, "eval_cache")
     teacher_spec, teacher_ckpt = _text(values, "online_teacher"), _text(values, "online_teacher_checkpoint")
     out_dir = Path(_text(values, "out") or "student-out")
     settings = TrainConfig.from_mapping(values)
 
-    model = load_model(student_spec, s_kwargs, role="student")
     data = load_dataset(dataset_spec, d_kwargs)
     eval_data = load_dataset(eval_spec, e_kwargs) if eval_spec else None
     teacher = load_model(teacher_spec, t_kwargs, teacher_ckpt) if teacher_spec else None
-    result = train_student(model, data, cache_path, eval_dataset=eval_data, teacher=teacher, out=out_dir,
-                           config=settings, progress=progress,
-                           student_spec={"spec": student_spec, "kwargs": s_kwargs})
+    # built by train_student right after seeding: --seed fixes the initial weights too
+    with warnings_as_lines():
+        result = train_student(lambda: load_model(student_spec, s_kwargs, role="student"), data, cache_path,
+                               eval_dataset=eval_data, eval_cache=eval_cache_path, teacher=teacher, out=out_dir,
+                               config=settings, progress=progress, student_spec={"spec": student_spec, "kwargs": s_kwargs})
     final = result.final
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
              if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}
@@ -226,7 +239,7 @@ def _size(n: float) -> str:
     return str(n)
 
 
-@app.command("info")
+@app.command("info", short_help="Describe a cache.", cls=HelpCommand)
 @_user_errors
 def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) -> None:
     """Describe a cache: rows, outputs (shape, dtype, bytes), fingerprint, teacher, completeness."""
@@ -248,16 +261,24 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
         what = codec["dtype"] if codec["name"] == "dense" else " ".join(f"{k}={v}" for k, v in codec.items())
         lines.append(f"  {name}: shape ({cache.rows}, {', '.join(map(str, o.shape))})  {what}")
         for a in o.arrays.values():
-            per = f"{sizes[a.path] / tokens:.1f} B/token" if meta.mask_key or tokens != cache.rows \
-                else f"{sizes[a.path] / cache.rows:.0f} B/row"
-            lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  chunk "
-                         f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk ({per})")
+            # what the rows hold, not the files: the last chunk is stored whole, zero-padded
+            per = f"{a.row_bytes * cache.rows / tokens:.1f} B/token" if meta.mask_key or tokens != cache.rows \
+                else f"{a.row_bytes} B/row"
+            lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  {per}  chunk "
+                         f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk")
     if meta.vocab.real != meta.vocab.padded or meta.mask_key:
         lines.append(f"vocabulary   {meta.vocab.real} classes (output layer {meta.vocab.padded})"
                      + (f"; padding masked by inputs[{meta.mask_key!r}], {tokens} real tokens" if meta.mask_key else ""))
     if cache.seed is not None:
         lines.append(f"views        {cache.views} per sample (row = sample * {cache.views} + view), seed {cache.seed}"
                      + (f", explicit parameters {list(meta.view_params_shape)}" if meta.view_params_shape else ""))
+    if meta.source is not None:
+        normalised = {"vocabulary": "normalised over the vocabulary", "kept": "normalised over the kept ids"}
+        lines.append(f"source       imported from {meta.source.get('format')} {meta.source.get('file') or ''}  "
+                     f"(log-probabilities {normalised.get(meta.source.get('normalized'), 'of unknown normalisation')})")
+    if meta.packed is not None:
+        lines.append(f"layout       packed: {meta.tokens or 0} real tokens stored on a token axis of "
+                     f"{meta.packed.capacity} (chunks of {meta.packed.chunk} tokens); padding is not stored")
     acc = meta.teacher_accuracy
     if acc is not None and acc.labelled:
         lines.append(f"teacher accuracy on the transfer set's labels: {acc.accuracy:.4f} ({acc.correct}/{acc.labelled})")
@@ -267,7 +288,7 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
     _echo("\n".join(lines))
 
 
-@app.command("ls")
+@app.command("ls", short_help="List the caches under a root.", cls=HelpCommand)
 @_user_errors
 def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a directory or URL "
                                                              "[$KDCACHE_HOME or ./kdcache-store].")) -> None:
@@ -298,7 +319,7 @@ def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a direct
         _echo(f"no caches under {root}", err=True)
 
 
-@app.command("verify")
+@app.command("verify", short_help="Check every chunk of a cache.", cls=HelpCommand)
 @_user_errors
 def verify_cmd(
     path: str = typer.Argument(..., help="A cache directory or URL."),
@@ -318,13 +339,17 @@ def verify_cmd(
         raise KdcacheError(f"--replay needs --dataset SPEC naming the dataset the cache was dumped from{shown}; "
                            "kdcache never runs code named in a cache")
     problems = cache.verify()
-    for problem in problems:
-        _echo(f"BAD {problem}")
+    if not cache.complete:  # the summary first, then only what a resumed dump would not mend
+        written = int((cache.blocks_record()[:, 0] != 0).sum())
+        _echo(f"cache {path} is incomplete: {written} of {cache.n_blocks} blocks written; rerun its dump-teacher "
+              "command to finish it")
     if problems:
-        _echo(f"cache {path} is damaged: repair it with the dump-teacher command that wrote it plus --repair "
-              "(only the damaged blocks are written again)")
-    if not cache.complete:
-        _echo(f"cache {path} is incomplete: rerun its dump-teacher command to finish it")
+        _echo(f"cache {path} is damaged: {len(problems)} missing, corrupt or misplaced chunks; repair it with the "
+              "dump-teacher command that wrote it plus --repair (only the damaged blocks are written again)")
+    for problem in problems[:20]:
+        _echo(f"BAD {problem}")
+    if len(problems) > 20:
+        _echo(f"... and {len(problems) - 20} more")
     bad_rows: list[int] = []
     if replay > 0:
         from .dataset import replay_mismatches
@@ -345,13 +370,69 @@ def verify_cmd(
     _echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
 
 
-def main() -> None:
+@app.command("import", short_help="Make a top-k cache from vLLM or Axolotl logprobs.", cls=HelpCommand)
+@_user_errors
+def import_cmd(
+    kind: str = typer.Argument(..., help="vllm (JSONL/Parquet of prompt_token_ids + prompt_logprobs) or axolotl "
+                                         "(a dataset saved with save_to_disk, or Parquet, with Axolotl's KD columns)."),
+    source: Path = typer.Argument(..., help="The file or dataset directory."),
+    out: str = typer.Option(..., help="Cache directory to write."),
+    vocab_size: int = typer.Option(..., help="The teacher's vocabulary size (every token id is below it)."),
+    topk: Optional[int] = typer.Option(None, help="vllm: K ids kept per position [the fewest any position has]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the kdcache cache at --out."),
+) -> None:
+    """Build a packed top-k cache from an inference engine's or a trainer's teacher logprobs."""
+    from .interop import import_axolotl, import_vllm
+
+    if kind not in ("vllm", "axolotl"):
+        raise KdcacheError(f"import reads vllm or axolotl, not {kind!r}")
+    if vocab_size < 1 or (topk is not None and topk < 1):
+        raise KdcacheError("--vocab-size and --topk must be >= 1")
+    log = lambda msg: _echo(msg, err=True)  # noqa: E731
+    if kind == "vllm":
+        cache = import_vllm(source, out, vocab_size=vocab_size, topk=topk, overwrite=overwrite, log=log)
+    else:
+        cache = import_axolotl(source, out, vocab_size=vocab_size, overwrite=overwrite, log=log)
+    _echo(cache.path)
+
+
+@app.command("export", short_help="Write a top-k cache as Parquet with Axolotl's columns.", cls=HelpCommand)
+@_user_errors
+def export_cmd(
+    path: str = typer.Argument(..., help="A top-k cache."),
+    dataset: str = typer.Option(..., help="Spec of the dataset the cache was dumped from (its token rows)."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset."),
+    out: Path = typer.Option(..., help="Parquet file to write."),
+) -> None:
+    """Write input_ids, labels and Axolotl's target_token_ids/target_logprobs/target_mask columns."""
+    from .interop import export_axolotl
+    from .spec import load_dataset, parse_kwargs
+
+    if out.exists():
+        raise KdcacheError(f"{out} exists; choose another --out")
+    written = export_axolotl(path, load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs")), out)
+    _echo(str(written))
+
+
+app.command("report", short_help="Draw what a cache holds (PNGs + HTML).", cls=HelpCommand)(
+    _user_errors(cli_figures.report_cmd))
+app.command("plot", short_help="Draw training runs side by side.", cls=HelpCommand)(_user_errors(cli_figures.plot_cmd))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``kdcache`` command. A usage mistake (unknown option, missing or bad value) is one
+    line on stderr naming the closest option, exit status 2."""
+    speak_cli()  # error messages name flags (--overwrite), not arguments (overwrite=True)
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ.get("RANK") or 0) > 0:
+        sys.stdout = open(os.devnull, "w")  # under torchrun the results print once, from rank 0
+    code = 1
     try:
-        app()
+        code = run_app(app, argv)
     finally:
         if "torch.distributed" in sys.modules:  # only a command that used it imported it
             from .distributed import shutdown
-            shutdown()
+            shutdown(clean=code == 0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 from .targets import SampledTargets, TopKTargets
 
 __all__ = ["Codec", "DenseCodec", "TopKCodec", "SampledCodec", "DTYPES", "codec_from_params", "pack_ids",
@@ -171,9 +171,9 @@ class TopKCodec:
     name: ClassVar[str] = "topk"
 
     def __post_init__(self) -> None:
-        _check_vocab(self.k, self.vocab, "--topk")
+        _check_vocab(self.k, self.vocab, option("topk"))
         if self.k > self.vocab:
-            raise KdcacheError(f"--topk {self.k} is larger than the vocabulary ({self.vocab} classes)")
+            raise KdcacheError(f"{option('topk', self.k)} is larger than the vocabulary ({self.vocab} classes)")
 
     @property
     def bits(self) -> int:
@@ -254,11 +254,11 @@ class SampledCodec:
     name: ClassVar[str] = "sampled"
 
     def __post_init__(self) -> None:
-        _check_vocab(self.n, self.vocab, "--sample-k")
+        _check_vocab(self.n, self.vocab, option("sample_k"))
         if self.n > 65535:
-            raise KdcacheError(f"--sample-k must be <= 65535, got {self.n}")
+            raise KdcacheError(f"{option('sample_k')} must be <= 65535, got {self.n}")
         if not self.temperature > 0:
-            raise KdcacheError(f"--sample-temperature must be > 0, got {self.temperature}")
+            raise KdcacheError(f"{option('sample_temperature')} must be > 0, got {self.temperature}")
 
     @property
     def bits(self) -> int:

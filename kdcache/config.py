@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from .codecs import DTYPES, Codec, DenseCodec, SampledCodec, TopKCodec
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 
 __all__ = ["DumpConfig", "TrainConfig", "Hint", "AMP_CHOICES"]
 
@@ -115,16 +115,16 @@ class Hint:
         pair, _, kind = body.partition(":")
         student, eq, teacher = pair.partition("=")
         if not eq or not student or not teacher:
-            raise KdcacheError(f"--hint {text!r} must look like STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT]")
+            raise KdcacheError(f"{option('hints')} {text!r} must look like STUDENT_MODULE=TEACHER_MODULE[:mse|cosine|attention][@WEIGHT]")
         kind = kind or "mse"
         if kind not in HINT_KINDS:
-            raise KdcacheError(f"--hint {text!r}: loss {kind!r} is not one of {', '.join(HINT_KINDS)}")
+            raise KdcacheError(f"{option('hints')} {text!r}: loss {kind!r} is not one of {', '.join(HINT_KINDS)}")
         try:
             w = float(weight) if weight else 1.0
         except ValueError:
-            raise KdcacheError(f"--hint {text!r}: weight {weight!r} is not a number") from None
+            raise KdcacheError(f"{option('hints')} {text!r}: weight {weight!r} is not a number") from None
         if not math.isfinite(w):
-            raise KdcacheError(f"--hint {text!r}: weight must be finite")
+            raise KdcacheError(f"{option('hints')} {text!r}: weight must be finite")
         return cls(student, teacher, kind, w)
 
     def __str__(self) -> str:
@@ -214,7 +214,7 @@ class DumpConfig(_Settings):
             return DenseCodec(self.hidden_dtype)
         vocab = self.vocab_size or classes
         if vocab > classes:
-            raise KdcacheError(f"--vocab-size {vocab} is larger than the teacher's {classes} output classes")
+            raise KdcacheError(f"{option('vocab_size', vocab)} is larger than the teacher's {classes} output classes")
         if self.topk is not None:
             return TopKCodec(self.topk, vocab)
         if self.sample_k is not None:

@@ -19,7 +19,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
 from .targets import TeacherTargets
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 from .format import SPANS, VIEW_PARAMS
 from .items import fetch_batch, input_mask, row_digests
 from .packing import row_token_starts, scatter_tokens, target_mask
@@ -341,7 +341,7 @@ class CachedTeacherDataset(Dataset):
                                        f"({bad.size} of {idx.size} rows in this batch differ): {_VIEW_MISMATCH}")
                 raise KdcacheError(f"dataset row {int(idx[bad[0]])} is not the input the teacher saw at dump time "
                                    f"({bad.size} of {idx.size} rows in this batch differ): the dataset was edited, "
-                                   "reordered or transformed; use the dumped dataset, or pass --allow-input-mismatch "
+                                   f"reordered or transformed; use the dumped dataset, or pass {option('allow_input_mismatch', True)} "
                                    "if the difference is deliberate")
             if self._checked is not None:
                 self._checked[idx] = True

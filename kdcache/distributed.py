@@ -59,9 +59,12 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
-def shutdown() -> None:
-    """Leave the process group before the interpreter exits: a gloo group still alive at exit
-    can abort the process ("terminate called without an active exception"). Callers meet at a
-    barrier first where every rank finished the same work."""
+def shutdown(clean: bool) -> None:
+    """Leave the process group before the interpreter exits: a gloo group still alive at exit,
+    or torn down while another rank still talks to it, can abort the process ("terminate called
+    without an active exception"). After a ``clean`` run every rank meets at a barrier first;
+    after a failure there is no waiting for ranks that may never come."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -12,7 +12,6 @@ assembles and writes whole blocks on other threads.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -22,25 +21,25 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import zarr
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from . import distributed
 from .capture import HiddenCapture, check_module_names
 from .config import DumpConfig
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 from .format import SPANS, ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec, PackedTokens, TeacherInfo, Vocab
 from .items import (autocast, call_model, collate_items, fetch_batch, input_mask, move_inputs, resolve_amp,
                     resolve_device, row_digests, select_output)
+from .packing import place_blocks, token_counts
 from .store import (DumpLock, TeacherCache, dataset_digest, fault_point, fingerprint, is_remote, plan_blocks,
                     remove_cache, weights_digest)
 from .store.location import exists, refuse_file
+from .store.mismatch import identity_differences
 from .store.verify import damaged_blocks
-from .packing import place_blocks, token_counts
 from .views import ViewedDataset
-from .writer import BlockWriter, EncodedBatch
+from .writer import BlockWriter, EncodedBatch, software_versions
 
 __all__ = ["dump_teacher", "default_cache_root", "DumpConfig"]
 
@@ -101,7 +100,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
                            "rank the same checkpoint and data")
     teacher_info = teacher_info or {}
     meta = CacheMeta(
-        fingerprint=fp, rows=len(dataset), block_rows=1, amp=amp, versions=_versions(), vocab=Vocab(1, 1),
+        fingerprint=fp, rows=len(dataset), block_rows=1, amp=amp, versions=software_versions(), vocab=Vocab(1, 1),
         teacher=TeacherInfo(weights_digest=w_digest, class_name=type(teacher).__qualname__,
                             spec=teacher_info.get("spec"), kwargs=teacher_info.get("kwargs") or {},
                             checkpoint=teacher_info.get("checkpoint")),
@@ -137,7 +136,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         if rank == 0 and len(todo) < cache.n_blocks:
             log(f"resuming {path}: {cache.n_blocks - len(todo)} of {cache.n_blocks} blocks already written")
         stats = _run(teacher.to(dev).eval(), dataset, cache, [b for b in todo if b % world == rank], cfg, amp, dev,
-                     cfg.progress and rank == 0)
+                     cfg.progress and rank == 0, every_rank=todo)
 
         # finalise: every rank's blocks are on disk once gathered
         every = distributed.gather(stats)
@@ -155,24 +154,28 @@ def _target(out: str | Path | None, cache_root: str | None, fp: str) -> Any:
     """The cache's location: ``out``, or ``cache_root/<fingerprint>``; a URL stays a string."""
     root = str(cache_root or default_cache_root())
     where = str(out) if out is not None else (f"{root.rstrip('/')}/{fp}" if is_remote(root) else str(Path(root) / fp))
-    refuse_file(where, "choose another --out")
+    refuse_file(where, f"choose another {option('out')}")
     return where if is_remote(where) else Path(where)
 
 
-def _existing(path: Any, fp: str, overwrite: bool) -> TeacherCache | None:
+def _existing(path: Any, fp: str, overwrite: bool, asked: tuple[CacheMeta, DumpConfig] | None = None
+              ) -> TeacherCache | None:
     """The cache at ``path`` when it has this fingerprint; None when there is none (or it was
-    removed for ``overwrite``: only ever a kdcache cache or an empty directory)."""
+    removed for ``overwrite``: only ever a kdcache cache or an empty directory). ``asked``: this
+    dump's description and settings, to say what differs when another cache is there."""
     if not exists(path):
         if isinstance(path, Path) and path.is_dir() and any(path.iterdir()):
-            raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another --out")
+            raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another {option('out')}")
         return None
     if overwrite:
         remove_cache(path)
         return None
     cache = TeacherCache.open(path, mode="r+")
     if cache.fingerprint != fp:
-        raise KdcacheError(f"{path} holds another cache (fingerprint {cache.fingerprint}, this dump is {fp}); "
-                           "pass --overwrite to replace it or choose another --out")
+        differs = "; ".join(identity_differences(cache.meta, *asked)) if asked else ""
+        raise KdcacheError(f"{path} holds another cache (fingerprint {cache.fingerprint}, this dump is {fp}"
+                           + (f"; {differs}" if differs else "") + f"); pass {option('overwrite', True)} to "
+                           f"replace it or choose another {option('out')}")
     return cache
 
 
@@ -182,7 +185,7 @@ def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: 
     on a cache hit."""
     if not cfg.overwrite and not cfg.repair and exists(path):  # a finished cache needs no lock
         try:
-            cache = _existing(path, meta.fingerprint, overwrite=False)
+            cache = _existing(path, meta.fingerprint, overwrite=False, asked=(meta, cfg))
         except KdcacheError:  # e.g. another dump is creating it this instant: decide under the lock
             cache = None
         if cache is not None and cache.complete:
@@ -191,11 +194,11 @@ def _prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: 
     lock = DumpLock(path)
     lock.acquire(on_wait=lambda who: log(f"waiting for the dump already writing {path} ({who})"))
     try:
-        cache = _existing(path, meta.fingerprint, cfg.overwrite)
+        cache = _existing(path, meta.fingerprint, cfg.overwrite, asked=(meta, cfg))
         if cfg.repair:
             if cache is None:
-                raise KdcacheError(f"--repair: there is no cache of this teacher, data and settings at {path}; "
-                                   "run the dump without --repair")
+                raise KdcacheError(f"{option('repair', True)}: there is no cache of this teacher, data and settings "
+                                   f"at {path}; run the dump without it")
             _repair(cache, log)
         if cache is not None and cache.complete:
             cache.check_layout()
@@ -247,18 +250,14 @@ def _layout(dataset: Any, cfg: DumpConfig) -> str:
     otherwise; ``padded`` (fixed positions, padding stored as zeros) for everything else."""
     if cfg.layout != "auto":
         return cfg.layout
-    inputs, _ = fetch_batch(dataset, [0])
+    base = dataset.dataset if isinstance(dataset, ViewedDataset) else dataset  # no view drawn to look
+    inputs, _ = fetch_batch(base, [0])
     return "packed" if input_mask(inputs, cfg.mask_key) is not None else "padded"
 
 
 def _digest_mask(cfg: DumpConfig) -> str | None:
     """The mask key row digests see: a packed cache digests real tokens only."""
     return cfg.mask_key if cfg.layout == "packed" else None
-
-
-def _versions() -> dict[str, str]:
-    return {"kdcache": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -322,7 +321,7 @@ def _create(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, cfg: D
         if not t.is_floating_point():
             raise KdcacheError(f"teacher output {name!r} is {t.dtype}, not floating point")
         if name == "logits" and t.ndim == 1 and cfg.sparse:
-            raise KdcacheError("--topk/--sample-k need logits with a class axis, (B, C) or (B, L, V)")
+            raise KdcacheError(f"{option('topk')}/{option('sample_k')} need logits with a class axis, (B, C) or (B, L, V)")
         codec = cfg.codec(name, int(t.shape[-1]) if t.ndim > 1 else 1)
         shape = tuple(t.shape[1:])
         planned.append((name, shape, codec, OutputSpec.planned(name, codec, shape)))
@@ -368,8 +367,10 @@ def _zero_padding(arrays: dict[str, torch.Tensor], mask: torch.Tensor | None) ->
 
 
 def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int], cfg: DumpConfig, amp: str,
-         dev: torch.device, progress: bool) -> dict[str, Any]:
-    """Run the teacher over blocks ``todo`` and write them; this process's share of the stats."""
+         dev: torch.device, progress: bool, every_rank: Sequence[int] = ()) -> dict[str, Any]:
+    """Run the teacher over blocks ``todo`` and write them; this process's share of the stats.
+    The progress bar counts the rows of ``every_rank``'s blocks (all processes'), advancing by
+    this process's rows scaled to that total: ranks run in step, and only one prints."""
     batches = _plan_batches(cache, todo, cfg.batch_size)
     cuda = dev.type == "cuda"
     loader = DataLoader(_Batches(dataset, batches, _digest_mask(cfg)), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
@@ -379,8 +380,10 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
     logits_spec = cache.outputs["logits"]
     positions = int(np.prod(logits_spec.shape[:-1], dtype=np.int64)) if len(logits_spec.shape) > 1 else 1
     total = sum(b - a for a, b in batches)
-    bar = tqdm(total=total, unit="rows", unit_scale=True, desc="dump-teacher", disable=not progress,
+    everyone = sum(stop - start for start, stop in map(cache.block_range, every_rank)) or total
+    bar = tqdm(total=everyone, unit="rows", unit_scale=True, desc="dump-teacher", disable=not progress,
                dynamic_ncols=True)
+    scale = everyone / max(total, 1)
     t0 = time.perf_counter()
     tokens_done = 0
     try:
@@ -421,7 +424,7 @@ def _run(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int],
                 writer.put(EncodedBatch(start, host, predicted, labels, digests, tokens, copied))
                 fault_point("batch")
                 tokens_done += tokens
-                bar.update(n)
+                bar.update(n * scale)
     finally:
         bar.close()
         writer.close()

@@ -1,6 +1,14 @@
-"""The one exception type for user mistakes."""
+"""The one exception type for user mistakes, and how its messages name settings."""
 
-__all__ = ["KdcacheError"]
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["KdcacheError", "option", "speak_cli"]
+
+# Settings whose flag is not their name with "-" for "_".
+_FLAGS = {"hints": "--hint"}
+_SPEAKING = {"cli": False}
 
 
 class KdcacheError(Exception):
@@ -9,3 +17,19 @@ class KdcacheError(Exception):
     The CLI prints ``str(err)`` as one line and exits with status 2. Anything else raised
     inside kdcache is a bug and keeps its traceback.
     """
+
+
+def speak_cli() -> None:
+    """Make :func:`option` name command-line flags from now on (the ``kdcache`` command calls
+    this once; Python callers are told argument names)."""
+    _SPEAKING["cli"] = True
+
+
+def option(name: str, value: Any = ...) -> str:
+    """A setting as the caller typed it, for error messages: ``overwrite=True`` /
+    ``logits_dtype='float32'`` to a Python caller, ``--overwrite`` / ``--logits-dtype float32``
+    on the command line. Without ``value``, just the setting's name (``out`` / ``--out``)."""
+    if _SPEAKING["cli"]:
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        return flag if value is ... or value is True else f"{flag} {value}"
+    return name if value is ... else f"{name}={value!r}"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 
 __all__ = ["split_item", "fetch_batch", "collate_items", "row_digests", "input_mask", "move_inputs", "resolve_device",
            "resolve_amp",
@@ -191,7 +191,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdcacheError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        raise KdcacheError(f"{option('device', str(device))} was asked for but no CUDA device is visible; use "
+                           f"{option('device', 'cpu')}")
     return dev
 
 
@@ -211,7 +212,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if amp == "auto":
         return "bf16" if device.type == "cuda" else "none"
     if amp not in AMP_DTYPES:
-        raise KdcacheError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
+        raise KdcacheError(f"{option('amp')} must be auto, bf16, fp16 or none, got {amp!r}")
     return amp
 
 
@@ -246,23 +247,23 @@ def select_output(output: Any, key: str | None) -> torch.Tensor:
     if key is not None:
         if isinstance(output, (tuple, list)):
             if not key.lstrip("-").isdigit() or not -len(output) <= int(key) < len(output):
-                raise KdcacheError(f"--output-key {key!r}: the teacher returns a tuple of {len(output)}; use an index")
+                raise KdcacheError(f"{option('output_key', key)}: the teacher returns a tuple of {len(output)}; use an index")
             picked = output[int(key)]
         elif isinstance(output, dict) or hasattr(output, "keys"):
             if key not in output:
-                raise KdcacheError(f"--output-key {key!r} not in the teacher's output keys {list(output.keys())}")
+                raise KdcacheError(f"{option('output_key', key)} not in the teacher's output keys {list(output.keys())}")
             picked = output[key]
         elif hasattr(output, key):
             picked = getattr(output, key)
         else:
-            raise KdcacheError(f"--output-key {key!r}: the teacher returns a {type(output).__name__} without it")
+            raise KdcacheError(f"{option('output_key', key)}: the teacher returns a {type(output).__name__} without it")
     elif isinstance(output, torch.Tensor):
         picked = output
     elif hasattr(output, "logits") and isinstance(getattr(output, "logits"), torch.Tensor):
         picked = output.logits
     elif isinstance(output, dict):
         if "logits" not in output:
-            raise KdcacheError(f"the teacher returns a dict without 'logits' (keys {list(output)}); choose one with --output-key")
+            raise KdcacheError(f"the teacher returns a dict without 'logits' (keys {list(output)}); choose one with {option('output_key')}")
         picked = output["logits"]
     elif isinstance(output, (tuple, list)) and output:
         picked = output[0]
@@ -270,5 +271,5 @@ def select_output(output: Any, key: str | None) -> torch.Tensor:
         raise KdcacheError(f"the teacher returns a {type(output).__name__}; return a tensor, tuple, dict or .logits")
     if not isinstance(picked, torch.Tensor):
         raise KdcacheError(f"the selected teacher output is a {type(picked).__name__}, not a tensor; "
-                           "choose another with --output-key")
+                           f"choose another with {option('output_key')}")
     return picked

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
+import re
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +75,11 @@ def resolve_spec(spec: str, kwargs: dict[str, Any] | None = None, *, keep: tuple
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = [n for n in dir(module) if not n.startswith("_")]
-            raise KdcacheError(f"spec {spec!r}: {target} has no attribute {attr!r} (it has: {', '.join(names[:12])})")
+            names = own_names(obj)
+            close = difflib.get_close_matches(part, names, n=1)
+            raise KdcacheError(f"spec {spec!r}: {target} has no attribute {attr!r}"
+                               + (f"; did you mean {close[0]!r}?" if close else "")
+                               + f" (it defines: {', '.join(names[:16]) or 'nothing public'})")
         obj = getattr(obj, part)
     if kwargs and (isinstance(obj, keep) or not callable(obj)):
         raise KdcacheError(f"spec {spec!r} names an object, not a callable: it takes no kwargs")
@@ -82,6 +89,34 @@ def resolve_spec(spec: str, kwargs: dict[str, Any] | None = None, *, keep: tuple
         except TypeError as err:
             raise KdcacheError(f"spec {spec!r}: calling it failed: {err}") from None
     return obj
+
+
+def own_names(obj: Any) -> list[str]:
+    """The public names a module (or class) defines itself: its ``__all__`` when it has one;
+    else its public attributes less modules and the classes and functions it imported."""
+    declared = getattr(obj, "__all__", None)
+    if isinstance(declared, (list, tuple)) and all(isinstance(n, str) for n in declared):
+        return list(declared)
+    home = getattr(obj, "__name__", None) if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
+    names = []
+    for name in dir(obj):
+        value = getattr(obj, name, None)
+        if name.startswith("_") or isinstance(value, types.ModuleType):
+            continue
+        if (inspect.isclass(value) or inspect.isroutine(value)) and getattr(value, "__module__", home) != home:
+            continue  # imported from elsewhere (Path, lru_cache, nn.Linear...)
+        names.append(name)
+    return names
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's reason in a few words: its own message runs to several lines and suggests
+    ``weights_only=False``, which would run code from the file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = found.group(1) if found else (lines[0] if lines else type(err).__name__)
+    return reason.split(". ")[0].rstrip(".")[:160]
 
 
 def load_model(spec: str, kwargs: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
@@ -103,7 +138,8 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, *, role: str = "te
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise KdcacheError(f"checkpoint {path} cannot be read by torch.load: {err}") from None
+        raise KdcacheError(f"checkpoint {path} cannot be read as a state dict ({_load_failure(err)}); save one with "
+                           "torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -10,9 +10,10 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +27,10 @@ from .capture import HiddenCapture, check_module_names
 from .codecs import Codec, SampledCodec
 from .config import Hint, TrainConfig
 from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatch, collate
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 from .format import CacheMeta
 from .items import autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
+from .monitor import OverfitToCacheWarning, teacher_fit
 from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 from .store import TeacherCache
 from .targets import SampledTargets, TeacherTargets, TopKTargets
@@ -37,10 +39,12 @@ __all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate", "N
 
 @dataclass
 class TrainResult:
-    """What :func:`train_student` returns: per-epoch metrics and where things were saved."""
+    """What :func:`train_student` returns: per-epoch metrics, the trained student and where
+    things were saved."""
 
     metrics: list[dict[str, Any]] = field(default_factory=list)
     out: Path | None = None
+    student: nn.Module | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -70,15 +74,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _built(student: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module:
+    """The student, built now (right after seeding) when given as a callable, so that its
+    initial weights are the seed's."""
+    if isinstance(student, nn.Module):
+        return student
+    if not callable(student):
+        raise KdcacheError(f"student must be a torch.nn.Module or a callable that builds one, got "
+                           f"{type(student).__name__}")
+    _seed_everything(seed)
+    model = student()
+    if not isinstance(model, nn.Module):
+        raise KdcacheError(f"the student callable gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.Tensor) -> nn.Module:
     if hint.kind == "attention":
         if student_out.ndim != 4 or teacher_out.ndim != 4:
-            raise KdcacheError(f"--hint {hint}: attention transfer needs conv maps (B, C, H, W), got student "
+            raise KdcacheError(f"{option('hints')} {hint}: attention transfer needs conv maps (B, C, H, W), got student "
                                f"{tuple(student_out.shape[1:])} and teacher {tuple(teacher_out.shape[1:])}")
         return AttentionTransferLoss()
     conv = student_out.ndim == 4
     if (student_out.ndim != teacher_out.ndim or (not conv and student_out.shape[1:-1] != teacher_out.shape[1:-1])):
-        raise KdcacheError(f"--hint {hint}: student output {tuple(student_out.shape[1:])} cannot be matched to "
+        raise KdcacheError(f"{option('hints')} {hint}: student output {tuple(student_out.shape[1:])} cannot be matched to "
                            f"teacher output {tuple(teacher_out.shape[1:])}")
     axis = 1 if conv else -1
     return HiddenStateLoss(hint.kind, int(student_out.shape[axis]), int(teacher_out.shape[axis]), conv=conv)
@@ -124,8 +143,9 @@ class _KDTerm:
         if isinstance(codec, SampledCodec):
             sampled_at = float(codec.temperature)
             if temperature is not None and temperature != sampled_at:
-                raise KdcacheError(f"this cache was sampled at temperature {sampled_at:g}: train with --temperature "
-                                   f"{sampled_at:g} (or leave it out), or dump again with --sample-temperature {temperature:g}")
+                raise KdcacheError(f"this cache was sampled at temperature {sampled_at:g}: train with "
+                                   f"{option('temperature', sampled_at)} (or leave it out), or dump again with "
+                                   f"{option('sample_temperature', temperature)}")
             temperature = sampled_at
         self.temperature = 4.0 if temperature is None else float(temperature)
         self.loss = {"dense": KLDivLoss, "topk": TopKKLDivLoss, "sampled": SampledKLDivLoss}[self.kind](self.temperature)
@@ -161,21 +181,31 @@ def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device:
             "eval_rows": seen}
 
 
-def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | Path | None = None, *,
-                  eval_dataset: Any = None, teacher: nn.Module | None = None, out: str | Path | None = None,
+def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
+                  cache: TeacherCache | str | Path | None = None, *,
+                  eval_dataset: Any = None, eval_cache: TeacherCache | str | Path | None = None,
+                  teacher: nn.Module | None = None, out: str | Path | None = None,
                   config: TrainConfig | None = None, progress: bool = True, student_spec: dict[str, Any] | None = None,
                   **settings: Any) -> TrainResult:
     """Train ``student`` with ``alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y) + sum_i w_i * hint_i``.
 
     Args:
         student: the model to train (its logits picked as in dump-teacher: tensor, tuple[0],
-            dict["logits"] or ``.logits``).
+            dict["logits"] or ``.logits``), or a callable that builds it: it is then called
+            right after seeding with ``seed``, so its initial weights are reproducible (the CLI
+            passes one). The trained model is ``result.student``.
         dataset: the transfer set; rows labelled -1 contribute only the KD terms.
         cache: the teacher cache dumped from ``dataset``; None trains plainly on labels
             (unless ``teacher`` is given).
         teacher: a live teacher for online KD, for comparisons only (kdcache's own path is
             ``cache``); it is run under inference_mode on every step.
         eval_dataset: labelled data for per-epoch accuracy and loss.
+        eval_cache: the teacher's cache dumped from ``eval_dataset``: each epoch then records
+            the student's KD term and top-1 agreement with the teacher on held-out rows
+            (``eval_kl``, ``eval_agree``) beside a sample of training rows (``train_kl``,
+            ``agree``, recorded whenever there is a teacher), and an
+            :class:`~kdcache.monitor.OverfitToCacheWarning` is issued once when the gap keeps
+            growing.
         out: directory for ``metrics.jsonl``, ``student.pt``, ``hints.pt`` and ``config.json``.
         config / settings: a :class:`TrainConfig`, or its fields as keyword arguments.
     """
@@ -185,7 +215,9 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     if cache is not None and teacher is not None:
         raise KdcacheError("give either a cache or a live teacher, not both")
     if cfg.hints and cache is None and teacher is None:
-        raise KdcacheError("--hint needs teacher hidden states: pass --cache (dumped with --hidden)")
+        raise KdcacheError(f"{option('hints')} needs teacher hidden states: pass {option('cache')} (dumped with "
+                           f"{option('hidden')})")
+    student = _built(student, cfg.seed)
     _seed_everything(cfg.seed)
     rank, world = distributed.world()  # under torchrun: DDP on the student, each rank its share of batches
     dev = resolve_device(distributed.local_device(cfg.device))
@@ -214,19 +246,21 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
                         multiprocessing_context=getattr(data, "worker_context", None) if cfg.num_workers else None)
     out_dir = Path(out) if out is not None and rank == 0 else None
     progress = progress and rank == 0
+    fit = (teacher_fit(data, eval_dataset, eval_cache, source.outputs, kd_loss, live_teacher=teacher is not None,
+                       cfg=cfg, device=dev, amp=amp) if rank == 0 else None)
     if out_dir is not None:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics.jsonl").write_text("")
         except OSError as err:
-            raise KdcacheError(f"cannot write to --out {out_dir}: {err.strerror}") from None
+            raise KdcacheError(f"cannot write to {option('out')} {out_dir}: {err.strerror}") from None
 
     with HiddenCapture(student, [h.student for h in cfg.hints], role="student") as capture:
         hint_losses = _probe(student, data, source, capture, cfg, dev, amp)
         params = list(student.parameters()) + [p for m in hint_losses for p in m.parameters()]
         optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
                      if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-        result = TrainResult(out=out_dir)
+        result = TrainResult(out=out_dir, student=student)
         model: nn.Module = student
         if world > 1:
             model = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -247,6 +281,11 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
                 record = {"epoch": epoch + 1, **record}
                 if eval_dataset is not None and rank == 0:
                     record.update(evaluate(student, eval_dataset, batch_size=max(cfg.batch_size, 256), device=dev))
+                if fit is not None:
+                    record.update(fit.measure(student))
+                    overfit = fit.check([*result.metrics, record])
+                    if overfit:
+                        warnings.warn(overfit, OverfitToCacheWarning, stacklevel=2)
                 result.metrics.append(record)
                 bar.set_postfix({k: round(v, 4) for k, v in record.items() if k in ("loss", "eval_acc")})
                 if out_dir is not None:  # every finished epoch is kept: a later failure loses no work
@@ -273,7 +312,9 @@ def _probe(student: nn.Module, data: Dataset, source: _Teacher, capture: HiddenC
     teacher = source.outputs(inputs, cached)
     if teacher is not None:
         _check_vocabulary(tuple(logits.shape[1:]), teacher.logits, getattr(data, "meta", None))
-    losses = [_build_hint_loss(h, hidden[h.student], teacher.hidden[h.teacher]) for h in cfg.hints] if teacher else []
+    with torch.random.fork_rng(devices=[]):  # projections from the seed alone, whatever the data drew
+        torch.manual_seed(cfg.seed)
+        losses = [_build_hint_loss(h, hidden[h.student], teacher.hidden[h.teacher]) for h in cfg.hints] if teacher else []
     return [m.to(dev) for m in losses]
 
 

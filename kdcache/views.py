@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 
 __all__ = ["ViewedDataset", "view_seed", "seeded", "reseed", "preserved_rngs", "has_explicit_params"]
 
@@ -84,7 +84,7 @@ class ViewedDataset(Dataset):
 
     def __init__(self, dataset: Any, views: int, seed: int, params: np.ndarray | None = None) -> None:
         if views < 1:
-            raise KdcacheError(f"--views must be >= 1, got {views}")
+            raise KdcacheError(f"{option('views')} must be >= 1, got {views}")
         self.dataset, self.views, self.seed = dataset, int(views), int(seed)
         self.explicit = has_explicit_params(dataset)
         self.params = params

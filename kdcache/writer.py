@@ -17,11 +17,22 @@ import numpy as np
 import torch
 
 from .codecs import Codec, DenseCodec
-from .errors import KdcacheError
+from .errors import KdcacheError, option
 from .format import SPANS, VIEW_PARAMS, ArrayInfo
 from .store import TeacherCache, is_disk_full
 
-__all__ = ["BlockWriter", "EncodedBatch"]
+__all__ = ["BlockWriter", "EncodedBatch", "software_versions"]
+
+
+def software_versions() -> dict[str, str]:
+    """What wrote a cache (recorded in it): kdcache, torch, zarr, numpy, python."""
+    import platform
+
+    import zarr
+
+    from . import __version__
+    return {"kdcache": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
 
 
 @dataclass
@@ -99,9 +110,10 @@ class BlockWriter:
             if array.per_token:  # a stored token: find its row
                 ends = np.cumsum(batch.arrays[SPANS][:, 1].numpy())
                 row = batch.start + int(np.searchsorted(ends, bad[0], side="right"))
-            hint = " (float16 overflows above 65504: try --logits-dtype float32)" if stored.dtype == np.float16 else ""
+            hint = (f" (float16 overflows above 65504: try {option('logits_dtype', 'float32')})"
+                    if stored.dtype == np.float16 else "")
             raise KdcacheError(f"teacher output {name!r} is NaN/inf at row {row} (the first bad row){hint}; "
-                               "fix the teacher or pass --allow-nonfinite to keep such rows")
+                               f"fix the teacher or pass {option('allow_nonfinite', True)} to keep such rows")
 
     def _accept(self, batch: EncodedBatch) -> None:
         if batch.copied is not None:

@@ -15,6 +15,6 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 if [ "${1:-}" = "test" ]; then
     python -m pip install -q -e ".[test]"
-else
-    python -m pip install -q -e .
+else  # the demo draws its figures with matplotlib
+    python -m pip install -q -e ".[plot]"
 fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,9 +28,12 @@ def test_two_process_gloo_dump_equals_single_process_dump(tmp_path, models_file,
         args[4] = spec + "augmented"
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    two = torchrun(*args, "--out", str(tmp_path / "two"))
+    two = torchrun(*[a for a in args if a != "--no-progress"], "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr
     assert store_files(tmp_path / "one") == store_files(tmp_path / "two")
+    assert two.stdout.splitlines() == [str(tmp_path / "two")]  # once, not once per rank
+    rows = 48 * 2 if "--views" in extra else 300  # one bar, over every rank's rows
+    assert re.search(rf"100%\|\S+\| {rows}(\.0)?/{rows}(\.0)? ", two.stderr), two.stderr
     recorded = json.loads((tmp_path / "two" / "zarr.json").read_text())["attributes"]["kdcache"]
     assert recorded["complete"] and recorded["dump"]["processes"] == 2
     hit = torchrun(*args, "--out", str(tmp_path / "two"))
@@ -45,6 +49,7 @@ def test_two_process_ddp_training_from_a_cache(tmp_path, models_file):
                    str(tmp_path / "c"), "--eval-dataset", spec + "dataset", "--epochs", "3", "--batch-size", "16",
                    "--hint", "body=body:mse@0.5", "--out", str(tmp_path / "run"), "--no-progress")
     assert run.returncode == 0, run.stderr
+    assert run.stdout.count("student.pt") == 1 and run.stdout.count('"eval_acc"') == 1  # rank 0 alone prints
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3  # written once, by rank 0
     # 300 rows in batches of 16 = 19 batches: 9 per rank, the odd one dropped so both ranks step alike

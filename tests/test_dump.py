@@ -84,10 +84,33 @@ def test_fingerprint_changes_with_weights_data_and_choices(tmp_path, models):
 def test_other_fingerprint_at_path_is_refused_unless_overwrite(tmp_path, models):
     ds = models.dataset(50)
     kdcache.dump_teacher(models.teacher(), ds, tmp_path / "c", progress=False)
-    with pytest.raises(KdcacheError, match="holds another cache.*--overwrite"):
+    with pytest.raises(KdcacheError, match="holds another cache.*pass overwrite=True to replace it"):
         kdcache.dump_teacher(models.teacher(seed=3), ds, tmp_path / "c", progress=False)
     replaced = kdcache.dump_teacher(models.teacher(seed=3), ds, tmp_path / "c", overwrite=True, progress=False)
     assert replaced.complete
+
+
+def test_a_refused_dump_names_each_field_that_differs(tmp_path, models):
+    ds = models.dataset(50)
+    first = kdcache.dump_teacher(models.teacher(), ds, tmp_path / "c", hidden=["body"], progress=False)
+    with pytest.raises(KdcacheError) as caught:
+        kdcache.dump_teacher(models.teacher(seed=3), ds, tmp_path / "c", logits_dtype="float32", progress=False)
+    message = str(caught.value)
+    assert f"teacher weights: cached {first.meta.teacher.weights_digest}, this dump " in message
+    assert "logits: cached float16, this dump float32" in message and "hidden: cached body, this dump none" in message
+    assert "dataset" not in message and "amp" not in message  # the same in both
+    with pytest.raises(KdcacheError, match=r"; views: cached none, this dump 2 \(seed 0\)\); pass overwrite=True"):
+        kdcache.dump_teacher(models.teacher(), ds, tmp_path / "c", hidden=["body"], views=2, progress=False)
+
+
+def test_cli_errors_name_flags_where_python_errors_name_arguments(tmp_path, models_file, models):
+    kdcache.dump_teacher(models.teacher(), models.dataset(), tmp_path / "c", progress=False)
+    cli = run_cli("dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset", f"{models_file}:dataset",
+                  "--hidden", "body", "--out", str(tmp_path / "c"), "--no-progress")
+    assert cli.returncode == 2
+    assert "hidden: cached none, this dump body); pass --overwrite to replace it or choose another --out" in cli.stderr
+    with pytest.raises(KdcacheError, match=r"output_key='nope' not in the teacher's output keys"):
+        kdcache.dump_teacher(models.DictTeacher(), models.DictItems(), tmp_path / "d", output_key="nope", progress=False)
 
 
 def test_failed_dump_resumes_to_identical_cache(tmp_path, models):
@@ -177,11 +200,20 @@ def test_info_and_ls_describe_the_cache(tmp_path, models_file):
     for needle in ["complete", "rows         300", "logits", "hidden/body", "float16", "teacher accuracy",
                    f"{models_file}:teacher"]:
         assert needle in info.stdout
+    # bytes per row are what a row holds (5 float16 logits, 32 float16 hidden values), not the
+    # files over the rows: 300 rows sit in a chunk of 512 that is stored whole
+    assert "float16  10 B/row" in info.stdout and "float16  64 B/row" in info.stdout
     listing = run_cli("ls", str(tmp_path / "root"))
     assert listing.returncode == 0 and path in listing.stdout and "complete" in listing.stdout
     again = run_cli("dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset", f"{models_file}:dataset",
                     "--hidden", "body", "--cache-root", str(tmp_path / "root"), "--no-progress")
     assert again.returncode == 0 and f"cache hit: {path}" in again.stderr
+
+
+def test_a_cache_prints_what_it_holds(tmp_path, models):
+    cache = kdcache.dump_teacher(models.teacher(), models.dataset(), tmp_path / "c", hidden=["body"], progress=False)
+    assert repr(cache) == (f"TeacherCache({str(tmp_path / 'c')!r}, 300 rows: logits (5,) float16, hidden/body (32,) "
+                           f"float16; complete, fingerprint {cache.fingerprint})")
 
 
 def test_dump_help_documents_every_option():
@@ -273,7 +305,7 @@ def test_nonfinite_teacher_output_is_reported_with_first_bad_row(tmp_path, model
     x = ds.tensors[0].clone()
     x[137, 0] = float("nan")
     bad = torch.utils.data.TensorDataset(x, ds.tensors[1])
-    with pytest.raises(KdcacheError, match="NaN/inf at row 137 .*--allow-nonfinite"):
+    with pytest.raises(KdcacheError, match="NaN/inf at row 137 .*pass allow_nonfinite=True"):
         kdcache.dump_teacher(models.teacher(), bad, tmp_path / "c", batch_size=64, block_rows=64, progress=False)
     kept = kdcache.dump_teacher(models.teacher(), bad, tmp_path / "c", batch_size=64, block_rows=64,
                                 allow_nonfinite=True, progress=False)
@@ -286,7 +318,7 @@ def test_float16_overflow_is_reported_as_nonfinite(tmp_path, models):
     teacher = models.teacher()
     with torch.no_grad():
         teacher.head.weight.mul_(1e6)  # logits far beyond float16's 65504
-    with pytest.raises(KdcacheError, match="float16 overflows.*--logits-dtype float32"):
+    with pytest.raises(KdcacheError, match="float16 overflows.*try logits_dtype=.float32."):
         kdcache.dump_teacher(teacher, ds, tmp_path / "c", progress=False)
     assert kdcache.dump_teacher(teacher, ds, tmp_path / "c32", logits_dtype="float32", progress=False).complete
 

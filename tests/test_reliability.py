@@ -52,6 +52,21 @@ def test_verify_passes_an_intact_cache(cache_dir):
     assert result.returncode == 0 and result.stdout.startswith("ok:")
 
 
+def test_verify_of_an_incomplete_cache_says_so_first_and_lists_only_damage(tmp_path, models):
+    with pytest.raises(RuntimeError, match="simulated crash"):  # blocks 0-2 written, 3-4 not
+        kdcache.dump_teacher(models.teacher(), models.failing_dataset(300, fail_at=200), tmp_path / "c",
+                             hidden=["body"], block_rows=64, batch_size=32, progress=False)
+    result = run_cli("verify", str(tmp_path / "c"))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines == [f"cache {tmp_path / 'c'} is incomplete: 3 of 5 blocks written; rerun its dump-teacher command "
+                     "to finish it"]  # the unwritten blocks' chunks are not there yet: that is no damage
+    _chunk(tmp_path / "c", "logits", 1).unlink()  # a written block loses a chunk: that is damage
+    lines = run_cli("verify", str(tmp_path / "c")).stdout.splitlines()
+    assert "is incomplete" in lines[0] and "is damaged: 1 missing, corrupt or misplaced chunks" in lines[1]
+    assert lines[2:] == ["BAD logits chunk 1 (rows 64..127): chunk file is missing"]
+
+
 def test_reader_refuses_a_cache_under_a_running_dump(cache_dir, models):
     lock = DumpLock(cache_dir)
     lock.acquire()

@@ -9,9 +9,10 @@ Specs for the CLI:
                                                 the same, randomly shifted and noised on every read
                                                 (for --views; ``fresh=true`` draws from a private
                                                 generator that no seed controls)
-    models    kdcache.examples.digits:teacher   64-512-512-10 MLP with dropout
+    models    kdcache.examples.digits:teacher   64-512-512-10 MLP with dropout (untrained)
               kdcache.examples.digits:student   64-16-10 MLP
-Both models expose ``features`` (the last hidden layer) for hints.
+Both models expose ``features`` (the last hidden layer) for hints. In Python,
+:func:`trained_teacher` gives the demo's teacher, trained.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import KdcacheError
 
-__all__ = ["MLP", "AugmentedDigits", "teacher", "student", "train", "transfer", "test", "labelled",
-           "augmented_train", "augmented_transfer", "data_file"]
+__all__ = ["MLP", "AugmentedDigits", "teacher", "trained_teacher", "student", "train", "transfer", "test", "labelled",
+           "augmented_train", "augmented_transfer", "data_file", "DEMO_TEACHER"]
+
+DEMO_TEACHER = Path("demo-out") / "teacher" / "student.pt"  # where scripts/demo.sh saves its teacher
 
 
 def data_file() -> Path:
@@ -132,3 +135,21 @@ def teacher(width: int = 512, dropout: float = 0.3) -> MLP:
 
 def student(width: int = 16) -> MLP:
     return MLP((64, width, 10))
+
+
+def trained_teacher(checkpoint: str | Path | None = DEMO_TEACHER, epochs: int = 30) -> MLP:
+    """The demo's teacher, trained: loaded from ``checkpoint`` (the demo's, relative to the
+    working directory) when that file exists, else trained here as the demo trains it (1,200
+    labels, ``epochs`` epochs, AdamW lr 1e-3, batch 64, seed 0, CPU; ~2 s). Training is seeded,
+    so both give the same weights on one machine, and a dump of it is a cache hit next time."""
+    from ..spec import load_checkpoint
+    from ..train import train_student
+
+    if checkpoint is not None and Path(checkpoint).is_file():
+        model = teacher()
+        load_checkpoint(model, checkpoint)
+        return model
+    result = train_student(teacher, train(), epochs=epochs, lr=1e-3, batch_size=64, seed=0, device="cpu",
+                           progress=False)
+    assert result.student is not None
+    return result.student.eval()

@@ -60,8 +60,18 @@ class TeacherCache:
         self._arrays = {a.path: a for a in self.meta.data_arrays()}
 
     def __repr__(self) -> str:
+        """``TeacherCache('path', 1200 rows: logits (10,) float16, hidden/features (16,) float16;
+        complete, fingerprint 3f...)``"""
+        def form(o: OutputSpec) -> str:
+            p = o.codec.params()
+            words = {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples"}
+            return words.get(o.codec.name, p.get("dtype", ""))
+        outputs = ", ".join(f"{'logits' if name == 'logits' else 'hidden/' + name} {o.shape} {form(o)}"
+                            for name, o in self.outputs.items())
+        views = f" ({self.views} views)" if self.seed is not None else ""
         state = "complete" if self.complete else "incomplete"
-        return f"TeacherCache({self.path!r}, {self.rows} rows, {', '.join(self.array_paths()[:-2])}, {state})"
+        return (f"TeacherCache({self.path!r}, {self.rows} rows{views}: {outputs}; {state}, "
+                f"fingerprint {self.fingerprint})")
 
     # ---- create / open ------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,157 @@
+"""``kdcache report``: a cache as pictures (PNG files) and one self-contained HTML page.
+
+Figures, from :func:`~kdcache.report.stats.cache_stats`:
+
+- ``confidence.png``  the teacher's confidence and entropy per position (histograms);
+- ``calibration.png`` with labels: a reliability diagram and the teacher's accuracy per class;
+- ``topk_mass.png``   dense caches: the probability the k most likely classes hold, against k,
+  at T = 1 and 4 (to choose ``--topk`` before dumping a large-vocabulary cache); top-k caches: the mass the
+  stored K classes hold; sampled caches: distinct ids among the N draws;
+- ``bytes.png``       bytes one row takes in each stored array.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..store import TeacherCache
+from .canvas import new_figure, plain, save
+from .stats import CacheStats, cache_stats
+
+__all__ = ["ReportFigure", "CacheReport", "write_report"]
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    """One PNG written: its name, path and the titles of its panels."""
+
+    name: str
+    path: Path
+    panels: list[str]
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What :func:`write_report` wrote: the numbers, the figures and the HTML page."""
+
+    stats: CacheStats
+    figures: list[ReportFigure]
+    page: Path
+
+
+def write_report(cache: TeacherCache | str | Path, out: str | Path, dataset: Any = None, **budget: Any) -> CacheReport:
+    """Write the figures of ``cache`` and ``report.html`` (figures inlined) into ``out``.
+
+    ``dataset`` (the one the cache was dumped from) adds calibration and per-class accuracy;
+    ``budget`` goes to :func:`~kdcache.report.stats.cache_stats` (``max_positions``, ...).
+    """
+    opened = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
+    stats = cache_stats(opened, dataset, **budget)
+    out = Path(out)
+    figures = [_confidence(stats, out)]
+    if stats.labels is not None and stats.labelled().any():
+        figures.append(_calibration(stats, out))
+    figures += [_mass(stats, out), _bytes(stats, out)]
+    page = out / "report.html"
+    page.write_text(_page(opened, stats, figures))
+    return CacheReport(stats, figures, page)
+
+
+def _confidence(stats: CacheStats, out: Path) -> ReportFigure:
+    figure, (conf, ent) = new_figure(1, 2)
+    sampled = stats.codec == "sampled"
+    conf.hist(stats.confidence, bins=40, range=(0, 1), color="C0")
+    conf.set_title("top id's share of the draws" if sampled else "teacher confidence (top-1 probability)")
+    conf.set_xlabel("probability")
+    conf.set_ylabel("positions" if len(stats.confidence) != stats.rows else "rows")
+    ent.hist(stats.entropy, bins=40, range=(0, max(float(np.log(stats.classes)), 1e-3)), color="C1")
+    ent.set_title({"topk": "entropy (kept classes + tail), nats", "sampled": "entropy of the draws, nats"}.get(
+        stats.codec, "teacher entropy, nats"))
+    ent.set_xlabel(f"nats (uniform over {stats.classes} classes: {np.log(stats.classes):.2f})")
+    return ReportFigure("confidence", out / "confidence.png", save(figure, out / "confidence.png"))
+
+
+def _calibration(stats: CacheStats, out: Path) -> ReportFigure:
+    figure, (rel, per) = new_figure(1, 2)
+    conf, acc, count = stats.reliability()
+    centers = (np.arange(len(count)) + 0.5) / len(count)
+    seen = count > 0
+    rel.bar(centers[seen], acc[seen], width=1 / len(count), edgecolor="white", color="C0", label="accuracy")
+    rel.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+    rel.plot(conf[seen], acc[seen], "o", color="C3", markersize=3, label="bin mean confidence")
+    rel.set(xlim=(0, 1), ylim=(0, 1), xlabel="teacher confidence", ylabel="accuracy on labelled rows")
+    rel.set_title(f"reliability (ECE {stats.calibration_error():.3f})")
+    rel.legend(loc="upper left", fontsize="small")
+    classes, accuracy, _ = stats.class_accuracy()
+    per.bar(np.arange(len(classes)), accuracy, color="C2")
+    per.set_xticks(np.arange(len(classes)), [str(c) for c in classes], fontsize="small",
+                   rotation=90 if len(classes) > 12 else 0)
+    per.set(ylim=(0, 1), xlabel="class (most frequent labels)", ylabel="teacher accuracy")
+    per.set_title("teacher accuracy per class")
+    return ReportFigure("calibration", out / "calibration.png", save(figure, out / "calibration.png"))
+
+
+def _mass(stats: CacheStats, out: Path) -> ReportFigure:
+    figure, (ax,) = new_figure(1, 1, width=5.0)
+    if stats.mass is not None and stats.mass_k is not None:
+        for i, (t, mass) in enumerate(stats.mass.items()):
+            low, high = np.quantile(mass, [0.1, 0.9], axis=0)
+            ax.fill_between(stats.mass_k, low, high, alpha=0.2, color=f"C{i}")
+            ax.plot(stats.mass_k, mass.mean(0), color=f"C{i}", label=f"T = {t:g}: mean, 10-90% of positions")
+        ax.set_xscale("log")
+        ax.set(xlabel="k (classes kept, --topk)", ylabel="probability mass kept", ylim=(0, 1.02))
+        ax.set_title("probability mass kept by the top k classes")
+        ax.legend(loc="lower right", fontsize="small")
+    elif stats.kept_mass is not None:
+        ax.hist(stats.kept_mass, bins=40, range=(0, 1), color="C0")
+        ax.set(xlabel="probability mass kept", ylabel="positions")
+        ax.set_title(f"mass the stored top-{stats.stored_k} keep")
+    else:
+        assert stats.distinct is not None
+        ax.hist(stats.distinct, bins=np.arange(0.5, max(int(stats.distinct.max()), 1) + 1.5), color="C0")
+        ax.set(xlabel="distinct ids", ylabel="positions")
+        ax.set_title(f"distinct ids among {stats.stored_k} draws")
+    return ReportFigure("topk_mass", out / "topk_mass.png", save(figure, out / "topk_mass.png"))
+
+
+def _bytes(stats: CacheStats, out: Path) -> ReportFigure:
+    figure, (ax,) = new_figure(1, 1, width=5.0, height=0.6 + 0.35 * len(stats.row_bytes))
+    names = list(stats.row_bytes)
+    ax.barh(np.arange(len(names)), [stats.row_bytes[n] for n in names], color="C4")
+    ax.set_yticks(np.arange(len(names)), [plain(n) for n in names])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set(xlabel="bytes per row (stored, no chunk padding)")
+    ax.set_title(f"bytes per row by array ({sum(stats.row_bytes.values()):,} in all)")
+    return ReportFigure("bytes", out / "bytes.png", save(figure, out / "bytes.png"))
+
+
+def _page(cache: TeacherCache, stats: CacheStats, figures: list[ReportFigure]) -> str:
+    """One HTML file, images inlined; everything the cache says about itself is escaped."""
+    meta = cache.meta
+    facts = [("cache", cache.path), ("fingerprint", meta.fingerprint), ("rows", f"{meta.rows:,}"),
+             ("teacher", meta.teacher.spec or meta.teacher.class_name), ("dataset", meta.dataset.spec or "?"),
+             ("logits", f"{stats.codec}, {stats.classes} classes"),
+             ("summarised", f"{stats.rows:,} rows, {stats.positions:,} positions"),
+             ("mean confidence", f"{stats.confidence.mean():.4f}"),
+             ("mean entropy", f"{stats.entropy.mean():.4f} nats")]
+    if stats.labels is not None and stats.labelled().any():
+        _, _, right = stats._right()
+        facts += [("teacher accuracy", f"{right.mean():.4f} on {right.size:,} labelled positions"),
+                  ("calibration error (ECE)", f"{stats.calibration_error():.4f}")]
+    rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    notes = "".join(f"<p class=note>{html.escape(n)}</p>" for n in stats.notes)
+    images = "\n".join(
+        f"<figure><img alt='{html.escape(f.name)}' src='data:image/png;base64,"
+        f"{base64.b64encode(f.path.read_bytes()).decode()}'><figcaption>{html.escape(', '.join(f.panels))}"
+        f"</figcaption></figure>" for f in figures)
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>kdcache report {html.escape(meta.fingerprint)}"
+            "</title><style>body{font-family:sans-serif;max-width:960px;margin:auto}th{text-align:left;padding-right:"
+            "1em}img{max-width:100%}.note{color:#666}</style></head><body>"
+            f"<h1>kdcache report</h1><table>{rows}</table>{notes}{images}</body></html>\n")
