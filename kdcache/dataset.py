@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, defaul
 from .targets import TeacherTargets
 from .errors import KdcacheError
 from .format import VIEW_PARAMS
-from .items import fetch_batch, row_digests
+from .items import as_rows, fetch_batch, row_digests
 from .store import TeacherCache, dataset_digest, dump_in_progress, is_remote
 from .views import ViewedDataset
 
@@ -177,6 +177,7 @@ class CachedTeacherDataset(Dataset):
                  check_inputs: bool = True, chunk_cache_bytes: int = 2 * WINDOW_BYTES,
                  dtype: torch.dtype | None = torch.float32, view: str = "cycle", view_offset: int = 0) -> None:
         opened = open_complete_cache(cache)
+        dataset = as_rows(dataset)
         self.dataset, self.path, self.check_inputs, self.dtype = dataset, opened.path, check_inputs, dtype
         self.meta = opened.meta
         if view not in ("cycle", "random"):

@@ -29,7 +29,7 @@ from .codecs import Codec, DenseCodec, codec_from_params
 from .errors import KdcacheError
 
 __all__ = ["FORMAT_VERSION", "ATTR", "BLOCKS", "BLOCK_FIELDS", "ROW_DIGEST", "VIEW_PARAMS", "ArrayInfo",
-           "OutputSpec", "TeacherInfo", "DatasetInfo", "Vocab", "TeacherAccuracy", "DumpStats", "CacheMeta", "read_meta",
+           "OutputSpec", "TokenizerInfo", "TeacherInfo", "DatasetInfo", "Vocab", "TeacherAccuracy", "DumpStats", "CacheMeta", "read_meta",
            "write_meta"]
 
 FORMAT_VERSION = 2  # 2: multi-array codecs (top-k, sampled), tokens column, vocab; reads 1
@@ -158,15 +158,25 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class TokenizerInfo:
+    """The teacher's tokenizer vocabulary: its size and a digest of its token -> id map, so a
+    student whose tokenizer maps ids to other tokens can be refused without the teacher."""
+
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
 class TeacherInfo:
     """Which teacher wrote the cache. ``spec``/``kwargs``/``checkpoint`` are provenance, shown
-    to people and never imported or called."""
+    to people and never imported or called; ``tokenizer`` is recorded when the dump had one."""
 
     weights_digest: str
     class_name: str
     spec: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    tokenizer: TokenizerInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -281,7 +291,9 @@ class CacheMeta:
             dataset = {"spec": self.dataset.spec, "kwargs": dict(self.dataset.kwargs)}
         attrs: dict[str, Any] = {
             "fingerprint": self.fingerprint,
-            "teacher": {**teacher, "class": self.teacher.class_name, "weights_digest": self.teacher.weights_digest},
+            "teacher": {**teacher, "class": self.teacher.class_name, "weights_digest": self.teacher.weights_digest,
+                        **({"tokenizer": {"size": self.teacher.tokenizer.size, "digest": self.teacher.tokenizer.digest}}
+                           if self.teacher.tokenizer is not None else {})},
             "dataset": {**dataset, "length": self.dataset.length, "digest": self.dataset.digest},
             "output_key": self.output_key, "amp": self.amp, "views": self.views, "seed": self.seed,
             "versions": dict(self.versions), "vocab": {"real": self.vocab.real, "padded": self.vocab.padded},
@@ -322,9 +334,12 @@ class CacheMeta:
         if r.count("blocks", low=1) != -(-rows // block_rows):
             raise _fail(where, f"blocks is not rows / block_rows rounded up ({rows} / {block_rows})")
         t, d = r.obj("teacher"), r.obj("dataset")
+        tok = t.obj("tokenizer", optional=True)
         teacher = TeacherInfo(weights_digest=t.text("weights_digest"), class_name=t.text("class"),
                               spec=t.text("spec", optional=True), kwargs=t.mapping("kwargs", optional=True),
-                              checkpoint=t.text("checkpoint", optional=True))
+                              checkpoint=t.text("checkpoint", optional=True),
+                              tokenizer=TokenizerInfo(tok.count("size", low=1, high=MAX_DIM), tok.text("digest"))
+                              if tok else None)
         dataset = DatasetInfo(length=d.count("length", low=1), digest=d.text("digest"),
                               spec=d.text("spec", optional=True), kwargs=d.mapping("kwargs", optional=True))
         views = r.count("views", low=1, high=1 << 20, optional=True) or 1
