@@ -168,3 +168,23 @@ def test_two_process_torchrun_trains_disjoint_rows_to_the_same_model(tmp_path):
     assert all(r["world"] == 2 and r["steps"] == 2 for r in ranks)
     assert not set(ranks[0]["rows"]) & set(ranks[1]["rows"]) and len(ranks[0]["rows"]) == 8
     assert ranks[0]["params"] == ranks[1]["params"]  # gradients averaged: one model
+
+
+def test_trl_sft_trainer_takes_the_same_mixin(tmp_path):
+    trl = pytest.importorskip("trl")
+    from kdcache.integrations.hf import KDTrainerMixin
+
+    class KDSFTTrainer(KDTrainerMixin, trl.SFTTrainer):
+        pass
+
+    tok = hf_helpers.tokenizer()
+    ds = prepare(hf_helpers.text_dataset(16), tok, text_column="text", max_length=LENGTH)
+    cache = kdcache.dump_teacher(hf_helpers.gpt2(len(tok)), ds, tmp_path / "c", tokenizer=tok, progress=False)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, use_cpu=True,
+                         report_to=[], save_strategy="no", disable_tqdm=True,
+                         dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = KDSFTTrainer(model=hf_helpers.gpt2(len(tok), seed=1), args=args, train_dataset=ds.with_format(None),
+                           processing_class=tok, kd_cache=cache.path, alpha=1.0)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert TEACHER_KEY in batch and batch[TEACHER_KEY].logits.shape == (4, LENGTH, len(tok))
+    assert np.isfinite(trainer.train().training_loss) and trainer.state.global_step == 2
