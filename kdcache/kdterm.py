@@ -60,8 +60,9 @@ class KDTerm:
                                           self.temperature))
 
     def __call__(self, student_logits: torch.Tensor, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.objective != "kl":
-            return self.loss(student_logits, teacher, mask)
+        if self.objective != "kl":  # a sentence embedding (B, D) of token inputs has no per-token mask
+            return self.loss(student_logits, teacher, mask if mask is not None and
+                             mask.shape == student_logits.shape[:-1] else None)
         if self.vocab is not None and student_logits.shape[-1] > self.vocab:
             student_logits = student_logits[..., :self.vocab]
         if isinstance(teacher, (TopKTargets, SampledTargets)):  # its fields are the loss's arguments
