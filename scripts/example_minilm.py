@@ -106,8 +106,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("example-minilm"))
     a = parser.parse_args()
-    cfg = dict(transfer=256 if a.quick else 4000, heldout=64 if a.quick else 500, epochs=1 if a.quick else 2,
-               batch=32, lr=5e-5, hint_weight=1.0, student_layers=(0, 5))
+    cfg = dict(transfer=256 if a.quick else 2000, heldout=64 if a.quick else 500, epochs=1 if a.quick else 2,
+               batch=32, lr=1e-4, hint_weight=1.0, student_layers=(0, 5))
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
