@@ -34,9 +34,13 @@ def test_hf_teacher_dump_equals_the_models_own_logits(tmp_path):
     assert cache.meta.teacher.tokenizer is not None and cache.meta.teacher.tokenizer.size == len(tok)
     assert cache.meta.mask_key == "attention_mask" and cache.rows == 20
 
-    # the model's own logits, row by row at each row's real length (no padding at all)
+    # the model's own logits, row by row at each row's real length (no padding at all), against
+    # the cached rows as stage two reads them (whatever the cache's layout)
     model = load_pretrained(teacher_dir)
-    stored = cache.read("logits", 0, 20)
+    rows = load(f"jsonl:{data}", tokenizer=tok, text_column="text", max_length=12)
+    _, _, cached = kdcache.collate(kdcache.CachedTeacherDataset(rows, cache).__getitems__(list(range(20))))
+    stored = cached.logits.numpy()
+    assert cached.mask.tolist() == rows[:]["attention_mask"].bool().tolist()
     for i, text in enumerate(hf_helpers.TEXTS[:20]):
         ids = tok(text, truncation=True, max_length=12, return_tensors="pt")
         with torch.no_grad():
