@@ -84,13 +84,16 @@ def dump_teacher_cmd(
     block_rows: Optional[int] = typer.Option(None, help="Rows per write block (default: chosen for ~2 MB chunks)."),
     allow_nonfinite: Optional[bool] = typer.Option(None, "--allow-nonfinite", help="Store NaN/inf teacher outputs instead of stopping at the first."),
     writer_threads: Optional[int] = typer.Option(None, help="Threads writing blocks in parallel [8]."),
+    hf_class: Optional[str] = typer.Option(None, help="hf:PATH teacher: transformers class to load it with, e.g. AutoModelForCausalLM [the config's]."),
+    hf_dtype: Optional[str] = typer.Option(None, help="hf:PATH teacher: float32, float16, bfloat16 or auto (as stored) [float32]."),
+    text_column: Optional[str] = typer.Option(None, help="Hugging Face dataset: tokenize this text column with the teacher's tokenizer."),
+    max_length: Optional[int] = typer.Option(None, help="Hugging Face dataset: truncate and pad token rows to this length."),
     config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar [progress]."),
 ) -> None:
     """Run the teacher once over the dataset and cache its logits and chosen hidden states."""
     from .config import DumpConfig
     from .dump import dump_teacher
-    from .spec import load_dataset, load_model
 
     flags = dict(teacher=teacher, dataset=dataset, teacher_kwargs=teacher_kwargs, dataset_kwargs=dataset_kwargs,
                  checkpoint=checkpoint, hidden=hidden or None, output_key=output_key, logits_dtype=logits_dtype,
@@ -98,18 +101,21 @@ def dump_teacher_cmd(
                  vocab_size=vocab_size, mask_key=mask_key, views=views, seed=seed, batch_size=batch_size,
                  num_workers=num_workers, device=device, amp=amp, out=out, cache_root=cache_root, overwrite=overwrite, repair=repair,
                  block_rows=block_rows, allow_nonfinite=allow_nonfinite, writer_threads=writer_threads,
-                 progress=progress)
+                 progress=progress, hf_class=hf_class, hf_dtype=hf_dtype, text_column=text_column,
+                 max_length=max_length)
     values = _merge_config(config, flags)
     t_kwargs, d_kwargs = _kwargs_of(values, "teacher_kwargs"), _kwargs_of(values, "dataset_kwargs")
     teacher_spec, dataset_spec = _text(values, "teacher"), _text(values, "dataset")
     if not teacher_spec or not dataset_spec:
         raise KdcacheError("--teacher and --dataset are required (as flags or in --config)")
     ckpt, out_path = _text(values, "checkpoint"), _text(values, "out")
+    hf = _HFOptions.pop_from(values)
     settings = DumpConfig.from_mapping(values)
 
-    model = load_model(teacher_spec, t_kwargs, ckpt)
-    data = load_dataset(dataset_spec, d_kwargs)
-    cache = dump_teacher(model, data, out_path, config=settings,
+    tokenizer = hf.tokenizer_for(teacher_spec, "teacher")
+    model = hf.model(teacher_spec, t_kwargs, ckpt, "teacher")
+    data = hf.dataset(dataset_spec, d_kwargs, tokenizer)
+    cache = dump_teacher(model, data, out_path, config=settings, tokenizer=tokenizer,
                          teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
                                        "checkpoint": str(ckpt) if ckpt else None},
                          dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
@@ -157,6 +163,41 @@ def _kwargs_of(values: dict[str, Any], key: str) -> dict[str, Any]:
     return parse_kwargs(raw, flag)
 
 
+class _HFOptions:
+    """The Hugging Face loading options of a command (``--hf-class``, ``--hf-dtype``,
+    ``--text-column``, ``--max-length``, ``--tokenizer``): how specs become models and datasets."""
+
+    KEYS = ("hf_class", "hf_dtype", "text_column", "max_length", "tokenizer")  # popped before the settings
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.hf_class, self.hf_dtype = values.get("hf_class"), values.get("hf_dtype")
+        self.text_column, self.max_length = values.get("text_column"), values.get("max_length")
+        self.tokenizer = values.get("tokenizer")
+
+    @classmethod
+    def pop_from(cls, values: dict[str, Any]) -> "_HFOptions":
+        return cls({k: values.pop(k) for k in cls.KEYS if k in values})
+
+    def tokenizer_for(self, spec: str, role: str) -> Any:
+        """The tokenizer in ``--tokenizer`` or beside an hf: model (None when there is none).
+        Every Hugging Face load of the command happens offline, after this."""
+        from .hfmodels import is_hf_spec, load_tokenizer, offline
+
+        offline()
+        source = self.tokenizer or (spec if is_hf_spec(spec) else None)
+        return load_tokenizer(source, role=role, required=self.tokenizer is not None) if source else None
+
+    def model(self, spec: str, kwargs: dict[str, Any], checkpoint: Any, role: str) -> Any:
+        from .spec import load_model
+
+        return load_model(spec, kwargs, checkpoint, role=role, hf_class=self.hf_class, hf_dtype=self.hf_dtype)
+
+    def dataset(self, spec: str, kwargs: dict[str, Any], tokenizer: Any) -> Any:
+        from .spec import load_dataset
+
+        return load_dataset(spec, kwargs, tokenizer=tokenizer, text_column=self.text_column, max_length=self.max_length)
+
+
 @app.command("train-student", short_help="Train a student from a cache.", cls=HelpCommand)
 @_user_errors
 def train_student_cmd(
@@ -188,11 +229,17 @@ def train_student_cmd(
     view: Optional[str] = typer.Option(None, help="Cache of K augmentation views: epoch e reads view (e % K) 'cycle' or a seeded 'random' one [cycle]."),
     allow_input_mismatch: Optional[bool] = typer.Option(None, "--allow-input-mismatch", help="Accept inputs that differ from what the teacher saw (deliberate)."),
     out: Optional[Path] = typer.Option(None, help="Directory for metrics.jsonl, student.pt, hints.pt, config.json [student-out]."),
+    hf_class: Optional[str] = typer.Option(None, help="hf:PATH student: transformers class to load it with [the config's]."),
+    hf_dtype: Optional[str] = typer.Option(None, help="hf:PATH student: float32, float16, bfloat16 or auto [float32]."),
+    text_column: Optional[str] = typer.Option(None, help="Hugging Face dataset: tokenize this text column (as at dump time)."),
+    max_length: Optional[int] = typer.Option(None, help="Hugging Face dataset: truncate and pad token rows to this length (as at dump time)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory for --text-column [the hf: student's]."),
+    allow_vocab_mismatch: Optional[bool] = typer.Option(None, "--allow-vocab-mismatch", help="Accept a student tokenizer whose vocabulary differs from the teacher's."),
     config: Optional[Path] = typer.Option(None, help="TOML file with any of these options as keys (flags override)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train the student from the cached teacher outputs (the teacher is never loaded)."""
-    from .spec import load_dataset, load_model
+    from .spec import load_model
     from .train import TrainConfig, train_student
 
     flags = dict(student=student, dataset=dataset, cache=cache, eval_dataset=eval_dataset, eval_cache=eval_cache,
@@ -202,7 +249,8 @@ def train_student_cmd(
                  mask_key=mask_key, temperature=temperature, alpha=alpha, hints=hint or None, epochs=epochs, batch_size=batch_size, lr=lr,
                  optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
                  num_workers=num_workers, in_memory=in_memory, allow_input_mismatch=allow_input_mismatch, view=view,
-                 out=out)
+                 out=out, hf_class=hf_class, hf_dtype=hf_dtype, text_column=text_column, max_length=max_length,
+                 tokenizer=tokenizer, allow_vocab_mismatch=allow_vocab_mismatch)
     values = _merge_config(config, flags)
     if "hint" in values:
         values["hints"] = values.pop("hint")
@@ -214,14 +262,24 @@ def train_student_cmd(
     cache_path, eval_spec, eval_cache_path = _text(values, "cache"), _text(values, "eval_dataset"), _text(values, "eval_cache")
     teacher_spec, teacher_ckpt = _text(values, "online_teacher"), _text(values, "online_teacher_checkpoint")
     out_dir = Path(_text(values, "out") or "student-out")
+    hf = _HFOptions.pop_from(values)
+    allow_vocab = values.pop("allow_vocab_mismatch", False)
+    if not isinstance(allow_vocab, bool):
+        raise KdcacheError(f"--allow-vocab-mismatch must be true or false, got {allow_vocab!r:.40}")
     settings = TrainConfig.from_mapping(values)
 
-    data = load_dataset(dataset_spec, d_kwargs)
-    eval_data = load_dataset(eval_spec, e_kwargs) if eval_spec else None
+    student_tokenizer = hf.tokenizer_for(student_spec, "student")
+    if cache_path is not None:
+        from .hfmodels import check_tokenizer
+        from .store import TeacherCache
+
+        check_tokenizer(TeacherCache.open(cache_path).meta.teacher.tokenizer, student_tokenizer, allow=allow_vocab)
+    data = hf.dataset(dataset_spec, d_kwargs, student_tokenizer)
+    eval_data = hf.dataset(eval_spec, e_kwargs, student_tokenizer) if eval_spec else None
     teacher = load_model(teacher_spec, t_kwargs, teacher_ckpt) if teacher_spec else None
     # built by train_student right after seeding: --seed fixes the initial weights too
     with warnings_as_lines():
-        result = train_student(lambda: load_model(student_spec, s_kwargs, role="student"), data, cache_path,
+        result = train_student(lambda: hf.model(student_spec, s_kwargs, None, "student"), data, cache_path,
                                eval_dataset=eval_data, eval_cache=eval_cache_path, teacher=teacher, out=out_dir,
                                config=settings, progress=progress, student_spec={"spec": student_spec, "kwargs": s_kwargs})
     final = result.final

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, defaul
 from .targets import TeacherTargets
 from .errors import KdcacheError, option
 from .format import SPANS, VIEW_PARAMS
-from .items import fetch_batch, input_mask, row_digests
+from .items import as_rows, fetch_batch, input_mask, row_digests
 from .packing import row_token_starts, scatter_tokens, target_mask
 from .store import TeacherCache, dataset_digest, dump_in_progress, is_remote
 from .views import ViewedDataset
@@ -178,6 +178,7 @@ class CachedTeacherDataset(Dataset):
                  check_inputs: bool = True, chunk_cache_bytes: int = 2 * WINDOW_BYTES,
                  dtype: torch.dtype | None = torch.float32, view: str = "cycle", view_offset: int = 0) -> None:
         opened = open_complete_cache(cache)
+        dataset = as_rows(dataset)
         self.dataset, self.path, self.check_inputs, self.dtype = dataset, opened.path, check_inputs, dtype
         self.meta = opened.meta
         if view not in ("cycle", "random"):

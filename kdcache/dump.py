@@ -30,7 +30,8 @@ from .capture import HiddenCapture, check_module_names
 from .config import DumpConfig
 from .errors import KdcacheError, option
 from .format import SPANS, ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec, PackedTokens, TeacherInfo, Vocab
-from .items import (autocast, call_model, collate_items, fetch_batch, input_mask, move_inputs, resolve_amp,
+from .hfmodels import tokenizer_info
+from .items import (as_rows, autocast, call_model, collate_items, fetch_batch, input_mask, move_inputs, resolve_amp,
                     resolve_device, row_digests, select_output)
 from .packing import place_blocks, token_counts
 from .store import (DumpLock, TeacherCache, dataset_digest, fault_point, fingerprint, is_remote, plan_blocks,
@@ -58,19 +59,22 @@ class _Plan(Enum):
 
 def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None, *, config: DumpConfig | None = None,
                  teacher_info: dict[str, Any] | None = None, dataset_info: dict[str, Any] | None = None,
-                 log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+                 tokenizer: Any = None, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
                  **overrides: Any) -> TeacherCache:
     """Run ``teacher`` once over ``dataset`` and store its logits and chosen hidden outputs.
 
     Args:
         teacher: the model; put in eval mode, moved to the device, run under inference_mode.
-        dataset: items ``(inputs, label)``, ``{..., "label": y}`` or bare inputs (label -1).
+        dataset: items ``(inputs, target)``, ``{..., "label": y}`` or bare inputs (label -1), or a
+            🤗 ``datasets.Dataset`` (its numeric columns; see :func:`kdcache.hfdata.prepare`).
         out: cache directory or URL; when None, ``cache_root/<fingerprint>``.
         config: a :class:`DumpConfig`; ``overrides`` are its fields as keyword arguments
             (``hidden=["layer3"]``, ``topk=32``, ``batch_size=512``, ...). See :class:`DumpConfig`
             for each setting; the stored ones define the cache's fingerprint.
         teacher_info, dataset_info: provenance recorded in the cache (``spec``, ``kwargs``,
             ``checkpoint``): shown by ``kdcache info``, never imported.
+        tokenizer: the teacher's tokenizer, when it has one: its vocabulary is recorded so that a
+            student with another vocabulary can be refused in stage two.
         log: where one-line messages go (cache hit, resuming, wrote).
 
     Returns:
@@ -82,6 +86,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
     check_module_names(teacher, cfg.hidden)
     dev = resolve_device(distributed.local_device(cfg.device))
     amp = resolve_amp(cfg.amp, dev)
+    dataset = as_rows(dataset)
     samples = len(dataset)
     if samples == 0:
         raise KdcacheError("the dataset is empty: nothing to dump")
@@ -103,7 +108,8 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         fingerprint=fp, rows=len(dataset), block_rows=1, amp=amp, versions=software_versions(), vocab=Vocab(1, 1),
         teacher=TeacherInfo(weights_digest=w_digest, class_name=type(teacher).__qualname__,
                             spec=teacher_info.get("spec"), kwargs=teacher_info.get("kwargs") or {},
-                            checkpoint=teacher_info.get("checkpoint")),
+                            checkpoint=teacher_info.get("checkpoint"),
+                            tokenizer=tokenizer_info(tokenizer) if tokenizer is not None else None),
         dataset=DatasetInfo(length=samples, digest=data_digest, spec=(dataset_info or {}).get("spec"),
                             kwargs=(dataset_info or {}).get("kwargs") or {}),
         outputs={}, output_key=cfg.output_key, views=cfg.views or 1, seed=(cfg.seed or 0) if viewed else None)

@@ -39,8 +39,8 @@ from .codecs import Codec, DenseCodec, codec_from_params
 from .errors import KdcacheError
 
 __all__ = ["FORMAT_VERSION", "ATTR", "BLOCKS", "BLOCK_STATS", "ROW_DIGEST", "VIEW_PARAMS", "SPANS", "TOKEN_BLOCKS",
-           "PackedTokens", "ArrayInfo",
-           "OutputSpec", "TeacherInfo", "DatasetInfo", "Vocab", "TeacherAccuracy", "DumpStats", "CacheMeta", "read_meta",
+           "PackedTokens", "ArrayInfo", "OutputSpec", "TokenizerInfo", "TeacherInfo", "DatasetInfo", "Vocab",
+           "TeacherAccuracy", "DumpStats", "CacheMeta", "read_meta",
            "write_meta"]
 
 FORMAT_VERSION = 3  # 3: block digests, attrs digest; 2: multi-array codecs, tokens, vocab; reads 1 and 2
@@ -187,15 +187,25 @@ class PackedTokens:
 
 
 @dataclass(frozen=True)
+class TokenizerInfo:
+    """The teacher's tokenizer vocabulary: its size and a digest of its token -> id map, so a
+    student whose tokenizer maps ids to other tokens can be refused without the teacher."""
+
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
 class TeacherInfo:
     """Which teacher wrote the cache. ``spec``/``kwargs``/``checkpoint`` are provenance, shown
-    to people and never imported or called."""
+    to people and never imported or called; ``tokenizer`` is recorded when the dump had one."""
 
     weights_digest: str
     class_name: str
     spec: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    tokenizer: TokenizerInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -330,7 +340,9 @@ class CacheMeta:
             dataset = {"spec": self.dataset.spec, "kwargs": dict(self.dataset.kwargs)}
         attrs: dict[str, Any] = {
             "fingerprint": self.fingerprint,
-            "teacher": {**teacher, "class": self.teacher.class_name, "weights_digest": self.teacher.weights_digest},
+            "teacher": {**teacher, "class": self.teacher.class_name, "weights_digest": self.teacher.weights_digest,
+                        **({"tokenizer": {"size": self.teacher.tokenizer.size, "digest": self.teacher.tokenizer.digest}}
+                           if self.teacher.tokenizer is not None else {})},
             "dataset": {**dataset, "length": self.dataset.length, "digest": self.dataset.digest},
             "output_key": self.output_key, "amp": self.amp, "views": self.views, "seed": self.seed,
             "versions": dict(self.versions), "vocab": {"real": self.vocab.real, "padded": self.vocab.padded},
@@ -382,9 +394,12 @@ class CacheMeta:
         if r.count("blocks", low=1) != -(-rows // block_rows):
             raise _fail(where, f"blocks is not rows / block_rows rounded up ({rows} / {block_rows})")
         t, d = r.obj("teacher"), r.obj("dataset")
+        tok = t.obj("tokenizer", optional=True)
         teacher = TeacherInfo(weights_digest=t.text("weights_digest"), class_name=t.text("class"),
                               spec=t.text("spec", optional=True), kwargs=t.mapping("kwargs", optional=True),
-                              checkpoint=t.text("checkpoint", optional=True))
+                              checkpoint=t.text("checkpoint", optional=True),
+                              tokenizer=TokenizerInfo(tok.count("size", low=1, high=MAX_DIM), tok.text("digest"))
+                              if tok else None)
         dataset = DatasetInfo(length=d.count("length", low=1), digest=d.text("digest"),
                               spec=d.text("spec", optional=True), kwargs=d.mapping("kwargs", optional=True))
         views = r.count("views", low=1, high=1 << 20, optional=True) or 1

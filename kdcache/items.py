@@ -1,8 +1,12 @@
 """Dataset items: split into inputs and label, fetch whole batches, digest each row's input.
 
-A dataset item is ``(inputs, label)``, a dict with a ``label``/``labels`` key (the rest are
+A dataset item is ``(inputs, target)``, a dict with a ``label``/``labels`` key (the rest are
 the inputs, HF style), or the inputs alone (an unlabelled transfer-set row, label -1).
 Inputs may be a tensor, a tuple of tensors or a dict of tensors.
+
+A 2-tuple is always ``(inputs, target)``, as in torch and torchvision: the target is an integer
+class id (-1 = unlabelled) or per-position token labels ``(L,)`` (negative = ignored). A model
+with two inputs takes them as a dict or a nested tuple, ``((a, b), target)``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from torch.utils.data import TensorDataset, default_collate
 
 from .errors import KdcacheError, option
 
-__all__ = ["split_item", "fetch_batch", "collate_items", "row_digests", "input_mask", "move_inputs", "resolve_device",
-           "resolve_amp",
+__all__ = ["as_rows", "split_item", "fetch_batch", "collate_items", "row_digests", "input_mask", "move_inputs",
+           "resolve_device", "resolve_amp",
            "autocast", "call_model", "select_output"]
 
 LABEL_KEYS = ("label", "labels")
@@ -65,9 +69,28 @@ def split_item(item: Any) -> tuple[Any, int | torch.Tensor]:
         return item, -1
     if isinstance(item, (tuple, list)) and len(item) == 2:
         label = _as_label(item[1])
-        if label is not None:
-            return item[0], label
+        if label is None:
+            label = _token_labels(item[1])
+        if label is None:
+            raise KdcacheError(f"a 2-tuple dataset item is (inputs, target): its target must be an integer class id "
+                               f"or a tensor of token labels, got {_describe(item[1])}; give two model inputs as a "
+                               "dict or a nested tuple ((a, b), target)")
+        return item[0], label
     return item, -1
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def as_rows(dataset: Any) -> Any:
+    """The dataset as kdcache reads it: a 🤗 ``datasets.Dataset`` gives its numeric columns as
+    torch tensors (:func:`kdcache.hfdata.prepare`); anything else is returned as it is."""
+    from .hfdata import is_hf_dataset, prepare  # imports datasets only for a datasets object
+
+    return prepare(dataset) if is_hf_dataset(dataset) else dataset
 
 
 def fetch_batch(dataset: Any, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
@@ -81,9 +104,12 @@ def fetch_batch(dataset: Any, indices: Sequence[int]) -> tuple[Any, torch.Tensor
     if type(dataset) is TensorDataset:
         index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         tensors = [torch.index_select(t, 0, index) for t in dataset.tensors]
-        if len(tensors) == 2 and tensors[1].ndim == 1 and not tensors[1].dtype.is_floating_point:
-            return tensors[0], tensors[1].long()
-        return (tensors[0] if len(tensors) == 1 else tuple(tensors)), torch.full((len(indices),), -1)
+        if len(tensors) != 2:
+            return (tensors[0] if len(tensors) == 1 else tuple(tensors)), torch.full((len(indices),), -1)
+        target = tensors[1]  # a pair is (inputs, target), as every 2-tuple item
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            split_item((tensors[0][0], target[0]))  # the one-line refusal
+        return tensors[0], target.long()
     if isinstance(indices, np.ndarray):
         indices = indices.tolist()  # datasets expect Python ints
     getitems = getattr(dataset, "__getitems__", None)
@@ -97,8 +123,9 @@ def collate_items(items: Sequence[Any], indices: Sequence[int]) -> tuple[Any, to
     try:
         inputs = default_collate([p[0] for p in pairs])
     except (RuntimeError, TypeError) as err:
-        raise KdcacheError(f"dataset items of rows {indices[0]}..{indices[-1]} cannot be batched "
-                           f"(do all inputs have the same shape and type?): {err}") from None
+        raise KdcacheError(f"dataset items of rows {indices[0]}..{indices[-1]} cannot be batched (do all inputs have "
+                           "the same shape and type? token rows of different lengths need padding to one length: "
+                           f"--max-length): {err}") from None
     labels = [p[1] for p in pairs]
     if any(isinstance(y, torch.Tensor) for y in labels):
         try:

@@ -1,4 +1,5 @@
-"""Resolve ``pkg.module:attr`` or ``path/to/file.py:attr`` specs into objects."""
+"""Resolve ``pkg.module:attr`` or ``path/to/file.py:attr`` specs into objects; ``hf:PATH`` models and
+``hf-disk:``/``parquet:``/``jsonl:`` datasets go to :mod:`kdcache.hfmodels` and :mod:`kdcache.hfdata`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hfdata
 from .errors import KdcacheError
+from .hfdata import is_data_spec
+from .hfmodels import is_hf_spec, load_pretrained
 
 __all__ = ["resolve_spec", "load_model", "load_dataset", "parse_kwargs"]
 
@@ -120,9 +124,17 @@ def _load_failure(err: Exception) -> str:
 
 
 def load_model(spec: str, kwargs: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
-               *, role: str = "teacher") -> nn.Module:
-    """Build a model from a spec and optionally load a state dict into it."""
-    model = resolve_spec(spec, kwargs, keep=(nn.Module,))
+               *, role: str = "teacher", hf_class: str | None = None, hf_dtype: str | None = None) -> nn.Module:
+    """Build a model from a spec (``hf:PATH``: a local Hugging Face directory, loaded with
+    ``hf_class``/``hf_dtype``) and optionally load a state dict into it."""
+    if is_hf_spec(spec):
+        if kwargs:
+            raise KdcacheError(f"{role} {spec}: a Hugging Face model takes --hf-class/--hf-dtype, not --{role}-kwargs")
+        model = load_pretrained(spec, hf_class=hf_class, dtype=hf_dtype, role=role)
+    elif hf_class is not None or hf_dtype is not None:
+        raise KdcacheError(f"--hf-class/--hf-dtype apply to hf:PATH models; {role} {spec!r} is not one")
+    else:
+        model = resolve_spec(spec, kwargs, keep=(nn.Module,))
     if not isinstance(model, nn.Module):
         raise KdcacheError(f"{role} spec {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
@@ -158,9 +170,25 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, *, role: str = "te
     model.load_state_dict(state)
 
 
-def load_dataset(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
-    """Build a dataset (anything with ``__len__`` and ``__getitem__``) from a spec."""
-    dataset = resolve_spec(spec, kwargs, keep=(torch.utils.data.Dataset,))
+def load_dataset(spec: str, kwargs: dict[str, Any] | None = None, *, tokenizer: Any = None,
+                 text_column: str | None = None, max_length: int | None = None) -> Any:
+    """Build a dataset (anything with ``__len__`` and ``__getitem__``) from a spec.
+
+    ``hf-disk:PATH[:SPLIT]``, ``parquet:FILE`` and ``jsonl:FILE`` are read with 🤗 datasets, as is a
+    spec giving a ``datasets.Dataset``; ``text_column`` is tokenized with ``tokenizer`` and token
+    rows are padded to ``max_length`` (:func:`kdcache.hfdata.prepare`).
+    """
+    if is_data_spec(spec):
+        if kwargs:
+            raise KdcacheError(f"dataset {spec}: a {spec.split(':')[0]}: dataset takes no --dataset-kwargs")
+        dataset = hfdata.load(spec, tokenizer=tokenizer, text_column=text_column, max_length=max_length)
+    else:
+        dataset = resolve_spec(spec, kwargs, keep=(torch.utils.data.Dataset,))
+        if hfdata.is_hf_dataset(dataset):
+            dataset = hfdata.prepare(dataset, tokenizer, text_column=text_column, max_length=max_length)
+        elif text_column is not None or max_length is not None:
+            raise KdcacheError(f"--text-column/--max-length apply to Hugging Face datasets; {spec!r} gave a "
+                               f"{type(dataset).__name__}")
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise KdcacheError(f"dataset spec {spec!r} gave a {type(dataset).__name__}, which has no __len__/__getitem__")
     if len(dataset) == 0:

@@ -24,16 +24,15 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .capture import HiddenCapture, check_module_names
-from .codecs import Codec, SampledCodec
 from .config import Hint, TrainConfig
 from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, TeacherBatch, collate
 from .errors import KdcacheError, option
-from .format import CacheMeta
-from .items import autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
+from .items import as_rows, autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
+from .kdterm import KDTerm, check_student_logits, labelled_cross_entropy
+from .losses import AttentionTransferLoss, HiddenStateLoss
 from .monitor import OverfitToCacheWarning, teacher_fit
-from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 from .store import TeacherCache
-from .targets import SampledTargets, TeacherTargets, TopKTargets
+from .targets import TeacherTargets
 
 __all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate", "NonFiniteLoss"]
 
@@ -133,35 +132,11 @@ class _Teacher:
             self.capture.__exit__(None, None, None)
 
 
-class _KDTerm:
-    """The KD term for where the teacher's logits come from: dense (cache or online), top-k or
-    sampled cache; student logits are cut to the real vocabulary when the output layer is padded."""
-
-    def __init__(self, codec: Codec | None, vocab: int | None, temperature: float | None) -> None:
-        self.kind = codec.name if codec is not None else "dense"
-        self.vocab = vocab
-        if isinstance(codec, SampledCodec):
-            sampled_at = float(codec.temperature)
-            if temperature is not None and temperature != sampled_at:
-                raise KdcacheError(f"this cache was sampled at temperature {sampled_at:g}: train with "
-                                   f"{option('temperature', sampled_at)} (or leave it out), or dump again with "
-                                   f"{option('sample_temperature', temperature)}")
-            temperature = sampled_at
-        self.temperature = 4.0 if temperature is None else float(temperature)
-        self.loss = {"dense": KLDivLoss, "topk": TopKKLDivLoss, "sampled": SampledKLDivLoss}[self.kind](self.temperature)
-
-    def __call__(self, student_logits: torch.Tensor, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.vocab is not None and student_logits.shape[-1] > self.vocab:
-            student_logits = student_logits[..., :self.vocab]
-        if isinstance(teacher, (TopKTargets, SampledTargets)):  # its fields are the loss's arguments
-            return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
-        return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
-
-
 def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device: str | torch.device | None = None,
              ) -> dict[str, float]:
     """Accuracy and cross-entropy of ``student`` over the labelled rows of ``dataset``."""
     dev = resolve_device(device)
+    dataset = as_rows(dataset)
     was_training = student.training
     student.eval()
     correct = seen = 0
@@ -233,12 +208,12 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
     else:
         if teacher is not None:
             check_module_names(teacher, teacher_hidden)
-        data = _LabelledRows(dataset)
+        data = _LabelledRows(as_rows(dataset))
         sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
                                            world=world)
     source = _Teacher(teacher, teacher_hidden, dev, amp, cfg.mask_key)
-    kd_loss = (_KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature)
-               if isinstance(data, CachedTeacherDataset) else _KDTerm(None, None, cfg.temperature))
+    kd_loss = (KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature)
+               if isinstance(data, CachedTeacherDataset) else KDTerm(None, None, cfg.temperature))
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda",
                         # workers must restart to see a new epoch's augmentation view
@@ -311,29 +286,15 @@ def _probe(student: nn.Module, data: Dataset, source: _Teacher, capture: HiddenC
     student.train()
     teacher = source.outputs(inputs, cached)
     if teacher is not None:
-        _check_vocabulary(tuple(logits.shape[1:]), teacher.logits, getattr(data, "meta", None))
+        check_student_logits(tuple(logits.shape[1:]), teacher.logits, getattr(data, "meta", None))
     with torch.random.fork_rng(devices=[]):  # projections from the seed alone, whatever the data drew
         torch.manual_seed(cfg.seed)
         losses = [_build_hint_loss(h, hidden[h.student], teacher.hidden[h.teacher]) for h in cfg.hints] if teacher else []
     return [m.to(dev) for m in losses]
 
 
-def _check_vocabulary(student: tuple[int, ...], teacher: Any, meta: CacheMeta | None) -> None:
-    """Refuse a student whose positions or vocabulary disagree with the teacher's."""
-    if meta is None:  # online teacher: the shapes must be equal
-        expected, sizes = tuple(teacher.shape[1:]), {int(teacher.shape[-1])}
-    else:
-        expected, sizes = meta.logits.shape, {meta.vocab.real, meta.vocab.padded}
-        if meta.packed is not None and "logits" in meta.packed.outputs:  # any length: tokens are placed by the mask
-            expected = (*student[:-1], expected[-1])
-    if student[:-1] != expected[:-1] or (student and student[-1] not in sizes):
-        what = " or ".join(str(v) for v in sorted(sizes))
-        raise KdcacheError(f"the student's logits have shape {student} but the teacher's {expected}: positions must "
-                           f"agree and the vocabulary/class count must be {what} (the teacher's real or padded size)")
-
-
 def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: HiddenCapture,
-           hint_losses: list[nn.Module], kd_loss: _KDTerm, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+           hint_losses: list[nn.Module], kd_loss: KDTerm, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
            dev: torch.device, amp: str, bar: Any) -> dict[str, float]:
     student.train()
     world = distributed.world()[1]
@@ -349,7 +310,7 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
         with autocast(amp, dev):
             logits = select_output(call_model(student, inputs), None)
             hidden = capture.take() if hint_losses else {}
-        ce = _labelled_cross_entropy(logits, labels)
+        ce = labelled_cross_entropy(logits, labels)
         if teacher is None:
             loss = ce
             parts = [ce.detach() * 0, ce]
@@ -386,15 +347,6 @@ def _epoch(student: nn.Module, loader: DataLoader, source: _Teacher, capture: Hi
     record.update({f"hint:{h}": v for h, v in zip(cfg.hints, means[3:])})
     record.update({"rows": rows, "seconds": round(seconds, 4), "samples_per_s": rows / max(seconds, 1e-9)})
     return record
-
-
-def _labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the rows/tokens whose label is >= 0 (0 when there are none).
-    Negative labels are ignored through ``ignore_index``: no boolean indexing, so no device sync."""
-    classes = logits.shape[-1]
-    ignored = labels.clamp_min(-1)
-    total = F.cross_entropy(logits.float().reshape(-1, classes), ignored.reshape(-1), ignore_index=-1, reduction="sum")
-    return total / (ignored >= 0).sum().clamp_min(1)
 
 
 def _save(out: Path, student: nn.Module, hint_losses: list[nn.Module], cfg: TrainConfig,
