@@ -4,6 +4,10 @@ A codec's ``decode`` gives a tensor of logits (dense), :class:`TopKTargets` or
 :class:`SampledTargets`; their fields are the keyword arguments of ``TopKKLDivLoss`` and
 ``SampledKLDivLoss``. A batch's decoded outputs travel together as :class:`TeacherTargets`,
 shared by :mod:`kdcache.dataset` (which builds them) and :mod:`kdcache.train` (which uses them).
+
+:class:`SoftTargets` is the teacher side of the dense KD term computed ahead of training: a cache
+knows the teacher's logits before the first step, so their softmax at the run's temperature and
+the per-row ``sum p log p`` are computed once (:func:`teacher_side`) instead of on every step.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["TopKTargets", "SampledTargets", "TeacherTargets", "LogitTargets", "map_tensors"]
+__all__ = ["TopKTargets", "SampledTargets", "SoftTargets", "TeacherTargets", "LogitTargets", "map_tensors",
+           "teacher_side"]
 
 
 class _Named:
@@ -56,14 +61,35 @@ class SampledTargets(_Named):
     counts: torch.Tensor
 
 
-LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets]
+@dataclass(frozen=True)
+class SoftTargets(_Named):
+    """A dense cache's rows with the teacher side of the KD term precomputed at ``temperature``:
+    ``probs`` (B, *P, C) = softmax(logits / T) (float16, or float32 for a float32 cache) and
+    ``neg_entropy`` float32 (B, *P) = sum_c p log p, computed in float32 from the logits.
+    ``KLDivLoss(T)`` and ``SoftTargetCrossEntropy(T)`` take it in place of the teacher's logits."""
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    temperature: float
+
+
+def teacher_side(logits: torch.Tensor, temperature: float, dtype: torch.dtype = torch.float32,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p, p, sum_c p log p)`` of ``softmax(logits / temperature)`` over the last axis,
+    computed in ``dtype`` (shapes (..., C), (..., C), (...)): the KD term's teacher side."""
+    log_p = torch.log_softmax(logits.to(dtype) * (1.0 / temperature), dim=-1)
+    p = log_p.exp()
+    return log_p, p, (p * log_p).sum(-1)
+
+
+LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets, SoftTargets]
 
 
 def map_tensors(value: Any, fn: Any) -> Any:
     """``fn`` applied to every tensor of a tensor, dict, tuple or targets structure."""
     if isinstance(value, torch.Tensor):
         return fn(value)
-    if isinstance(value, (TopKTargets, SampledTargets, TeacherTargets)):
+    if isinstance(value, (TopKTargets, SampledTargets, SoftTargets, TeacherTargets)):
         return type(value)(**{f.name: map_tensors(getattr(value, f.name), fn) for f in fields(value)})
     if isinstance(value, dict):
         return {k: map_tensors(v, fn) for k, v in value.items()}
