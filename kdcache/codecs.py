@@ -51,6 +51,11 @@ def _nonfinite(stored: np.ndarray, dtype: str) -> np.ndarray:
     return ((bits & exponent) == exponent).reshape(len(stored), -1).any(axis=1)
 
 
+def _as_tensor(stored: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Stored rows as a tensor: numpy arrays without copying, tensors (rows held on a device) as they are."""
+    return stored if isinstance(stored, torch.Tensor) else torch.from_numpy(np.asarray(stored))
+
+
 def _to_numpy(host: torch.Tensor) -> np.ndarray:
     array = host.numpy()
     return array.view(np.uint16) if array.dtype == np.int16 else array
@@ -73,8 +78,9 @@ class Codec(Protocol):
     def to_numpy(self, host: torch.Tensor) -> np.ndarray:
         """One encoded array, on the host, as the numpy array that is stored."""
 
-    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> Any:
-        """Stored rows (key -> array) -> the loss's teacher argument(s)."""
+    def decode(self, stored: dict[str, np.ndarray | torch.Tensor], dtype: torch.dtype | None = torch.float32) -> Any:
+        """Stored rows (key -> numpy array, or a tensor of rows held on a device) -> the loss's
+        teacher argument(s), on the rows' device."""
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         """(B,) bool: rows of array ``key`` holding NaN/inf, or None where it holds no floats."""
@@ -110,13 +116,16 @@ class DenseCodec:
     def to_numpy(self, host: torch.Tensor) -> np.ndarray:
         return _to_numpy(host)
 
-    def to_tensor(self, stored: np.ndarray) -> torch.Tensor:
-        """Stored rows (B, ...) -> a tensor of the logical dtype, without copying."""
+    def to_tensor(self, stored: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Stored rows (B, ...) -> a tensor of the logical dtype, without copying (a tensor is
+        already in it)."""
+        if isinstance(stored, torch.Tensor):
+            return stored
         if self.dtype == "bfloat16":
             return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.asarray(stored))
 
-    def decode(self, stored: dict[str, np.ndarray] | np.ndarray, dtype: torch.dtype | None = torch.float32,
+    def decode(self, stored: dict[str, np.ndarray | torch.Tensor] | np.ndarray, dtype: torch.dtype | None = torch.float32,
                ) -> torch.Tensor:
         """Stored rows (``{"": array}`` or the array) -> tensor (B, ...) in ``dtype`` (None keeps
         the stored width)."""
@@ -196,11 +205,12 @@ class TopKCodec:
     def to_numpy(self, host: torch.Tensor) -> np.ndarray:
         return _to_numpy(host)
 
-    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> TopKTargets:
-        values = torch.from_numpy(np.asarray(stored["values"]))
+    def decode(self, stored: dict[str, np.ndarray | torch.Tensor], dtype: torch.dtype | None = torch.float32,
+               ) -> TopKTargets:
+        values = _as_tensor(stored["values"])
         return TopKTargets(values=values if dtype is None else values.to(dtype),
-                           indices=unpack_ids(torch.from_numpy(np.asarray(stored["indices"])), self.k, self.bits),
-                           logsumexp=torch.from_numpy(np.asarray(stored["logsumexp"])))
+                           indices=unpack_ids(_as_tensor(stored["indices"]), self.k, self.bits),
+                           logsumexp=_as_tensor(stored["logsumexp"]))
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return _nonfinite(stored, "float16" if key == "values" else "float32") if key != "indices" else None
@@ -306,10 +316,12 @@ class SampledCodec:
         array = host.numpy()
         return array.astype(np.uint16) if array.dtype == np.int32 else array
 
-    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> SampledTargets:
-        counts = torch.from_numpy(np.asarray(stored["counts"]).astype(np.float32))
-        return SampledTargets(ids=unpack_ids(torch.from_numpy(np.asarray(stored["ids"])), self.n, self.bits),
-                              counts=counts)
+    def decode(self, stored: dict[str, np.ndarray | torch.Tensor], dtype: torch.dtype | None = torch.float32,
+               ) -> SampledTargets:
+        counts = stored["counts"]
+        counts = (counts.float() if isinstance(counts, torch.Tensor)
+                  else torch.from_numpy(np.asarray(counts).astype(np.float32)))
+        return SampledTargets(ids=unpack_ids(_as_tensor(stored["ids"]), self.n, self.bits), counts=counts)
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return None

@@ -1,8 +1,10 @@
 """Stage two's data: a dataset that zips inputs, labels and cached teacher outputs.
 
 Reads are batched: ``__getitems__`` fetches a whole batch of rows from memory (when the
-arrays fit ``memory_budget``) or from whole chunks kept in a small per-process cache, so no
-zarr read happens per row. The store is opened lazily in each DataLoader worker.
+arrays fit ``memory_budget``; held as :class:`~kdcache.resident.ResidentTargets` on the host or
+the GPU) or from whole chunks kept in a small per-process cache, so no zarr read happens per
+row. The store is opened lazily in each DataLoader worker. Targets held in memory are gathered
+in the training process: :meth:`CachedTeacherDataset.loader`'s workers send only inputs.
 """
 
 from __future__ import annotations
@@ -11,22 +13,25 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .targets import TeacherTargets
 from .errors import KdcacheError
 from .format import VIEW_PARAMS
+from .batch import TeacherBatch, collate
 from .items import fetch_batch, row_digests
+from .resident import GatheringLoader, InputRows, ResidentTargets, TeacherRows, fits_device
+from .sampler import ChunkShuffleBatchSampler
 from .store import TeacherCache, dataset_digest, dump_in_progress, is_remote
 from .views import ViewedDataset
 
-__all__ = ["CachedTeacherDataset", "TeacherBatch", "TeacherTargets", "ChunkShuffleBatchSampler", "collate",
-           "open_complete_cache", "replay_mismatches"]
+__all__ = ["CachedTeacherDataset", "TeacherBatch", "TeacherTargets", "TeacherRows", "ChunkShuffleBatchSampler",
+           "collate", "open_complete_cache", "replay_mismatches"]
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
 _VIEW_MISMATCH = ("the dataset changed, or its transform draws from a generator kdcache does not seed (draw from "
@@ -55,91 +60,6 @@ def _refuse_if_being_written(path: str) -> None:
         raise KdcacheError(f"cache {path} is still being written (dump in progress: {holder}); wait for it to finish")
 
 
-class TeacherBatch(Sequence):
-    """A batch as :func:`collate` returns it, also usable as a list of per-row items.
-
-    ``collated`` is ``(inputs, labels, teacher)`` with batched tensors (``teacher`` a
-    :class:`TeacherTargets`, or None for plain training); indexing gives row ``i`` as
-    ``(inputs_i, label_i, teacher_i)`` with plain dicts, so torch's ``default_collate`` works too.
-    """
-
-    def __init__(self, inputs: Any, labels: torch.Tensor, teacher: TeacherTargets | None) -> None:
-        self.collated = (inputs, labels, teacher)
-
-    def __len__(self) -> int:
-        return len(self.collated[1])
-
-    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
-        inputs, labels, teacher = self.collated
-        return (_row(inputs, i), (int(labels[i]) if labels.ndim == 1 else labels[i]),
-                _row(teacher.as_dict(), i) if teacher is not None else {})
-
-
-def _row(value: Any, i: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[i]
-    if isinstance(value, dict):
-        return {k: _row(v, i) for k, v in value.items()}
-    return type(value)(_row(v, i) for v in value)
-
-
-def collate(batch: Any) -> tuple[Any, torch.Tensor, Any]:
-    """DataLoader ``collate_fn``: ``(inputs, labels, teacher)`` without per-row work (``teacher``
-    a :class:`TeacherTargets`; batches of single rows are collated by ``default_collate``)."""
-    if isinstance(batch, TeacherBatch):
-        return batch.collated
-    return tuple(default_collate(list(batch)))  # type: ignore[return-value]
-
-
-class ChunkShuffleBatchSampler(Sampler[list[int]]):
-    """Shuffled batches that read few chunks: blocks of ``unit_rows`` rows are shuffled, then
-    rows are shuffled within windows of ``window_units`` blocks and cut into batches.
-
-    With ``unit_rows=None`` it is a plain shuffle of all rows. ``set_epoch(e)`` reseeds it as
-    ``DistributedSampler`` does; the order depends on (seed, epoch) only. With ``world`` > 1,
-    rank ``rank`` takes batches ``rank, rank + world, ...`` (the last ``< world`` are dropped).
-    """
-
-    def __init__(self, rows: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 unit_rows: int | None = None, window_units: int = 1, drop_last: bool = False,
-                 on_epoch: Callable[[int], None] | None = None, rank: int = 0, world: int = 1) -> None:
-        if batch_size < 1:
-            raise KdcacheError(f"batch size must be >= 1, got {batch_size}")
-        self.rows, self.batch_size, self.shuffle, self.seed = rows, batch_size, shuffle, seed
-        self.unit_rows, self.window_units, self.drop_last = unit_rows, max(1, window_units), drop_last
-        self.epoch, self.on_epoch, self.rank, self.world = 0, on_epoch, rank, world
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.on_epoch is not None:  # e.g. the dataset's augmentation view
-            self.on_epoch(epoch)
-
-    def order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.rows)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.unit_rows is None or self.unit_rows >= self.rows:
-            return rng.permutation(self.rows)
-        starts = rng.permutation(np.arange(0, self.rows, self.unit_rows))
-        parts = []
-        for w in range(0, len(starts), self.window_units):
-            window = np.concatenate([np.arange(s, min(s + self.unit_rows, self.rows)) for s in starts[w:w + self.window_units]])
-            parts.append(rng.permutation(window))
-        return np.concatenate(parts)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self.order()
-        starts = range(0, len(order), self.batch_size)
-        # under DDP every rank takes every world-th batch (whole batches keep chunk locality),
-        # and all ranks take the same number of steps
-        for start in list(starts)[self.rank:len(self) * self.world:self.world]:
-            yield order[start:start + self.batch_size].tolist()
-
-    def __len__(self) -> int:
-        batches = self.rows // self.batch_size if self.drop_last else -(-self.rows // self.batch_size)
-        return batches // self.world
-
-
 class CachedTeacherDataset(Dataset):
     """Item ``i`` is ``(inputs, label, teacher)`` from row ``i`` of the cache: batches
     (``__getitems__``, :meth:`loader`) carry a :class:`TeacherTargets` with ``logits`` and
@@ -158,6 +78,10 @@ class CachedTeacherDataset(Dataset):
         chunk_cache_bytes: bytes of decoded chunks kept per process when reading from disk.
         dtype: dtype of the teacher tensors returned; None keeps the stored dtype (float16 or
             bfloat16: half the bytes to move, convert on the accelerator).
+        device: where the arrays are held when in memory: ``"cpu"`` (host memory) or a CUDA
+            device, where batches are then gathered with no host copy. With ``device_budget``
+            the arrays go to the CUDA device only if they fit that share of its free memory
+            (else host memory, as ``in_memory`` says); without it they always do.
         view: for a cache of K augmentation views per sample, which view item ``i`` is after
             :meth:`set_epoch` ``(e)``: ``"cycle"`` -> ``(e + view_offset) % K``, ``"random"`` -> a
             view drawn from ``(seed, e, i)``. The input is regenerated with that view's seed, so it
@@ -175,7 +99,8 @@ class CachedTeacherDataset(Dataset):
     def __init__(self, dataset: Any, cache: TeacherCache | str | Path, *, hidden: Sequence[str] | None = None,
                  in_memory: bool | str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  check_inputs: bool = True, chunk_cache_bytes: int = 2 * WINDOW_BYTES,
-                 dtype: torch.dtype | None = torch.float32, view: str = "cycle", view_offset: int = 0) -> None:
+                 dtype: torch.dtype | None = torch.float32, view: str = "cycle", view_offset: int = 0,
+                 device: str | torch.device = "cpu", device_budget: float | None = None) -> None:
         opened = open_complete_cache(cache)
         self.dataset, self.path, self.check_inputs, self.dtype = dataset, opened.path, check_inputs, dtype
         self.meta = opened.meta
@@ -210,19 +135,24 @@ class CachedTeacherDataset(Dataset):
         # a TensorDataset row cannot change short of an in-place write: check it once
         self._checked = np.zeros(opened.rows, bool) if type(self.source) is TensorDataset else None
         need = sum(o.row_bytes for o in self.outputs.values()) * opened.rows
-        self.in_memory = need <= memory_budget if in_memory == "auto" else bool(in_memory)
+        holder = _holding_device(device, device_budget, need, in_memory)
+        self.in_memory = (holder.type != "cpu" or need <= memory_budget) if in_memory == "auto" else bool(in_memory)
         self.block_rows = opened.block_rows
-        self._arrays = {p: opened.read_array(p, 0, opened.rows) for p in self.arrays} if self.in_memory else None
         self._chunk_cache_bytes = chunk_cache_bytes
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._chunk_bytes = 0
-        self._handle: TeacherCache | None = None
-        self._pid = -1
+        self._handle: TeacherCache | None = opened
+        self._pid = os.getpid()
+        self.resident = (ResidentTargets(self.outputs, self._read_rows, opened.rows, holder) if self.in_memory
+                         else None)
 
-    # the zarr handle is opened per process (DataLoader workers), never pickled
+    # the zarr handle is opened per process (DataLoader workers), never pickled; targets held
+    # on a GPU cannot cross processes, and a process without them reads chunks
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.update(_handle=None, _pid=-1, _chunks=OrderedDict(), _chunk_bytes=0)
+        if self.resident is not None and self.resident.device.type != "cpu":
+            state.update(resident=None, in_memory=False)
         return state
 
     def _cache(self) -> TeacherCache:
@@ -270,13 +200,18 @@ class CachedTeacherDataset(Dataset):
         row_bytes = sum(o.row_bytes for o in self.outputs.values())
         return max(self.block_rows, self._chunk_cache_bytes // 2 // max(row_bytes, 1) // self.block_rows * self.block_rows)
 
+    def _read_rows(self, path: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows ``start:stop`` of array ``path``: the one place the dataset reads the
+        store, for a chunk (:meth:`_chunk`) or the whole array in pieces (held in memory)."""
+        return self._cache().read_array(path, start, stop)
+
     def _chunk(self, path: str, c: int) -> np.ndarray:
         key = (path, c)
         if key in self._chunks:
             self._chunks.move_to_end(key)
             return self._chunks[key]
         chunk_rows = self.arrays[path].chunk_rows
-        data = self._cache().read_array(path, c * chunk_rows, min((c + 1) * chunk_rows, len(self)))
+        data = self._read_rows(path, c * chunk_rows, min((c + 1) * chunk_rows, len(self)))
         self._chunks[key] = data
         self._chunk_bytes += data.nbytes
         while self._chunk_bytes > self._chunk_cache_bytes and len(self._chunks) > 1:
@@ -285,8 +220,6 @@ class CachedTeacherDataset(Dataset):
         return data
 
     def _rows(self, path: str, idx: np.ndarray) -> np.ndarray:
-        if self._arrays is not None:
-            return self._arrays[path][idx]
         spec = self.arrays[path]
         chunk_ids = idx // spec.chunk_rows
         out = np.empty((len(idx), *spec.shape), spec.dtype)
@@ -299,7 +232,9 @@ class CachedTeacherDataset(Dataset):
         spec = self.outputs[name]
         return spec.codec.decode({key: self._rows(a.path, idx) for key, a in spec.arrays.items()}, self.dtype)
 
-    def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
+    def _inputs(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor, TeacherRows]:
+        """A batch's inputs and labels, checked against the digests recorded at dump time, and
+        its cache rows (with the sequence mask): everything but the targets."""
         samples = np.asarray(indices, dtype=np.int64)
         if samples.size and (samples.min() < 0 or samples.max() >= len(self)):
             raise IndexError(f"row index out of range for a cache of {len(self)} rows")
@@ -318,11 +253,42 @@ class CachedTeacherDataset(Dataset):
                                    "if the difference is deliberate")
             if self._checked is not None:
                 self._checked[idx] = True
-        teacher = TeacherTargets(logits=self._teacher_rows("logits", idx),
-                                 hidden={h: self._teacher_rows(h, idx) for h in self.hidden},
-                                 # sequences: True for real tokens, False for padding
-                                 mask=inputs[self.mask_key].bool() if self.mask_key is not None else None)
-        return TeacherBatch(inputs, labels, teacher)
+        # sequences: True for real tokens, False for padding
+        mask = inputs[self.mask_key].bool() if self.mask_key is not None else None
+        return inputs, labels, TeacherRows(torch.from_numpy(idx), mask)
+
+    def gather(self, rows: TeacherRows) -> TeacherTargets:
+        """The targets of a batch's cache ``rows``: gathered from the arrays held in memory (on
+        their device), else read from the store's chunks."""
+        if self.resident is not None:
+            held = self.resident
+            return TeacherTargets(logits=held.gather("logits", rows.rows, self.dtype),
+                                  hidden={h: held.gather(h, rows.rows, self.dtype) for h in self.hidden},
+                                  mask=rows.mask.to(held.device, non_blocking=True) if rows.mask is not None else None)
+        idx = rows.rows.numpy()
+        return TeacherTargets(logits=self._teacher_rows("logits", idx),
+                              hidden={h: self._teacher_rows(h, idx) for h in self.hidden}, mask=rows.mask)
+
+    def precompute(self, temperature: float) -> "CachedTeacherDataset":
+        """Hold the teacher side of the dense KD term at ``temperature`` instead of the logits:
+        batches then carry :class:`~kdcache.targets.SoftTargets` (the teacher's probabilities
+        and ``sum p log p`` per row), which ``KLDivLoss(temperature)`` takes in place of the
+        logits and no longer recomputes every step. Computed once, in place (memory: 4 bytes
+        more per row, per position for sequences). Needs the arrays held in memory."""
+        if self.resident is None:
+            raise KdcacheError(f"cache {self.path} is read from disk: precomputing the teacher's probabilities "
+                               "needs it in memory (in_memory=True, or a larger memory_budget)")
+        self.resident.precompute(float(temperature), self.meta.vocab.real)
+        return self
+
+    def input_rows(self) -> "InputRows":
+        """This dataset without its targets, for DataLoader workers: batches carry
+        :class:`TeacherRows`, which :meth:`gather` turns into targets in the training process."""
+        return InputRows(self)
+
+    def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
+        inputs, labels, rows = self._inputs(indices)
+        return TeacherBatch(inputs, labels, self.gather(rows))
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:
         return self.__getitems__([i])[0]
@@ -341,15 +307,33 @@ class CachedTeacherDataset(Dataset):
                                         on_epoch=on_epoch, rank=rank, world=world)
 
     def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
-               drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> DataLoader:
+               drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> "DataLoader | GatheringLoader":
         """A DataLoader yielding ``(inputs, labels, teacher)`` batches; call ``set_epoch`` on its
-        ``batch_sampler`` each epoch."""
-        return DataLoader(self, batch_sampler=self.batch_sampler(batch_size, shuffle=shuffle, seed=seed,
-                                                                 drop_last=drop_last),
-                          collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
-                          worker_init_fn=_limit_zarr_threads if num_workers else None,
-                          persistent_workers=num_workers > 0 and self.views == 1,
-                          multiprocessing_context=self.worker_context if num_workers else None, **kwargs)
+        ``batch_sampler`` each epoch. With the targets held in memory, its workers send only
+        inputs and the targets are gathered in this process (on their device)."""
+        data: Dataset = self.input_rows() if self.resident is not None else self
+        loader = DataLoader(data, batch_sampler=self.batch_sampler(batch_size, shuffle=shuffle, seed=seed,
+                                                                   drop_last=drop_last),
+                            collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                            worker_init_fn=_limit_zarr_threads if num_workers else None,
+                            persistent_workers=num_workers > 0 and self.views == 1,
+                            multiprocessing_context=self.worker_context if num_workers else None, **kwargs)
+        return GatheringLoader(loader, self) if self.resident is not None else loader
+
+
+def _holding_device(device: str | torch.device, budget: float | None, need: int, in_memory: bool | str) -> torch.device:
+    """Where arrays held in memory live: a CUDA ``device`` when asked (and, with a ``budget``,
+    when ``need`` bytes fit that share of its free memory), else the host."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise KdcacheError(f"cache device {device} is not a visible CUDA device; use cpu")
+    if budget is not None:
+        return dev if in_memory is not False and fits_device(need, dev, budget) else torch.device("cpu")
+    if in_memory is False:
+        raise KdcacheError(f"holding the cache on {device} puts it in memory: leave in_memory at auto or yes")
+    return dev
 
 
 def _limit_zarr_threads(worker_id: int) -> None:

@@ -29,8 +29,9 @@ from .errors import KdcacheError
 from .format import CacheMeta
 from .items import autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
 from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
+from .resident import DEVICE_BUDGET, TeacherRows
 from .store import TeacherCache
-from .targets import SampledTargets, TeacherTargets, TopKTargets
+from .targets import SampledTargets, SoftTargets, TeacherTargets, TopKTargets
 
 __all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate"]
 
@@ -84,18 +85,24 @@ def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.T
 
 
 class _Teacher:
-    """Where teacher outputs come from: the batch (cache), a live module (online) or nowhere (plain)."""
+    """Where teacher outputs come from: the batch (cache: its targets, or its rows to gather from
+    the arrays ``held`` in memory), a live module (online) or nowhere (plain)."""
 
     def __init__(self, module: nn.Module | None, hidden: Sequence[str], device: torch.device, amp: str,
-                 mask_key: str) -> None:
+                 mask_key: str, held: CachedTeacherDataset | None = None) -> None:
         self.module = module.to(device).eval() if module is not None else None
         self.capture = HiddenCapture(self.module, hidden) if self.module is not None else None
-        self.device, self.amp, self.mask_key = device, amp, mask_key
+        self.device, self.amp, self.mask_key, self.held = device, amp, mask_key, held
         if self.capture is not None:
             self.capture.__enter__()
 
-    def outputs(self, inputs: Any, cached: TeacherTargets | None) -> TeacherTargets | None:
+    def outputs(self, inputs: Any, cached: TeacherTargets | TeacherRows | None) -> TeacherTargets | None:
         if self.module is None:
+            if isinstance(cached, TeacherRows):  # gathered here, where the arrays are held
+                assert self.held is not None and self.held.resident is not None
+                cached = self.held.gather(cached)
+                if self.held.resident.device == self.device:
+                    return cached
             # rows arrive in their stored width (half the bytes to move); the losses widen them
             # to float32 inside their own first op on the device
             return cached.to(self.device, non_blocking=True) if cached is not None else None
@@ -134,6 +141,8 @@ class _KDTerm:
             student_logits = student_logits[..., :self.vocab]
         if isinstance(teacher, (TopKTargets, SampledTargets)):  # its fields are the loss's arguments
             return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
+        if isinstance(teacher, SoftTargets):  # precomputed over the real vocabulary
+            return self.loss(student_logits, teacher, mask)
         return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
 
 
@@ -192,21 +201,28 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     student = student.to(dev)
     check_module_names(student, [h.student for h in cfg.hints], role="student")
     teacher_hidden = [h.teacher for h in cfg.hints]
+    held: CachedTeacherDataset | None = None
     if cache is not None:
         data: Dataset = CachedTeacherDataset(dataset, cache, hidden=teacher_hidden,
                                              in_memory={"yes": True, "no": False}.get(cfg.in_memory, "auto"),
-                                             check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view)
+                                             check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view,
+                                             **_cache_device(cfg.cache_device, dev))
         sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world)
+        held = data if data.resident is not None else None
     else:
         if teacher is not None:
             check_module_names(teacher, teacher_hidden)
         data = _LabelledRows(dataset)
         sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
                                            world=world)
-    source = _Teacher(teacher, teacher_hidden, dev, amp, cfg.mask_key)
+    source = _Teacher(teacher, teacher_hidden, dev, amp, cfg.mask_key, held)
     kd_loss = (_KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature)
                if isinstance(data, CachedTeacherDataset) else _KDTerm(None, None, cfg.temperature))
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+    if held is not None and cfg.precompute and kd_loss.kind == "dense":
+        held.precompute(kd_loss.temperature)
+    # targets held in memory are gathered in this process: workers send only inputs
+    loader = DataLoader(held.input_rows() if held is not None else data, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.num_workers,
                         pin_memory=dev.type == "cuda",
                         # workers must restart to see a new epoch's augmentation view
                         persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1,
@@ -249,6 +265,14 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     if out_dir is not None:
         _save(out_dir, student, hint_losses, cfg, student_spec, cache)
     return result
+
+
+def _cache_device(choice: str, dev: torch.device) -> dict[str, Any]:
+    """``CachedTeacherDataset``'s ``device``/``device_budget`` for ``--cache-device``: ``auto``
+    holds the targets on the training GPU when they fit a share of its free memory."""
+    if choice == "auto":
+        return {"device": dev, "device_budget": DEVICE_BUDGET} if dev.type == "cuda" else {"device": "cpu"}
+    return {"device": choice}
 
 
 def _probe(student: nn.Module, data: Dataset, source: _Teacher, capture: HiddenCapture, cfg: TrainConfig,
