@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .batch import TeacherBatch
 from .codecs import DenseCodec
@@ -134,10 +134,44 @@ class ResidentTargets:
                                  dtype)
 
 
+BY_VALUE_BYTES = 1 << 20  # a worker sends smaller tensors inside its pickle, not through shared memory
+
+
+def _to_wire(value: Any) -> Any:
+    """A worker's batch for the trip to the main process: tensors of up to ``BY_VALUE_BYTES`` as
+    numpy arrays, which pickle by value. torch sends every tensor through its own shared-memory
+    file (a file, a descriptor passed over a socket, a mapping: ~0.3 ms each on the 2-core box),
+    which made a batch of small tensors cost more than its bytes."""
+    if isinstance(value, torch.Tensor):
+        small = value.numel() * value.element_size() <= BY_VALUE_BYTES and value.dtype != torch.bfloat16
+        return value.numpy() if small and not value.requires_grad else value
+    if isinstance(value, TeacherRows):
+        return TeacherRows(_to_wire(value.rows), _to_wire(value.mask))
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_wire(v) for v in value)
+    return value
+
+
+def _from_wire(value: Any) -> Any:
+    """Inverse of :func:`_to_wire`, in the main process (numpy arrays back to tensors, no copy)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, TeacherRows):
+        return TeacherRows(_from_wire(value.rows), _from_wire(value.mask))
+    if isinstance(value, dict):
+        return {k: _from_wire(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_from_wire(v) for v in value)
+    return value
+
+
 class InputRows(Dataset):
     """A :class:`CachedTeacherDataset` without its targets: batches ``(inputs, labels,
-    TeacherRows)``, checked against the recorded digests, for DataLoader workers to send. It
-    never touches the targets, and pickles (spawn, forkserver) without them."""
+    TeacherRows)``, checked against the recorded digests, for DataLoader workers to send (small
+    tensors by value). It never touches the targets, and pickles (spawn, forkserver) without
+    them. Read it through :class:`GatheringLoader`."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -152,6 +186,8 @@ class InputRows(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
         inputs, labels, rows = self.dataset._inputs(indices)
+        if get_worker_info() is not None:
+            inputs, labels, rows = _to_wire((inputs, labels, rows))
         return TeacherBatch(inputs, labels, rows)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> Any:
@@ -160,7 +196,8 @@ class InputRows(Dataset):
 
 class GatheringLoader:
     """Iterates a DataLoader of :class:`InputRows` and gathers each batch's targets here, from
-    ``dataset``'s arrays held in memory: ``(inputs, labels, TeacherTargets)`` batches."""
+    ``dataset``'s arrays held in memory: ``(inputs, labels, TeacherTargets)`` batches, the
+    targets on the arrays' device."""
 
     def __init__(self, loader: DataLoader, dataset: Any) -> None:
         self.loader, self.dataset = loader, dataset
@@ -173,5 +210,7 @@ class GatheringLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, TeacherTargets]]:
-        for inputs, labels, rows in self.loader:
+        wired = self.loader.num_workers > 0
+        for batch in self.loader:
+            inputs, labels, rows = _from_wire(batch) if wired else batch
             yield inputs, labels, self.dataset.gather(rows)

@@ -29,7 +29,7 @@ from .errors import KdcacheError
 from .format import CacheMeta
 from .items import autocast, call_model, fetch_batch, move_inputs, resolve_amp, resolve_device, select_output
 from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
-from .resident import DEVICE_BUDGET, TeacherRows
+from .resident import DEVICE_BUDGET, GatheringLoader
 from .store import TeacherCache
 from .targets import SampledTargets, SoftTargets, TeacherTargets, TopKTargets
 
@@ -85,8 +85,8 @@ def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.T
 
 
 class _Teacher:
-    """Where teacher outputs come from: the batch (cache: its targets, or its rows to gather from
-    the arrays ``held`` in memory), a live module (online) or nowhere (plain)."""
+    """Where teacher outputs come from: the batch (cache; gathered from the arrays ``held`` in
+    memory, maybe on the device already), a live module (online) or nowhere (plain)."""
 
     def __init__(self, module: nn.Module | None, hidden: Sequence[str], device: torch.device, amp: str,
                  mask_key: str, held: CachedTeacherDataset | None = None) -> None:
@@ -96,13 +96,10 @@ class _Teacher:
         if self.capture is not None:
             self.capture.__enter__()
 
-    def outputs(self, inputs: Any, cached: TeacherTargets | TeacherRows | None) -> TeacherTargets | None:
+    def outputs(self, inputs: Any, cached: TeacherTargets | None) -> TeacherTargets | None:
         if self.module is None:
-            if isinstance(cached, TeacherRows):  # gathered here, where the arrays are held
-                assert self.held is not None and self.held.resident is not None
-                cached = self.held.gather(cached)
-                if self.held.resident.device == self.device:
-                    return cached
+            if self.held is not None and self.held.resident is not None and self.held.resident.device == self.device:
+                return cached  # gathered where the step runs
             # rows arrive in their stored width (half the bytes to move); the losses widen them
             # to float32 inside their own first op on the device
             return cached.to(self.device, non_blocking=True) if cached is not None else None
@@ -221,12 +218,13 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
     if held is not None and cfg.precompute and kd_loss.kind == "dense":
         held.precompute(kd_loss.temperature)
     # targets held in memory are gathered in this process: workers send only inputs
-    loader = DataLoader(held.input_rows() if held is not None else data, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=cfg.num_workers,
-                        pin_memory=dev.type == "cuda",
-                        # workers must restart to see a new epoch's augmentation view
-                        persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1,
-                        multiprocessing_context=getattr(data, "worker_context", None) if cfg.num_workers else None)
+    loader: Any = DataLoader(held.input_rows() if held is not None else data, batch_sampler=sampler,
+                             collate_fn=collate, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda",
+                             # workers must restart to see a new epoch's augmentation view
+                             persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1,
+                             multiprocessing_context=getattr(data, "worker_context", None) if cfg.num_workers else None)
+    if held is not None:
+        loader = GatheringLoader(loader, held)
     out_dir = Path(out) if out is not None and rank == 0 else None
     progress = progress and rank == 0
     if out_dir is not None:
