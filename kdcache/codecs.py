@@ -41,14 +41,28 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 }
 
 
+# dtype -> (unsigned view, signed view, exponent bits): NaN/inf are the values whose exponent bits
+# are all set
+_FLOAT_BITS = {"float32": (np.uint32, np.int32, 0x7F800000), "float16": (np.uint16, np.int16, 0x7C00),
+               "bfloat16": (np.uint16, np.int16, 0x7F80)}
+
+
 def _nonfinite(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """(B,) bool: rows holding a NaN or inf, read off the exponent bits (~10 GB/s)."""
-    if dtype == "float32":
-        bits, exponent = stored.view(np.uint32), np.uint32(0x7F800000)
-    else:
-        bits = stored.view(np.uint16)
-        exponent = np.uint16(0x7C00 if dtype == "float16" else 0x7F80)
-    return ((bits & exponent) == exponent).reshape(len(stored), -1).any(axis=1)
+    """(B,) bool: rows holding a NaN or inf, read off the exponent bits.
+
+    Checked first with two max reductions over the raw bits and no temporary (~10 GB/s): the
+    largest signed value reaches ``exponent`` only for a positive NaN/inf, and the largest
+    unsigned one reaches ``sign | exponent`` only for a negative one. Rows are located only when
+    that finds one."""
+    unsigned, signed, exponent = _FLOAT_BITS[dtype]
+    flat = np.ascontiguousarray(stored).reshape(len(stored), -1)
+    if flat.size == 0:
+        return np.zeros(len(stored), bool)
+    sign = 1 << (8 * np.dtype(unsigned).itemsize - 1)
+    if flat.view(signed).max() < exponent and flat.view(unsigned).max() < (sign | exponent):
+        return np.zeros(len(stored), bool)
+    bits = flat.view(unsigned)
+    return ((bits & unsigned(exponent)) == unsigned(exponent)).any(axis=1)
 
 
 def _as_tensor(stored: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-__all__ = ["ChunkFileWriter", "io_pool"]
+__all__ = ["ChunkFileWriter", "io_pool", "aligned_empty"]
 
 _IO_POOL: ThreadPoolExecutor | None = None
 _DIRECT_ALIGN = 4096
@@ -31,6 +31,13 @@ def io_pool() -> ThreadPoolExecutor:
     if _IO_POOL is None:
         _IO_POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="kdcache-io")
     return _IO_POOL
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array on page-aligned anonymous memory: chunks of it whose offsets are
+    multiples of 4 KiB go to O_DIRECT writes as they are, without a staging copy."""
+    nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.dtype(dtype), int(np.prod(shape, dtype=np.int64))).reshape(shape)
 
 
 class ChunkFileWriter:
@@ -63,17 +70,21 @@ class ChunkFileWriter:
         os.replace(tmp, file)
 
     def _write_direct(self, path: Path, raw: np.ndarray, checksum: bytes) -> bool:
-        """Write ``raw + checksum`` to a new file with O_DIRECT: the bytes go from an aligned
-        staging buffer (one per thread) in whole 4 KiB blocks, then the file is cut to its exact
-        size. False, with nothing left behind, where the filesystem refuses O_DIRECT."""
+        """Write ``raw + checksum`` to a new file with O_DIRECT, in whole 4 KiB blocks, then cut
+        the file to its exact size. Where ``raw`` starts page-aligned (a chunk of a block buffer
+        from :func:`aligned_empty`), its whole 4 KiB blocks are written from where they lie and
+        only the tail passes through the staging buffer (one per thread); otherwise all of it
+        does. False, with nothing left behind, where the filesystem refuses O_DIRECT."""
         size = raw.nbytes + len(checksum)
-        padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        bulk = raw.nbytes // _DIRECT_ALIGN * _DIRECT_ALIGN if raw.ctypes.data % _DIRECT_ALIGN == 0 else 0
+        tail = raw[bulk:]
+        padded = -(-(size - bulk) // _DIRECT_ALIGN) * _DIRECT_ALIGN
         buf = getattr(self._staging, "buf", None)
         if buf is None or len(buf) < padded:
             buf = self._staging.buf = mmap.mmap(-1, padded)  # anonymous memory is page-aligned
         staged = np.frombuffer(buf, np.uint8, padded)
-        staged[:raw.nbytes] = raw
-        staged[raw.nbytes:size] = np.frombuffer(checksum, np.uint8)
+        staged[:tail.nbytes] = tail
+        staged[tail.nbytes:size - bulk] = np.frombuffer(checksum, np.uint8)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         except OSError as err:
@@ -82,9 +93,10 @@ class ChunkFileWriter:
             self.direct = False
             return False
         try:
-            view, done = memoryview(buf)[:padded], 0
-            while done < padded:
-                done += os.write(fd, view[done:])
+            for view in (memoryview(raw[:bulk]), memoryview(buf)[:padded]):  # type: ignore[arg-type]
+                done = 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
             os.ftruncate(fd, size)
         except OSError as err:
             os.close(fd)
