@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from concurrent.futures import Future
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .items import fetch_batch, row_digests
 from .resident import GatheringLoader, InputRows, ResidentTargets, TeacherRows, fits_device
 from .sampler import ChunkShuffleBatchSampler
 from .store import TeacherCache, dataset_digest, dump_in_progress, is_remote
+from .store.chunkfile import io_pool
 from .views import ViewedDataset
 
 __all__ = ["CachedTeacherDataset", "TeacherBatch", "TeacherTargets", "TeacherRows", "ChunkShuffleBatchSampler",
@@ -141,6 +143,8 @@ class CachedTeacherDataset(Dataset):
         self._chunk_cache_bytes = chunk_cache_bytes
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._chunk_bytes = 0
+        self._ahead: dict[tuple[str, int], Future[np.ndarray]] = {}  # chunks being read ahead
+        self._row_bytes = sum(o.row_bytes for o in self.outputs.values())
         self._handle: TeacherCache | None = opened
         self._pid = os.getpid()
         self.resident = (ResidentTargets(self.outputs, self._read_rows, opened.rows, holder) if self.in_memory
@@ -150,7 +154,7 @@ class CachedTeacherDataset(Dataset):
     # on a GPU cannot cross processes, and a process without them reads chunks
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_handle=None, _pid=-1, _chunks=OrderedDict(), _chunk_bytes=0)
+        state.update(_handle=None, _pid=-1, _chunks=OrderedDict(), _chunk_bytes=0, _ahead={})
         if self.resident is not None and self.resident.device.type != "cpu":
             state.update(resident=None, in_memory=False)
         return state
@@ -159,6 +163,7 @@ class CachedTeacherDataset(Dataset):
         if self._handle is None or self._pid != os.getpid():
             self._handle, self._pid = TeacherCache.open(self.path), os.getpid()
             self._chunks.clear()
+            self._ahead = {}
             self._chunk_bytes = 0
         return self._handle
 
@@ -206,12 +211,16 @@ class CachedTeacherDataset(Dataset):
         return self._cache().read_array(path, start, stop)
 
     def _chunk(self, path: str, c: int) -> np.ndarray:
+        """Chunk ``c`` of array ``path`` (rows ``c * chunk_rows``...), read once and kept while it
+        fits the chunk cache."""
         key = (path, c)
         if key in self._chunks:
             self._chunks.move_to_end(key)
             return self._chunks[key]
         chunk_rows = self.arrays[path].chunk_rows
-        data = self._read_rows(path, c * chunk_rows, min((c + 1) * chunk_rows, len(self)))
+        return self._keep(key, self._read_rows(path, c * chunk_rows, min((c + 1) * chunk_rows, len(self))))
+
+    def _keep(self, key: tuple[str, int], data: np.ndarray) -> np.ndarray:
         self._chunks[key] = data
         self._chunk_bytes += data.nbytes
         while self._chunk_bytes > self._chunk_cache_bytes and len(self._chunks) > 1:
@@ -219,13 +228,51 @@ class CachedTeacherDataset(Dataset):
             self._chunk_bytes -= old.nbytes
         return data
 
+    def read_ahead(self, rows: np.ndarray) -> None:
+        """Start reading, in the background, the chunks that samples ``rows`` (the next shuffle
+        window) need and the chunk cache lacks: the disk works while the current window trains.
+        The sampler of :meth:`batch_sampler` calls it where batches are read in this process."""
+        if self.resident is not None or self._chunk_cache_bytes < 2 * len(rows) * self._row_bytes:
+            return  # nothing to read, or no room to hold the window beside the current one
+        idx = self.cache_rows(np.asarray(rows, dtype=np.int64))
+        self._cache()  # opened here, not by the reading threads
+        for path, spec in self.arrays.items():
+            for c in np.unique(idx // spec.chunk_rows).tolist():
+                if (path, c) not in self._chunks and (path, c) not in self._ahead:
+                    self._ahead[(path, c)] = io_pool().submit(
+                        self._read_rows, path, c * spec.chunk_rows, min((c + 1) * spec.chunk_rows, len(self)))
+
+    def _prefetch(self, path: str, chunks: np.ndarray) -> None:
+        """Read the chunks of ``path`` a batch needs and the cache lacks, in parallel: the first
+        batch of a shuffle window needs most of the window's chunks, and one read at a time
+        leaves the disk idle between requests."""
+        chunk_rows = self.arrays[path].chunk_rows
+        for c in chunks.tolist():
+            if (path, c) in self._ahead:  # read ahead of time
+                self._keep((path, c), self._ahead.pop((path, c)).result())
+        missing = [int(c) for c in chunks if (path, int(c)) not in self._chunks]
+        if len(missing) < 2:
+            return
+        self._cache()  # opened here, not by the reading threads
+        reads = [io_pool().submit(self._read_rows, path, c * chunk_rows, min((c + 1) * chunk_rows, len(self)))
+                 for c in missing]
+        for c, read in zip(missing, reads):
+            self._keep((path, c), read.result())
+
     def _rows(self, path: str, idx: np.ndarray) -> np.ndarray:
         spec = self.arrays[path]
         chunk_ids = idx // spec.chunk_rows
         out = np.empty((len(idx), *spec.shape), spec.dtype)
-        for c in np.unique(chunk_ids):
-            mask = chunk_ids == c
-            out[mask] = self._chunk(path, int(c))[idx[mask] - c * spec.chunk_rows]
+        # rows grouped by chunk once (a shuffled batch touches most chunks of its window, a few
+        # rows each): one slice of the order per chunk instead of a mask over the batch
+        order = np.argsort(chunk_ids, kind="stable")
+        grouped = chunk_ids[order]
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        chunks = grouped[starts]
+        self._prefetch(path, chunks)
+        for c, lo, hi in zip(chunks.tolist(), starts.tolist(), [*starts[1:].tolist(), len(idx)]):
+            take = order[lo:hi]
+            out[take] = self._chunk(path, c)[idx[take] - c * spec.chunk_rows]
         return out
 
     def _teacher_rows(self, name: str, idx: np.ndarray) -> Any:
@@ -293,10 +340,12 @@ class CachedTeacherDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:
         return self.__getitems__([i])[0]
 
-    def batch_sampler(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                      drop_last: bool = False, rank: int = 0, world: int = 1) -> ChunkShuffleBatchSampler:
+    def batch_sampler(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                      rank: int = 0, world: int = 1, read_ahead: bool = False) -> ChunkShuffleBatchSampler:
         """A shuffling batch sampler that suits how this dataset reads (memory or chunks); ``rank``
-        of ``world`` takes its DDP share of the batches."""
+        of ``world`` takes its DDP share of the batches. ``read_ahead``: this process reads the
+        batches (no DataLoader workers), so the sampler has it read each next window's chunks
+        while the current window's batches train."""
         on_epoch = self.set_epoch if self.views > 1 else None
         if self.in_memory:
             return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
@@ -304,7 +353,8 @@ class CachedTeacherDataset(Dataset):
         unit = max(1, self.block_rows // self.views)  # samples whose rows share a block
         return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, unit_rows=unit,
                                         window_units=max(1, self.window_rows // self.block_rows), drop_last=drop_last,
-                                        on_epoch=on_epoch, rank=rank, world=world)
+                                        on_epoch=on_epoch, rank=rank, world=world,
+                                        on_window=self.read_ahead if read_ahead else None)
 
     def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
                drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> "DataLoader | GatheringLoader":
@@ -313,7 +363,7 @@ class CachedTeacherDataset(Dataset):
         inputs and the targets are gathered in this process (on their device)."""
         data: Dataset = self.input_rows() if self.resident is not None else self
         loader = DataLoader(data, batch_sampler=self.batch_sampler(batch_size, shuffle=shuffle, seed=seed,
-                                                                   drop_last=drop_last),
+                                                                   drop_last=drop_last, read_ahead=num_workers == 0),
                             collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
                             worker_init_fn=_limit_zarr_threads if num_workers else None,
                             persistent_workers=num_workers > 0 and self.views == 1,

@@ -204,7 +204,8 @@ def train_student(student: nn.Module, dataset: Any, cache: TeacherCache | str | 
                                              in_memory={"yes": True, "no": False}.get(cfg.in_memory, "auto"),
                                              check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view,
                                              **_cache_device(cfg.cache_device, dev))
-        sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world)
+        sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world,
+                                     read_ahead=cfg.num_workers == 0)
         held = data if data.resident is not None else None
     else:
         if teacher is not None:

@@ -19,7 +19,7 @@ from ..errors import KdcacheError
 from ..format import BLOCK_FIELDS, BLOCKS, ROW_DIGEST, VIEW_PARAMS, ArrayInfo, CacheMeta, DumpStats, OutputSpec, \
     TeacherAccuracy, read_meta, write_meta
 from . import verify as _verify
-from .chunkfile import ChunkFileWriter, io_pool
+from .chunkfile import ChunkFileWriter, io_pool, read_chunk
 from .faults import fault_point
 from .layout import chunk_key
 from .location import exists, is_remote, open_store, refuse_file, remote_fs
@@ -36,6 +36,7 @@ class TeacherCache:
         self.group = group
         self.meta = meta if meta is not None else read_meta(group, self.path)
         self._files: ChunkFileWriter | None = None
+        self._arrays: dict[str, zarr.Array] = {}  # opened zarr arrays, for their chunk layout
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
@@ -193,11 +194,39 @@ class TeacherCache:
 
     # ---- read side --------------------------------------------------------------------------
     def _read(self, path: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows ``start:stop`` of array ``path``, checksums checked: a local cache's chunk
+        files read directly (:func:`.chunkfile.read_chunk`), anything else through zarr."""
         try:
+            if isinstance(self.group.store, zarr.storage.LocalStore) and sys.byteorder == "little":
+                return self._read_chunks(path, start, stop)
             return self.group[path][start:stop]
         except ValueError as err:
             raise KdcacheError(f"cache {self.path}: {path} rows {start}..{stop - 1} are corrupt ({err}); "
                                f"run kdcache verify {self.path}, then dump again") from None
+
+    def _read_chunks(self, path: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` from the chunk files themselves; one whole chunk is returned as read."""
+        array = self._arrays.get(path)
+        if array is None:
+            array = self._arrays[path] = self.group[path]
+        chunk_rows, shape, dtype = array.chunks[0], tuple(array.shape[1:]), array.dtype
+        stop = min(stop, array.shape[0])
+        first, last = start // chunk_rows, -(-stop // chunk_rows)
+        chunks = [self._chunk_or_fill(Path(self.path) / chunk_key(path, array, c), (chunk_rows, *shape), dtype)
+                  for c in range(first, last)]
+        if len(chunks) == 1 and start == first * chunk_rows and stop - start == chunk_rows:
+            return chunks[0]
+        whole = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        return whole[start - first * chunk_rows:stop - first * chunk_rows].copy()
+
+    @staticmethod
+    def _chunk_or_fill(file: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A chunk file's rows; a missing one reads as the fill value 0, as zarr reads it (a block
+        not yet written; readers refuse a finished cache with missing chunks when they open it)."""
+        try:
+            return read_chunk(file, shape, dtype)
+        except FileNotFoundError:
+            return np.zeros(shape, dtype)
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Stored rows ``start:stop`` of dense output ``name`` (stored dtype, checksums checked)."""

@@ -1,9 +1,11 @@
-"""Whole chunk files written directly, byte for byte as zarr lays them out.
+"""Whole chunk files written and read directly, byte for byte as zarr lays them out.
 
 zarr 3.1 funnels every write through one event-loop thread, which caps a dump near 0.2 GB/s;
 kdcache writes a local cache's chunk files itself, in parallel: C-order little-endian bytes,
 then their crc32c (zarr's ``Crc32cCodec``), to a temp file that is renamed into place, so a
-kill never tears a chunk. ``tests/test_store.py`` checks the files equal zarr's.
+kill never tears a chunk. ``tests/test_store.py`` checks the files equal zarr's. Reads mirror
+it (:func:`read_chunk`): one ``readinto`` of the whole file into the array it becomes, the
+checksum checked, no event loop and no copy through zarr's buffers.
 """
 
 from __future__ import annotations
@@ -19,18 +21,58 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-__all__ = ["ChunkFileWriter", "io_pool", "aligned_empty"]
+__all__ = ["ChunkFileWriter", "io_pool", "aligned_empty", "read_chunk", "ChunkError", "crc32c"]
 
-_IO_POOL: ThreadPoolExecutor | None = None
+_IO_POOL: tuple[int, ThreadPoolExecutor] | None = None
 _DIRECT_ALIGN = 4096
 
 
 def io_pool() -> ThreadPoolExecutor:
-    """The process's pool of chunk-writing threads (created on first use)."""
+    """The process's pool of chunk-reading and -writing threads (created on first use, and again
+    in a forked DataLoader worker, which inherits the pool but none of its threads)."""
     global _IO_POOL
-    if _IO_POOL is None:
-        _IO_POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="kdcache-io")
-    return _IO_POOL
+    if _IO_POOL is None or _IO_POOL[0] != os.getpid():
+        _IO_POOL = (os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="kdcache-io"))
+    return _IO_POOL[1]
+
+
+_CRC_PIECE = 256 << 10
+
+
+def crc32c(raw: np.ndarray) -> int:
+    """crc32c of ``raw`` (uint8, contiguous), as zarr's ``Crc32cCodec`` computes it. Computed
+    256 KiB at a time: google_crc32c holds the GIL while it runs (~0.15 ms per MB), and a whole
+    chunk at once stalls the teacher loop's or training loop's Python for that long."""
+    crc = 0
+    for start in range(0, raw.nbytes, _CRC_PIECE):
+        crc = google_crc32c.extend(crc, raw[start:start + _CRC_PIECE])
+    return crc
+
+
+class ChunkError(ValueError):
+    """A chunk file that is not what its array says: wrong size or checksum."""
+
+
+def read_chunk(file: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The rows of one chunk file (C-order bytes of ``shape`` in ``dtype``, then their crc32c).
+
+    Raises FileNotFoundError for a missing file and :class:`ChunkError` for one of the wrong
+    size or checksum."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    out = np.empty(nbytes + 4, np.uint8)
+    with open(file, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != nbytes + 4:
+            raise ChunkError(f"chunk file {file.name} has {size} bytes, expected {nbytes + 4}")
+        view, done = memoryview(out), 0  # type: ignore[arg-type]
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise ChunkError(f"chunk file {file.name} ended after {done} of {nbytes + 4} bytes")
+            done += got
+    if crc32c(out[:nbytes]) != int.from_bytes(out[nbytes:].tobytes(), "little"):
+        raise ChunkError(f"chunk file {file.name} fails its crc32c checksum")
+    return out[:nbytes].view(dtype).reshape(shape)
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -60,7 +102,7 @@ class ChunkFileWriter:
 
     def write(self, file: Path, rows: np.ndarray) -> None:
         raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
-        checksum = np.uint32(google_crc32c.value(raw)).tobytes()
+        checksum = np.uint32(crc32c(raw)).tobytes()
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
         if not (self.direct and raw.nbytes >= self.min_direct_bytes and self._write_direct(tmp, raw, checksum)):
