@@ -8,7 +8,7 @@ with the losses in :mod:`kdcache.losses`), trains students from it without the t
 __version__ = "0.1.0"
 
 from . import losses  # noqa: E402
-from .targets import SampledTargets, TeacherTargets, TopKTargets  # noqa: E402
+from .targets import SampledTargets, SoftTargets, TeacherTargets, TopKTargets  # noqa: E402
 from .config import DumpConfig, Hint, TrainConfig  # noqa: E402
 from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, collate  # noqa: E402
 from .dump import dump_teacher  # noqa: E402
@@ -20,5 +20,5 @@ from .train import train_student  # noqa: E402
 
 __all__ = ["__version__", "KdcacheError", "TeacherCache", "CacheMeta", "dump_teacher", "DumpConfig",
            "CachedTeacherDataset", "ChunkShuffleBatchSampler", "collate", "TeacherTargets", "TopKTargets",
-           "SampledTargets", "train_student", "TrainConfig", "Hint", "losses", "KLDivLoss", "SoftTargetCrossEntropy",
+           "SampledTargets", "SoftTargets", "train_student", "TrainConfig", "Hint", "losses", "KLDivLoss", "SoftTargetCrossEntropy",
            "HiddenStateLoss", "AttentionTransferLoss"]

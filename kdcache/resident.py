@@ -22,7 +22,7 @@ from .batch import TeacherBatch
 from .codecs import DenseCodec
 from .errors import KdcacheError
 from .format import ArrayInfo, OutputSpec
-from .targets import SoftTargets, TeacherTargets, teacher_side
+from .targets import SoftTargets, TeacherTargets, map_tensors, teacher_side
 
 __all__ = ["ResidentTargets", "TeacherRows", "InputRows", "GatheringLoader", "DEVICE_BUDGET", "fits_device"]
 
@@ -137,34 +137,22 @@ class ResidentTargets:
 BY_VALUE_BYTES = 1 << 20  # a worker sends smaller tensors inside its pickle, not through shared memory
 
 
-def _to_wire(value: Any) -> Any:
+def _by_value(tensor: torch.Tensor) -> Any:
+    small = tensor.numel() * tensor.element_size() <= BY_VALUE_BYTES and tensor.dtype != torch.bfloat16
+    return tensor.numpy() if small and not tensor.requires_grad else tensor
+
+
+def _to_wire(batch: Any) -> Any:
     """A worker's batch for the trip to the main process: tensors of up to ``BY_VALUE_BYTES`` as
     numpy arrays, which pickle by value. torch sends every tensor through its own shared-memory
     file (a file, a descriptor passed over a socket, a mapping: ~0.3 ms each on the 2-core box),
     which made a batch of small tensors cost more than its bytes."""
-    if isinstance(value, torch.Tensor):
-        small = value.numel() * value.element_size() <= BY_VALUE_BYTES and value.dtype != torch.bfloat16
-        return value.numpy() if small and not value.requires_grad else value
-    if isinstance(value, TeacherRows):
-        return TeacherRows(_to_wire(value.rows), _to_wire(value.mask))
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_wire(v) for v in value)
-    return value
+    return map_tensors(batch, _by_value)
 
 
-def _from_wire(value: Any) -> Any:
+def _from_wire(batch: Any) -> Any:
     """Inverse of :func:`_to_wire`, in the main process (numpy arrays back to tensors, no copy)."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    if isinstance(value, TeacherRows):
-        return TeacherRows(_from_wire(value.rows), _from_wire(value.mask))
-    if isinstance(value, dict):
-        return {k: _from_wire(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_from_wire(v) for v in value)
-    return value
+    return map_tensors(batch, torch.from_numpy, leaf=np.ndarray)
 
 
 class InputRows(Dataset):

@@ -12,7 +12,7 @@ the per-row ``sum p log p`` are computed once (:func:`teacher_side`) instead of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Union
 
 import torch
@@ -85,16 +85,17 @@ def teacher_side(logits: torch.Tensor, temperature: float, dtype: torch.dtype = 
 LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets, SoftTargets]
 
 
-def map_tensors(value: Any, fn: Any) -> Any:
-    """``fn`` applied to every tensor of a tensor, dict, tuple or targets structure."""
-    if isinstance(value, torch.Tensor):
+def map_tensors(value: Any, fn: Any, leaf: type = torch.Tensor) -> Any:
+    """``fn`` applied to every tensor (every ``leaf``) of a tensor, dict, tuple or dataclass
+    (targets) structure; other values are kept."""
+    if isinstance(value, leaf):
         return fn(value)
-    if isinstance(value, (TopKTargets, SampledTargets, SoftTargets, TeacherTargets)):
-        return type(value)(**{f.name: map_tensors(getattr(value, f.name), fn) for f in fields(value)})
+    if is_dataclass(value) and not isinstance(value, type):
+        return type(value)(**{f.name: map_tensors(getattr(value, f.name), fn, leaf) for f in fields(value)})
     if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
+        return {k: map_tensors(v, fn, leaf) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn, leaf) for v in value)
     return value
 
 
