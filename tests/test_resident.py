@@ -117,3 +117,12 @@ def test_cache_device_must_be_visible(wide, tmp_path, models_file):
                    "--cache", cache.path, "--cache-device", "cuda", "--epochs", "1", "--no-progress",
                    "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "kdcache: error: cache device cuda" in done.stderr
+
+
+def test_bfloat16_rows_are_gathered_bit_for_bit(tmp_path, models):
+    ds = models.dataset(200)
+    cache = kdcache.dump_teacher(models.teacher(), ds, tmp_path / "bf", logits_dtype="bfloat16", progress=False)
+    teacher = CachedTeacherDataset(ds, cache, dtype=None).__getitems__([5, 3, 199]).collated[2]
+    assert teacher.logits.dtype == torch.bfloat16
+    stored = cache.read_array(cache.outputs["logits"].arrays[""].path, 0, 200)
+    np.testing.assert_array_equal(teacher.logits.view(torch.int16).numpy().view(np.uint16), stored[[5, 3, 199]])
