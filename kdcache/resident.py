@@ -1,8 +1,8 @@
 """Teacher targets held whole in memory or on the training device, gathered there by index.
 
 A cache that fits is read once into tensors on ``device`` (host memory, or the GPU with
-``--cache-device``) and each batch's rows are gathered with ``index_select`` in the process that
-trains: on a GPU no host gather and no pinned copy, and with DataLoader workers nothing of the
+``--cache-device``) and each batch's rows are gathered by index in the process that trains
+(``index_select`` on a GPU, numpy's take on the host): on a GPU no host gather and no pinned copy, and with DataLoader workers nothing of the
 targets is pickled between processes, since workers send only the inputs and the batch's cache
 rows (:class:`TeacherRows`). Dense logits can be replaced by the teacher side of the KD term at
 the run's temperature (:meth:`ResidentTargets.precompute`), computed once instead of every step.
