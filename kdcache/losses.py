@@ -84,7 +84,7 @@ class _SoftTargetKL(torch.autograd.Function):
                 if neg_entropy is not None:
                     per_item = per_item + neg_entropy
         else:
-            log_pt, p_t, _ = teacher_side(teacher, t, dtype)
+            log_pt, p_t = teacher_side(teacher, t, dtype)
             per_item = (p_t * (log_pt - log_ps) if entropy else p_t * log_ps.neg()).sum(-1)
         ctx.save_for_backward(log_ps, p_t, weights)
         ctx.t, ctx.scale, ctx.reduce, ctx.dtype = t, scale, reduce, student_logits.dtype

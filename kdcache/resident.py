@@ -128,9 +128,9 @@ class ResidentTargets:
         step = max(1, WORK_BYTES // per_row)
         with torch.no_grad():
             for start in range(0, self.rows, step):
-                _, p, h = teacher_side(logits[start:start + step, ..., :vocab], temperature)
+                log_p, p = teacher_side(logits[start:start + step, ..., :vocab], temperature)
+                neg_entropy[start:start + step] = (p * log_p).sum(-1)
                 probs[start:start + step, ..., :vocab] = p.to(width)
-                neg_entropy[start:start + step] = h
         self.soft = SoftTargets(probs[..., :vocab], neg_entropy, float(temperature))
 
     def gather(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None) -> Any:

@@ -74,12 +74,12 @@ class SoftTargets(_Named):
 
 
 def teacher_side(logits: torch.Tensor, temperature: float, dtype: torch.dtype = torch.float32,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(log p, p, sum_c p log p)`` of ``softmax(logits / temperature)`` over the last axis,
-    computed in ``dtype`` (shapes (..., C), (..., C), (...)): the KD term's teacher side."""
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p, p)`` of ``p = softmax(logits / temperature)`` over the last axis, computed in
+    ``dtype`` (both shaped like ``logits``): the KD term's teacher side. ``SoftTargets`` holds
+    ``p`` and ``(p * log p).sum(-1)``."""
     log_p = torch.log_softmax(logits.to(dtype) * (1.0 / temperature), dim=-1)
-    p = log_p.exp()
-    return log_p, p, (p * log_p).sum(-1)
+    return log_p, log_p.exp()
 
 
 LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets, SoftTargets]
