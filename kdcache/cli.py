@@ -226,6 +226,7 @@ def train_student_cmd(
     amp: Optional[str] = typer.Option(None, help="Autocast: auto, bf16, fp16 or none [auto]."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [0]."),
     in_memory: Optional[str] = typer.Option(None, help="Hold the cache in memory: auto, yes or no [auto]."),
+    cache_device: Optional[str] = typer.Option(None, help="Where a cache held in memory lives: auto (the GPU when it fits a quarter of its free memory), cpu or cuda[:N] [auto]."),
     view: Optional[str] = typer.Option(None, help="Cache of K augmentation views: epoch e reads view (e % K) 'cycle' or a seeded 'random' one [cycle]."),
     allow_input_mismatch: Optional[bool] = typer.Option(None, "--allow-input-mismatch", help="Accept inputs that differ from what the teacher saw (deliberate)."),
     out: Optional[Path] = typer.Option(None, help="Directory for metrics.jsonl, student.pt, hints.pt, config.json [student-out]."),
@@ -248,7 +249,8 @@ def train_student_cmd(
                  online_teacher_kwargs=online_teacher_kwargs, online_teacher_checkpoint=online_teacher_checkpoint,
                  mask_key=mask_key, temperature=temperature, alpha=alpha, hints=hint or None, epochs=epochs, batch_size=batch_size, lr=lr,
                  optimizer=optimizer, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
-                 num_workers=num_workers, in_memory=in_memory, allow_input_mismatch=allow_input_mismatch, view=view,
+                 num_workers=num_workers, in_memory=in_memory, cache_device=cache_device,
+                 allow_input_mismatch=allow_input_mismatch, view=view,
                  out=out, hf_class=hf_class, hf_dtype=hf_dtype, text_column=text_column, max_length=max_length,
                  tokenizer=tokenizer, allow_vocab_mismatch=allow_vocab_mismatch)
     values = _merge_config(config, flags)

@@ -41,14 +41,33 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 }
 
 
+# dtype -> (unsigned view, signed view, exponent bits): NaN/inf are the values whose exponent bits
+# are all set
+_FLOAT_BITS = {"float32": (np.uint32, np.int32, 0x7F800000), "float16": (np.uint16, np.int16, 0x7C00),
+               "bfloat16": (np.uint16, np.int16, 0x7F80)}
+
+
 def _nonfinite(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """(B,) bool: rows holding a NaN or inf, read off the exponent bits (~10 GB/s)."""
-    if dtype == "float32":
-        bits, exponent = stored.view(np.uint32), np.uint32(0x7F800000)
-    else:
-        bits = stored.view(np.uint16)
-        exponent = np.uint16(0x7C00 if dtype == "float16" else 0x7F80)
-    return ((bits & exponent) == exponent).reshape(len(stored), -1).any(axis=1)
+    """(B,) bool: rows holding a NaN or inf, read off the exponent bits.
+
+    Checked first with two max reductions over the raw bits and no temporary (~10 GB/s): the
+    largest signed value reaches ``exponent`` only for a positive NaN/inf, and the largest
+    unsigned one reaches ``sign | exponent`` only for a negative one. Rows are located only when
+    that finds one."""
+    unsigned, signed, exponent = _FLOAT_BITS[dtype]
+    flat = np.ascontiguousarray(stored).reshape(len(stored), -1)
+    if flat.size == 0:
+        return np.zeros(len(stored), bool)
+    sign = 1 << (8 * np.dtype(unsigned).itemsize - 1)
+    if flat.view(signed).max() < exponent and flat.view(unsigned).max() < (sign | exponent):
+        return np.zeros(len(stored), bool)
+    bits = flat.view(unsigned)
+    return ((bits & unsigned(exponent)) == unsigned(exponent)).any(axis=1)
+
+
+def _as_tensor(stored: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Stored rows as a tensor: numpy arrays without copying, tensors (rows held on a device) as they are."""
+    return stored if isinstance(stored, torch.Tensor) else torch.from_numpy(np.asarray(stored))
 
 
 def _to_numpy(host: torch.Tensor) -> np.ndarray:
@@ -73,8 +92,9 @@ class Codec(Protocol):
     def to_numpy(self, host: torch.Tensor) -> np.ndarray:
         """One encoded array, on the host, as the numpy array that is stored."""
 
-    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> Any:
-        """Stored rows (key -> array) -> the loss's teacher argument(s)."""
+    def decode(self, stored: dict[str, np.ndarray | torch.Tensor], dtype: torch.dtype | None = torch.float32) -> Any:
+        """Stored rows (key -> numpy array, or a tensor of rows held on a device) -> the loss's
+        teacher argument(s), on the rows' device."""
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         """(B,) bool: rows of array ``key`` holding NaN/inf, or None where it holds no floats."""
@@ -110,13 +130,16 @@ class DenseCodec:
     def to_numpy(self, host: torch.Tensor) -> np.ndarray:
         return _to_numpy(host)
 
-    def to_tensor(self, stored: np.ndarray) -> torch.Tensor:
-        """Stored rows (B, ...) -> a tensor of the logical dtype, without copying."""
+    def to_tensor(self, stored: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Stored rows (B, ...) -> a tensor of the logical dtype, without copying (a tensor is
+        already in it)."""
+        if isinstance(stored, torch.Tensor):
+            return stored
         if self.dtype == "bfloat16":
             return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.asarray(stored))
 
-    def decode(self, stored: dict[str, np.ndarray] | np.ndarray, dtype: torch.dtype | None = torch.float32,
+    def decode(self, stored: dict[str, np.ndarray | torch.Tensor] | np.ndarray, dtype: torch.dtype | None = torch.float32,
                ) -> torch.Tensor:
         """Stored rows (``{"": array}`` or the array) -> tensor (B, ...) in ``dtype`` (None keeps
         the stored width)."""
@@ -196,11 +219,12 @@ class TopKCodec:
     def to_numpy(self, host: torch.Tensor) -> np.ndarray:
         return _to_numpy(host)
 
-    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> TopKTargets:
-        values = torch.from_numpy(np.asarray(stored["values"]))
+    def decode(self, stored: dict[str, np.ndarray | torch.Tensor], dtype: torch.dtype | None = torch.float32,
+               ) -> TopKTargets:
+        values = _as_tensor(stored["values"])
         return TopKTargets(values=values if dtype is None else values.to(dtype),
-                           indices=unpack_ids(torch.from_numpy(np.asarray(stored["indices"])), self.k, self.bits),
-                           logsumexp=torch.from_numpy(np.asarray(stored["logsumexp"])))
+                           indices=unpack_ids(_as_tensor(stored["indices"]), self.k, self.bits),
+                           logsumexp=_as_tensor(stored["logsumexp"]))
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return _nonfinite(stored, "float16" if key == "values" else "float32") if key != "indices" else None
@@ -306,10 +330,12 @@ class SampledCodec:
         array = host.numpy()
         return array.astype(np.uint16) if array.dtype == np.int32 else array
 
-    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> SampledTargets:
-        counts = torch.from_numpy(np.asarray(stored["counts"]).astype(np.float32))
-        return SampledTargets(ids=unpack_ids(torch.from_numpy(np.asarray(stored["ids"])), self.n, self.bits),
-                              counts=counts)
+    def decode(self, stored: dict[str, np.ndarray | torch.Tensor], dtype: torch.dtype | None = torch.float32,
+               ) -> SampledTargets:
+        counts = stored["counts"]
+        counts = (counts.float() if isinstance(counts, torch.Tensor)
+                  else torch.from_numpy(np.asarray(counts).astype(np.float32)))
+        return SampledTargets(ids=unpack_ids(_as_tensor(stored["ids"]), self.n, self.bits), counts=counts)
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return None

@@ -245,6 +245,8 @@ class TrainConfig(_Settings):
     amp: str = "auto"
     num_workers: int = 0
     in_memory: str = "auto"
+    cache_device: str = "auto"  # where targets held in memory live: auto (the GPU when they fit), cpu, cuda[:N]
+    precompute: bool = True  # hold the teacher side of the dense KD term (softmax at T) instead of the logits
     allow_input_mismatch: bool = False
     view: str = "cycle"
     mask_key: str = DEFAULT_MASK_KEY  # an online teacher's attention mask (a cache records its own)
@@ -260,6 +262,8 @@ class TrainConfig(_Settings):
                 (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}"),
                 (_DEVICE.fullmatch(self.device) is not None, "device must be auto, cpu, cuda or cuda:N"),
                 (self.in_memory in ("auto", "yes", "no"), "in_memory must be auto, yes or no"),
+                (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.cache_device) is not None,
+                 "cache_device must be auto, cpu or cuda[:N]"),
                 (self.num_workers >= 0, "num_workers must be >= 0"),
                 (self.view in ("cycle", "random"), "view must be cycle or random")]
 

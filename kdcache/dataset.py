@@ -1,33 +1,40 @@
 """Stage two's data: a dataset that zips inputs, labels and cached teacher outputs.
 
 Reads are batched: ``__getitems__`` fetches a whole batch of rows from memory (when the
-arrays fit ``memory_budget``) or from whole chunks kept in a small per-process cache, so no
-zarr read happens per row. The store is opened lazily in each DataLoader worker.
+arrays fit ``memory_budget``; held as :class:`~kdcache.resident.ResidentTargets` on the host or
+the GPU) or from whole chunks kept in a small per-process cache, so no zarr read happens per
+row. The store is opened lazily in each DataLoader worker. Targets held in memory are gathered
+in the training process: :meth:`CachedTeacherDataset.loader`'s workers send only inputs.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from concurrent.futures import Future
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .targets import TeacherTargets
+from .batch import TeacherBatch, collate
 from .errors import KdcacheError, option
 from .format import SPANS, VIEW_PARAMS
 from .items import as_rows, fetch_batch, input_mask, row_digests
-from .packing import row_token_starts, scatter_tokens, target_mask
+from .packing import place_tokens, row_token_starts, target_mask, token_indices
+from .resident import GatheringLoader, InputRows, ResidentTargets, TeacherRows, fits_device
+from .targets import TeacherTargets
+from .sampler import ChunkShuffleBatchSampler
 from .store import TeacherCache, dataset_digest, dump_in_progress, is_remote
+from .store.chunkfile import io_pool
 from .views import ViewedDataset
 
-__all__ = ["CachedTeacherDataset", "TeacherBatch", "TeacherTargets", "ChunkShuffleBatchSampler", "collate",
-           "open_complete_cache", "replay_mismatches"]
+__all__ = ["CachedTeacherDataset", "TeacherBatch", "TeacherTargets", "TeacherRows", "ChunkShuffleBatchSampler",
+           "collate", "open_complete_cache", "replay_mismatches"]
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
 _VIEW_MISMATCH = ("the dataset changed, or its transform draws from a generator kdcache does not seed (draw from "
@@ -56,91 +63,6 @@ def _refuse_if_being_written(path: str) -> None:
         raise KdcacheError(f"cache {path} is still being written (dump in progress: {holder}); wait for it to finish")
 
 
-class TeacherBatch(Sequence):
-    """A batch as :func:`collate` returns it, also usable as a list of per-row items.
-
-    ``collated`` is ``(inputs, labels, teacher)`` with batched tensors (``teacher`` a
-    :class:`TeacherTargets`, or None for plain training); indexing gives row ``i`` as
-    ``(inputs_i, label_i, teacher_i)`` with plain dicts, so torch's ``default_collate`` works too.
-    """
-
-    def __init__(self, inputs: Any, labels: torch.Tensor, teacher: TeacherTargets | None) -> None:
-        self.collated = (inputs, labels, teacher)
-
-    def __len__(self) -> int:
-        return len(self.collated[1])
-
-    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
-        inputs, labels, teacher = self.collated
-        return (_row(inputs, i), (int(labels[i]) if labels.ndim == 1 else labels[i]),
-                _row(teacher.as_dict(), i) if teacher is not None else {})
-
-
-def _row(value: Any, i: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[i]
-    if isinstance(value, dict):
-        return {k: _row(v, i) for k, v in value.items()}
-    return type(value)(_row(v, i) for v in value)
-
-
-def collate(batch: Any) -> tuple[Any, torch.Tensor, Any]:
-    """DataLoader ``collate_fn``: ``(inputs, labels, teacher)`` without per-row work (``teacher``
-    a :class:`TeacherTargets`; batches of single rows are collated by ``default_collate``)."""
-    if isinstance(batch, TeacherBatch):
-        return batch.collated
-    return tuple(default_collate(list(batch)))  # type: ignore[return-value]
-
-
-class ChunkShuffleBatchSampler(Sampler[list[int]]):
-    """Shuffled batches that read few chunks: blocks of ``unit_rows`` rows are shuffled, then
-    rows are shuffled within windows of ``window_units`` blocks and cut into batches.
-
-    With ``unit_rows=None`` it is a plain shuffle of all rows. ``set_epoch(e)`` reseeds it as
-    ``DistributedSampler`` does; the order depends on (seed, epoch) only. With ``world`` > 1,
-    rank ``rank`` takes batches ``rank, rank + world, ...`` (the last ``< world`` are dropped).
-    """
-
-    def __init__(self, rows: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 unit_rows: int | None = None, window_units: int = 1, drop_last: bool = False,
-                 on_epoch: Callable[[int], None] | None = None, rank: int = 0, world: int = 1) -> None:
-        if batch_size < 1:
-            raise KdcacheError(f"batch size must be >= 1, got {batch_size}")
-        self.rows, self.batch_size, self.shuffle, self.seed = rows, batch_size, shuffle, seed
-        self.unit_rows, self.window_units, self.drop_last = unit_rows, max(1, window_units), drop_last
-        self.epoch, self.on_epoch, self.rank, self.world = 0, on_epoch, rank, world
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.on_epoch is not None:  # e.g. the dataset's augmentation view
-            self.on_epoch(epoch)
-
-    def order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.rows)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.unit_rows is None or self.unit_rows >= self.rows:
-            return rng.permutation(self.rows)
-        starts = rng.permutation(np.arange(0, self.rows, self.unit_rows))
-        parts = []
-        for w in range(0, len(starts), self.window_units):
-            window = np.concatenate([np.arange(s, min(s + self.unit_rows, self.rows)) for s in starts[w:w + self.window_units]])
-            parts.append(rng.permutation(window))
-        return np.concatenate(parts)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self.order()
-        starts = range(0, len(order), self.batch_size)
-        # under DDP every rank takes every world-th batch (whole batches keep chunk locality),
-        # and all ranks take the same number of steps
-        for start in list(starts)[self.rank:len(self) * self.world:self.world]:
-            yield order[start:start + self.batch_size].tolist()
-
-    def __len__(self) -> int:
-        batches = self.rows // self.batch_size if self.drop_last else -(-self.rows // self.batch_size)
-        return batches // self.world
-
-
 class CachedTeacherDataset(Dataset):
     """Item ``i`` is ``(inputs, label, teacher)`` from row ``i`` of the cache: batches
     (``__getitems__``, :meth:`loader`) carry a :class:`TeacherTargets` with ``logits`` and
@@ -159,6 +81,10 @@ class CachedTeacherDataset(Dataset):
         chunk_cache_bytes: bytes of decoded chunks kept per process when reading from disk.
         dtype: dtype of the teacher tensors returned; None keeps the stored dtype (float16 or
             bfloat16: half the bytes to move, convert on the accelerator).
+        device: where the arrays are held when in memory: ``"cpu"`` (host memory) or a CUDA
+            device, where batches are then gathered with no host copy. With ``device_budget``
+            the arrays go to the CUDA device only if they fit that share of its free memory
+            (else host memory, as ``in_memory`` says); without it they always do.
         view: for a cache of K augmentation views per sample, which view item ``i`` is after
             :meth:`set_epoch` ``(e)``: ``"cycle"`` -> ``(e + view_offset) % K``, ``"random"`` -> a
             view drawn from ``(seed, e, i)``. The input is regenerated with that view's seed, so it
@@ -176,7 +102,8 @@ class CachedTeacherDataset(Dataset):
     def __init__(self, dataset: Any, cache: TeacherCache | str | Path, *, hidden: Sequence[str] | None = None,
                  in_memory: bool | str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  check_inputs: bool = True, chunk_cache_bytes: int = 2 * WINDOW_BYTES,
-                 dtype: torch.dtype | None = torch.float32, view: str = "cycle", view_offset: int = 0) -> None:
+                 dtype: torch.dtype | None = torch.float32, view: str = "cycle", view_offset: int = 0,
+                 device: str | torch.device = "cpu", device_budget: float | None = None) -> None:
         opened = open_complete_cache(cache)
         dataset = as_rows(dataset)
         self.dataset, self.path, self.check_inputs, self.dtype = dataset, opened.path, check_inputs, dtype
@@ -213,32 +140,41 @@ class CachedTeacherDataset(Dataset):
         self.digests = opened.row_digests()
         # a TensorDataset row cannot change short of an in-place write: check it once
         self._checked = np.zeros(opened.rows, bool) if type(self.source) is TensorDataset else None
-        need = sum(opened.length(a) * a.row_bytes for a in self.arrays.values())
+        lengths = {p: opened.length(a) for p, a in self.arrays.items()}  # rows, or tokens of a packed array
+        need = sum(lengths[p] * a.row_bytes for p, a in self.arrays.items())
         wanted = _in_memory(in_memory)
-        self.in_memory = need <= memory_budget if wanted == "auto" else wanted == "yes"
+        holder = _holding_device(device, device_budget, need, wanted)
+        self.in_memory = (holder.type != "cpu" or need <= memory_budget) if wanted == "auto" else wanted == "yes"
         self.rows, self.block_rows = opened.rows, opened.block_rows
         self.packed = opened.meta.packed
         if self.packed is not None:  # where each row's stored tokens start on the token axis
             self.spans = opened.load_array(SPANS)
             self.token_blocks = opened.token_blocks()
             self.token_start = row_token_starts(self.spans[:, 1], self.token_blocks[:, 0], self.block_rows)
-        self._arrays = {p: opened.load_array(p) for p in self.arrays} if self.in_memory else None
         self._chunk_cache_bytes = chunk_cache_bytes
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._chunk_bytes = 0
-        self._handle: TeacherCache | None = None
-        self._pid = -1
+        self._ahead: dict[tuple[str, int], Future[np.ndarray]] = {}  # chunks being read ahead
+        self._row_bytes = need // max(opened.rows, 1)
+        self._handle: TeacherCache | None = opened
+        self._pid = os.getpid()
+        self.resident = (ResidentTargets(self.outputs, self._read_rows, lengths, holder) if self.in_memory
+                         else None)
 
-    # the zarr handle is opened per process (DataLoader workers), never pickled
+    # the zarr handle is opened per process (DataLoader workers), never pickled; targets held
+    # on a GPU cannot cross processes, and a process without them reads chunks
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_handle=None, _pid=-1, _chunks=OrderedDict(), _chunk_bytes=0)
+        state.update(_handle=None, _pid=-1, _chunks=OrderedDict(), _chunk_bytes=0, _ahead={})
+        if self.resident is not None and self.resident.device.type != "cpu":
+            state.update(resident=None, in_memory=False)
         return state
 
     def _cache(self) -> TeacherCache:
         if self._handle is None or self._pid != os.getpid():
             self._handle, self._pid = TeacherCache.open(self.path), os.getpid()
             self._chunks.clear()
+            self._ahead = {}
             self._chunk_bytes = 0
         return self._handle
 
@@ -280,14 +216,24 @@ class CachedTeacherDataset(Dataset):
         row_bytes = sum(o.row_bytes for o in self.outputs.values())
         return max(self.block_rows, self._chunk_cache_bytes // 2 // max(row_bytes, 1) // self.block_rows * self.block_rows)
 
+    def _read_rows(self, path: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows (tokens, of a packed per-token array) ``start:stop`` of array ``path``,
+        through the store's checked block reads: to hold the whole array in memory, in pieces."""
+        return self._cache().read_array(path, start, stop)
+
+    def _read_block(self, path: str, block: int) -> np.ndarray:
+        """Block ``block`` of array ``path``, read whole and checked (never a fill value)."""
+        return self._cache().load_block(path, block)
+
     def _block(self, path: str, block: int) -> np.ndarray:
-        """Rows of one write block of one array, read whole and checked (never a fill value), kept
-        in a small per-process LRU."""
+        """Block ``block`` of array ``path``, read once and kept while it fits the block cache."""
         key = (path, block)
         if key in self._chunks:
             self._chunks.move_to_end(key)
             return self._chunks[key]
-        data = self._cache().load_block(path, block)
+        return self._keep(key, self._read_block(path, block))
+
+    def _keep(self, key: tuple[str, int], data: np.ndarray) -> np.ndarray:
         self._chunks[key] = data
         self._chunk_bytes += data.nbytes
         while self._chunk_bytes > self._chunk_cache_bytes and len(self._chunks) > 1:
@@ -295,38 +241,71 @@ class CachedTeacherDataset(Dataset):
             self._chunk_bytes -= old.nbytes
         return data
 
+    def _placed(self, path: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(positions in array path, their blocks, each block's first position)`` of rows
+        ``idx``: the rows themselves, or a packed array's stored tokens of those rows."""
+        if self.arrays[path].per_token:
+            flat = token_indices(idx, self.spans, self.token_start)
+            starts = self.token_blocks[:, 0]
+            return flat, np.searchsorted(starts, flat, side="right") - 1, starts
+        return idx, idx // self.block_rows, np.arange(0, self.rows, self.block_rows)
+
+    def read_ahead(self, rows: np.ndarray) -> None:
+        """Start reading, in the background, the blocks that samples ``rows`` (the next shuffle
+        window) need and the block cache lacks: the disk works while the current window trains.
+        The sampler of :meth:`batch_sampler` calls it where batches are read in this process."""
+        if self.resident is not None or self._chunk_cache_bytes < 2 * len(rows) * self._row_bytes:
+            return  # nothing to read, or no room to hold the window beside the current one
+        idx = self.cache_rows(np.asarray(rows, dtype=np.int64))
+        self._cache()  # opened here, not by the reading threads
+        for path in self.arrays:
+            for b in np.unique(self._placed(path, idx)[1]).tolist():
+                if (path, b) not in self._chunks and (path, b) not in self._ahead:
+                    self._ahead[(path, b)] = io_pool().submit(self._read_block, path, b)
+
+    def _prefetch(self, path: str, blocks: np.ndarray) -> None:
+        """Read the blocks of ``path`` a batch needs and the cache lacks, in parallel: the first
+        batch of a shuffle window needs most of the window's blocks, and one read at a time
+        leaves the disk idle between requests."""
+        for b in blocks.tolist():
+            if (path, b) in self._ahead:  # read ahead of time
+                self._keep((path, b), self._ahead.pop((path, b)).result())
+        missing = [int(b) for b in blocks if (path, int(b)) not in self._chunks]
+        if len(missing) < 2:
+            return
+        self._cache()  # opened here, not by the reading threads
+        reads = [io_pool().submit(self._read_block, path, b) for b in missing]
+        for b, read in zip(missing, reads):
+            self._keep((path, b), read.result())
+
     def _rows(self, path: str, idx: np.ndarray) -> np.ndarray:
         """Stored rows ``idx`` of a row array; of a packed per-token array, the stored tokens of
         rows ``idx``, one row after the other."""
         spec = self.arrays[path]
-        if spec.per_token:
-            counts = self.spans[idx, 1].astype(np.int64)
-            starts = self.token_start[idx]
-            idx = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-            block_ids = np.searchsorted(self.token_blocks[:, 0], idx, side="right") - 1
-            offsets = self.token_blocks[:, 0]
-        else:
-            block_ids = idx // self.block_rows
-            offsets = np.arange(0, self.rows, self.block_rows)
-        if self._arrays is not None:
-            return self._arrays[path][idx]
-        out = np.empty((len(idx), *spec.shape), spec.dtype)
-        for b in np.unique(block_ids):
-            mask = block_ids == b
-            out[mask] = self._block(path, int(b))[idx[mask] - offsets[b]]
+        positions, block_ids, offsets = self._placed(path, idx)
+        out = np.empty((len(positions), *spec.shape), spec.dtype)
+        # positions grouped by block once (a shuffled batch touches most blocks of its window, a
+        # few rows each): one slice of the order per block instead of a mask over the batch
+        order = np.argsort(block_ids, kind="stable")
+        grouped = block_ids[order]
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(grouped) else np.zeros(0, int)
+        blocks = grouped[starts]
+        self._prefetch(path, blocks)
+        for b, lo, hi in zip(blocks.tolist(), starts.tolist(), [*starts[1:].tolist(), len(positions)]):
+            take = order[lo:hi]
+            out[take] = self._block(path, b)[positions[take] - offsets[b]]
         return out
 
-    def _teacher_rows(self, name: str, idx: np.ndarray, targets: torch.Tensor | None) -> Any:
-        """Decoded teacher rows of output ``name``; a packed output's tokens placed at the batch's
-        positions that have a target (``targets``, (B, L))."""
+    def _teacher_rows(self, name: str, idx: np.ndarray) -> Any:
         spec = self.outputs[name]
-        stored = {key: self._rows(a.path, idx) for key, a in spec.arrays.items()}
-        if self.packed is not None and name in self.packed.outputs:
-            assert targets is not None
-            stored = {key: scatter_tokens(rows, targets) for key, rows in stored.items()}
-        return spec.codec.decode(stored, self.dtype)
+        return spec.codec.decode({key: self._rows(a.path, idx) for key, a in spec.arrays.items()}, self.dtype)
 
-    def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
+    def _per_token(self, name: str) -> bool:
+        return self.packed is not None and name in self.packed.outputs
+
+    def _inputs(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor, TeacherRows]:
+        """A batch's inputs and labels, checked against the digests recorded at dump time, and
+        its cache rows (with the sequence mask): everything but the targets."""
         samples = np.asarray(indices, dtype=np.int64)
         if samples.size and (samples.min() < 0 or samples.max() >= len(self)):
             raise IndexError(f"row index out of range for a cache of {len(self)} rows")
@@ -342,24 +321,68 @@ class CachedTeacherDataset(Dataset):
                                        f"({bad.size} of {idx.size} rows in this batch differ): {_VIEW_MISMATCH}")
                 raise KdcacheError(f"dataset row {int(idx[bad[0]])} is not the input the teacher saw at dump time "
                                    f"({bad.size} of {idx.size} rows in this batch differ): the dataset was edited, "
-                                   f"reordered or transformed; use the dumped dataset, or pass {option('allow_input_mismatch', True)} "
-                                   "if the difference is deliberate")
+                                   f"reordered or transformed; use the dumped dataset, or pass "
+                                   f"{option('allow_input_mismatch', True)} if the difference is deliberate")
             if self._checked is not None:
                 self._checked[idx] = True
         if self.packed is not None:  # the real positions that have a target (all of a dump's)
             mask = target_mask(mask, torch.from_numpy(self.spans[idx]))
-        teacher = TeacherTargets(logits=self._teacher_rows("logits", idx, mask),
-                                 hidden={h: self._teacher_rows(h, idx, mask) for h in self.hidden},
-                                 mask=mask)  # sequences: True where a position counts, False for padding
-        return TeacherBatch(inputs, labels, teacher)
+        # sequences: True where a position counts, False for padding
+        return inputs, labels, TeacherRows(torch.from_numpy(idx), mask)
+
+    def gather(self, rows: TeacherRows) -> TeacherTargets:
+        """The targets of a batch's cache ``rows``: gathered from the arrays held in memory (on
+        their device), else read from the store's chunks."""
+        idx = rows.rows.numpy()
+
+        def output(name: str) -> Any:
+            per_token = self._per_token(name)
+            if self.resident is not None:
+                at = torch.from_numpy(token_indices(idx, self.spans, self.token_start)) if per_token else rows.rows
+                got = self.resident.gather(name, at, self.dtype)
+            else:
+                got = self._teacher_rows(name, idx)
+            # a packed output's tokens go back to the batch's positions that have a target
+            return place_tokens(got, rows.mask.to(self.device)) if per_token else got
+
+        mask = rows.mask.to(self.device, non_blocking=True) if rows.mask is not None else None
+        return TeacherTargets(logits=output("logits"), hidden={h: output(h) for h in self.hidden}, mask=mask)
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches' targets are: the held arrays' device, else the host."""
+        return self.resident.device if self.resident is not None else torch.device("cpu")
+
+    def precompute(self, temperature: float) -> "CachedTeacherDataset":
+        """Hold the teacher side of the dense KD term at ``temperature`` instead of the logits:
+        batches then carry :class:`~kdcache.targets.SoftTargets` (the teacher's probabilities
+        and ``sum p log p`` per row), which ``KLDivLoss(temperature)`` takes in place of the
+        logits and no longer recomputes every step. Computed once, in place (memory: 4 bytes
+        more per row, per position for sequences). Needs the arrays held in memory."""
+        if self.resident is None:
+            raise KdcacheError(f"cache {self.path} is read from disk: precomputing the teacher's probabilities "
+                               "needs it in memory (in_memory=True, or a larger memory_budget)")
+        self.resident.precompute(float(temperature), self.meta.vocab.real)
+        return self
+
+    def input_rows(self) -> "InputRows":
+        """This dataset without its targets, for DataLoader workers: batches carry
+        :class:`TeacherRows`, which :meth:`gather` turns into targets in the training process."""
+        return InputRows(self)
+
+    def __getitems__(self, indices: Sequence[int]) -> TeacherBatch:
+        inputs, labels, rows = self._inputs(indices)
+        return TeacherBatch(inputs, labels, self.gather(rows))
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:
         return self.__getitems__([i])[0]
 
-    def batch_sampler(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                      drop_last: bool = False, rank: int = 0, world: int = 1) -> ChunkShuffleBatchSampler:
+    def batch_sampler(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                      rank: int = 0, world: int = 1, read_ahead: bool = False) -> ChunkShuffleBatchSampler:
         """A shuffling batch sampler that suits how this dataset reads (memory or chunks); ``rank``
-        of ``world`` takes its DDP share of the batches."""
+        of ``world`` takes its DDP share of the batches. ``read_ahead``: this process reads the
+        batches (no DataLoader workers), so the sampler has it read each next window's chunks
+        while the current window's batches train."""
         on_epoch = self.set_epoch if self.views > 1 else None
         if self.in_memory:
             return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
@@ -367,18 +390,37 @@ class CachedTeacherDataset(Dataset):
         unit = max(1, self.block_rows // self.views)  # samples whose rows share a block
         return ChunkShuffleBatchSampler(len(self), batch_size, shuffle=shuffle, seed=seed, unit_rows=unit,
                                         window_units=max(1, self.window_rows // self.block_rows), drop_last=drop_last,
-                                        on_epoch=on_epoch, rank=rank, world=world)
+                                        on_epoch=on_epoch, rank=rank, world=world,
+                                        on_window=self.read_ahead if read_ahead else None)
 
     def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
-               drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> DataLoader:
+               drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> "DataLoader | GatheringLoader":
         """A DataLoader yielding ``(inputs, labels, teacher)`` batches; call ``set_epoch`` on its
-        ``batch_sampler`` each epoch."""
-        return DataLoader(self, batch_sampler=self.batch_sampler(batch_size, shuffle=shuffle, seed=seed,
-                                                                 drop_last=drop_last),
-                          collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
-                          worker_init_fn=_limit_zarr_threads if num_workers else None,
-                          persistent_workers=num_workers > 0 and self.views == 1,
-                          multiprocessing_context=self.worker_context if num_workers else None, **kwargs)
+        ``batch_sampler`` each epoch. With the targets held in memory, its workers send only
+        inputs and the targets are gathered in this process (on their device)."""
+        data: Dataset = self.input_rows() if self.resident is not None else self
+        loader = DataLoader(data, batch_sampler=self.batch_sampler(batch_size, shuffle=shuffle, seed=seed,
+                                                                   drop_last=drop_last, read_ahead=num_workers == 0),
+                            collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                            worker_init_fn=_limit_zarr_threads if num_workers else None,
+                            persistent_workers=num_workers > 0 and self.views == 1,
+                            multiprocessing_context=self.worker_context if num_workers else None, **kwargs)
+        return GatheringLoader(loader, self) if self.resident is not None else loader
+
+
+def _holding_device(device: str | torch.device, budget: float | None, need: int, in_memory: str) -> torch.device:
+    """Where arrays held in memory live: a CUDA ``device`` when asked (and, with a ``budget``,
+    when ``need`` bytes fit that share of its free memory), else the host."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise KdcacheError(f"cache device {device} is not a visible CUDA device; use cpu")
+    if budget is not None:
+        return dev if in_memory != "no" and fits_device(need, dev, budget) else torch.device("cpu")
+    if in_memory == "no":
+        raise KdcacheError(f"holding the cache on {device} puts it in memory: leave in_memory at auto or yes")
+    return dev
 
 
 def _in_memory(value: bool | str) -> str:

@@ -20,7 +20,7 @@ from .codecs import Codec, SampledCodec
 from .errors import KdcacheError, option
 from .format import CacheMeta
 from .losses import HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
-from .targets import SampledTargets, TopKTargets
+from .targets import SampledTargets, SoftTargets, TopKTargets
 
 __all__ = ["KDTerm", "OBJECTIVES", "check_student_logits", "labelled_cross_entropy"]
 
@@ -68,6 +68,8 @@ class KDTerm:
             student_logits = student_logits[..., :self.vocab]
         if isinstance(teacher, (TopKTargets, SampledTargets)):  # its fields are the loss's arguments
             return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
+        if isinstance(teacher, SoftTargets):  # precomputed over the real vocabulary
+            return self.loss(student_logits, teacher, mask)
         return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .targets import SoftTargets, teacher_side
+
 __all__ = ["KLDivLoss", "SoftTargetCrossEntropy", "TopKKLDivLoss", "SampledKLDivLoss", "HiddenStateLoss",
            "AttentionTransferLoss"]
 
@@ -57,19 +59,37 @@ def _weights(shape: torch.Size, mask: torch.Tensor | None, reduction: str) -> tu
 class _SoftTargetKL(torch.autograd.Function):
     """``T^2 * sum_c p_t (log p_t - log p_s)`` (or without ``log p_t``: soft-target CE) with
     its closed-form gradient ``T (p_s - p_t)``: one graph node instead of a dozen, which is
-    most of the KD term's cost when the student is small."""
+    most of the KD term's cost when the student is small.
+
+    The teacher is its logits (its side computed here, every step) or :class:`SoftTargets`
+    (computed once, ahead of training): then a step costs the student's log-softmax and one
+    product with ``p_t``."""
 
     @staticmethod
-    def forward(ctx: Any, student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float,
+    def forward(ctx: Any, student_logits: torch.Tensor, teacher: torch.Tensor | SoftTargets, t: float,
                 weights: torch.Tensor | None, scale: float, reduce: bool, entropy: bool) -> torch.Tensor:
         inv_t = 1.0 / t  # half-precision logits are computed in float32, float64 stays float64
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
         log_ps = torch.log_softmax(student_logits.to(dtype) * inv_t, dim=-1)
-        log_pt = torch.log_softmax(teacher_logits.to(dtype) * inv_t, dim=-1)
-        p_t = log_pt.exp()
-        per_item = (p_t * (log_pt - log_ps) if entropy else p_t * log_ps.neg()).sum(-1)
+        if isinstance(teacher, SoftTargets):
+            p_t = teacher.probs.to(dtype)
+            neg_entropy = teacher.neg_entropy.to(dtype) if entropy else None
+            if reduce and weights is None:  # one dot product over the whole batch
+                total = -torch.dot(p_t.reshape(-1), log_ps.reshape(-1))
+                per_item = None
+                if neg_entropy is not None:
+                    total = total + neg_entropy.sum()
+            else:
+                per_item = -(p_t * log_ps).sum(-1)
+                if neg_entropy is not None:
+                    per_item = per_item + neg_entropy
+        else:
+            log_pt, p_t = teacher_side(teacher, t, dtype)
+            per_item = (p_t * (log_pt - log_ps) if entropy else p_t * log_ps.neg()).sum(-1)
         ctx.save_for_backward(log_ps, p_t, weights)
         ctx.t, ctx.scale, ctx.reduce, ctx.dtype = t, scale, reduce, student_logits.dtype
+        if per_item is None:
+            return total * (scale * t * t)
         if not reduce:
             return per_item * (t * t)
         if weights is not None:
@@ -88,15 +108,21 @@ class _SoftTargetKL(torch.autograd.Function):
         return ((log_ps.exp() - p_t) * g).to(ctx.dtype), None, None, None, None, None, None
 
 
-def _soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float,
+def _soft_target_loss(student_logits: torch.Tensor, teacher: torch.Tensor | SoftTargets, t: float,
                       mask: torch.Tensor | None, reduction: str, entropy: bool) -> torch.Tensor:
-    _check_logits(student_logits, teacher_logits)
-    teacher_logits = teacher_logits.detach()  # a constant target
+    if isinstance(teacher, SoftTargets):
+        if teacher.temperature != t:
+            raise ValueError(f"the teacher's probabilities were computed at temperature {teacher.temperature:g}, "
+                             f"this loss is at {t:g}")
+        _check_logits(student_logits, teacher.probs)
+    else:
+        _check_logits(student_logits, teacher)
+        teacher = teacher.detach()  # a constant target
     if reduction == "none":
-        per_item = _SoftTargetKL.apply(student_logits, teacher_logits, t, None, 1.0, False, entropy)
+        per_item = _SoftTargetKL.apply(student_logits, teacher, t, None, 1.0, False, entropy)
         return _reduce(per_item, mask, "none")
     weights, scale = _weights(student_logits.shape[:-1], mask, reduction)
-    return _SoftTargetKL.apply(student_logits, teacher_logits, t, weights, scale, True, entropy)
+    return _SoftTargetKL.apply(student_logits, teacher, t, weights, scale, True, entropy)
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -118,14 +144,17 @@ class KLDivLoss(nn.Module):
 
     Shapes: ``student_logits`` and ``teacher_logits`` ``(B, C)`` or ``(B, L, C)``, any float dtype
     (computed in float32); ``mask`` ``(B,)`` or ``(B, L)``, 1 for rows/tokens that count.
-    The teacher's logits are a constant target: no gradient flows into them.
+    The teacher's logits are a constant target: no gradient flows into them. In their place the
+    loss takes :class:`~kdcache.targets.SoftTargets` computed at the same temperature (the
+    teacher's side precomputed once, e.g. by ``CachedTeacherDataset.precompute``): same value
+    and gradient within the precision ``probs`` are held in.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
         super().__init__()
         self.temperature, self.reduction = _check_temperature(temperature), reduction
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | SoftTargets,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         return _soft_target_loss(student_logits, teacher_logits, self.temperature, mask, self.reduction, entropy=True)
 
@@ -142,7 +171,7 @@ class SoftTargetCrossEntropy(nn.Module):
         super().__init__()
         self.temperature, self.reduction = _check_temperature(temperature), reduction
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | SoftTargets,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         return _soft_target_loss(student_logits, teacher_logits, self.temperature, mask, self.reduction, entropy=False)
 

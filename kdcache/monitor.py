@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .dataset import CachedTeacherDataset, collate
 from .errors import KdcacheError, option
 from .items import autocast, call_model, move_inputs, select_output
-from .targets import LogitTargets, SampledTargets, TeacherTargets, TopKTargets
+from .targets import LogitTargets, SampledTargets, SoftTargets, TeacherTargets, TopKTargets
 
 __all__ = ["TeacherFit", "OverfitToCacheWarning", "growing_gap", "teacher_fit", "top1"]
 
@@ -33,11 +33,13 @@ SAMPLE_ROWS = 2048  # rows measured per side and epoch: enough for a stable mean
 def top1(logits: LogitTargets, classes: int | None = None) -> torch.Tensor:
     """The most likely class per position, int64 (B, *P): the argmax of dense logits (over the
     first ``classes``, the real vocabulary), a top-k row's first kept id (kept in descending
-    order), or a sampled row's most drawn id (an estimate)."""
+    order), a sampled row's most drawn id (an estimate), or precomputed probabilities' argmax."""
     if isinstance(logits, TopKTargets):
         return logits.indices[..., 0]
     if isinstance(logits, SampledTargets):
         return logits.ids.gather(-1, logits.counts.argmax(-1, keepdim=True)).squeeze(-1)
+    if isinstance(logits, SoftTargets):  # precomputed probabilities: the same argmax as the logits
+        return logits.probs.argmax(-1)
     return (logits[..., :classes] if classes is not None else logits).argmax(-1)
 
 

@@ -22,8 +22,10 @@ import torch
 
 from .errors import KdcacheError
 from .items import fetch_batch, input_mask
+from .targets import map_tensors
 
-__all__ = ["token_counts", "place_blocks", "row_token_starts", "target_mask", "scatter_tokens", "TARGET_CHUNK_BYTES"]
+__all__ = ["token_counts", "place_blocks", "row_token_starts", "target_mask", "token_indices", "place_tokens",
+           "TARGET_CHUNK_BYTES"]
 
 TARGET_CHUNK_BYTES = 2 << 20
 SLACK_FRACTION = 64  # a block's alignment slack is below 1/64 of its tokens (on average 1/128)
@@ -77,13 +79,22 @@ def target_mask(mask: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
     return mask & (rank >= first) & (rank < first + count)
 
 
-def scatter_tokens(flat: np.ndarray, where: torch.Tensor) -> np.ndarray:
-    """Stored tokens (N, ...) placed at the True positions of ``where`` (B, L), row by row in
-    order: (B, L, ...) with zeros elsewhere."""
-    mask = where.numpy()
-    if int(mask.sum()) != len(flat):
-        raise KdcacheError(f"the batch has {int(mask.sum())} positions with targets but the cache holds {len(flat)} "
-                           "tokens for its rows: the dataset's attention masks changed since the dump")
-    out = np.zeros((*mask.shape, *flat.shape[1:]), flat.dtype)
-    out[mask] = flat
-    return out
+def token_indices(rows: np.ndarray, spans: np.ndarray, token_start: np.ndarray) -> np.ndarray:
+    """Positions on the token axis of rows ``rows``' stored tokens, one row after the other."""
+    counts = spans[rows, 1].astype(np.int64)
+    return np.repeat(token_start[rows] - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+
+
+def place_tokens(targets: Any, where: torch.Tensor) -> Any:
+    """Decoded stored tokens (every tensor (N, ...)) placed at the True positions of ``where``
+    (B, L), row by row in order: (B, L, ...) tensors with zeros elsewhere, on ``where``'s device."""
+    count = int(where.sum())
+
+    def place(flat: torch.Tensor) -> torch.Tensor:
+        if len(flat) != count:
+            raise KdcacheError(f"the batch has {count} positions with targets but the cache holds {len(flat)} tokens "
+                               "for its rows: the dataset's attention masks changed since the dump")
+        out = torch.zeros((*where.shape, *flat.shape[1:]), dtype=flat.dtype, device=where.device)
+        out[where] = flat.to(where.device)
+        return out
+    return map_tensors(targets, place)

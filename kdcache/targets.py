@@ -4,16 +4,21 @@ A codec's ``decode`` gives a tensor of logits (dense), :class:`TopKTargets` or
 :class:`SampledTargets`; their fields are the keyword arguments of ``TopKKLDivLoss`` and
 ``SampledKLDivLoss``. A batch's decoded outputs travel together as :class:`TeacherTargets`,
 shared by :mod:`kdcache.dataset` (which builds them) and :mod:`kdcache.train` (which uses them).
+
+:class:`SoftTargets` is the teacher side of the dense KD term computed ahead of training: a cache
+knows the teacher's logits before the first step, so their softmax at the run's temperature and
+the per-row ``sum p log p`` are computed once (:func:`teacher_side`) instead of on every step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Union
 
 import torch
 
-__all__ = ["TopKTargets", "SampledTargets", "TeacherTargets", "LogitTargets", "map_tensors"]
+__all__ = ["TopKTargets", "SampledTargets", "SoftTargets", "TeacherTargets", "LogitTargets", "map_tensors",
+           "teacher_side"]
 
 
 class _Named:
@@ -56,19 +61,41 @@ class SampledTargets(_Named):
     counts: torch.Tensor
 
 
-LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets]
+@dataclass(frozen=True)
+class SoftTargets(_Named):
+    """A dense cache's rows with the teacher side of the KD term precomputed at ``temperature``:
+    ``probs`` (B, *P, C) = softmax(logits / T) (float16, or float32 for a float32 cache) and
+    ``neg_entropy`` float32 (B, *P) = sum_c p log p, computed in float32 from the logits.
+    ``KLDivLoss(T)`` and ``SoftTargetCrossEntropy(T)`` take it in place of the teacher's logits."""
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    temperature: float
 
 
-def map_tensors(value: Any, fn: Any) -> Any:
-    """``fn`` applied to every tensor of a tensor, dict, tuple or targets structure."""
-    if isinstance(value, torch.Tensor):
+def teacher_side(logits: torch.Tensor, temperature: float, dtype: torch.dtype = torch.float32,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p, p)`` of ``p = softmax(logits / temperature)`` over the last axis, computed in
+    ``dtype`` (both shaped like ``logits``): the KD term's teacher side. ``SoftTargets`` holds
+    ``p`` and ``(p * log p).sum(-1)``."""
+    log_p = torch.log_softmax(logits.to(dtype) * (1.0 / temperature), dim=-1)
+    return log_p, log_p.exp()
+
+
+LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets, SoftTargets]
+
+
+def map_tensors(value: Any, fn: Any, leaf: type = torch.Tensor) -> Any:
+    """``fn`` applied to every tensor (every ``leaf``) of a tensor, dict, tuple or dataclass
+    (targets) structure; other values are kept."""
+    if isinstance(value, leaf):
         return fn(value)
-    if isinstance(value, (TopKTargets, SampledTargets, TeacherTargets)):
-        return type(value)(**{f.name: map_tensors(getattr(value, f.name), fn) for f in fields(value)})
+    if is_dataclass(value) and not isinstance(value, type):
+        return type(value)(**{f.name: map_tensors(getattr(value, f.name), fn, leaf) for f in fields(value)})
     if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
+        return {k: map_tensors(v, fn, leaf) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn, leaf) for v in value)
     return value
 
 

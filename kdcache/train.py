@@ -31,6 +31,7 @@ from .items import as_rows, autocast, call_model, fetch_batch, move_inputs, reso
 from .kdterm import KDTerm, check_student_logits, labelled_cross_entropy
 from .losses import AttentionTransferLoss, HiddenStateLoss
 from .monitor import OverfitToCacheWarning, teacher_fit
+from .resident import DEVICE_BUDGET, GatheringLoader
 from .store import TeacherCache
 from .targets import TeacherTargets
 
@@ -103,18 +104,21 @@ def _build_hint_loss(hint: Hint, student_out: torch.Tensor, teacher_out: torch.T
 
 
 class _Teacher:
-    """Where teacher outputs come from: the batch (cache), a live module (online) or nowhere (plain)."""
+    """Where teacher outputs come from: the batch (cache; gathered from the arrays ``held`` in
+    memory, maybe on the device already), a live module (online) or nowhere (plain)."""
 
     def __init__(self, module: nn.Module | None, hidden: Sequence[str], device: torch.device, amp: str,
-                 mask_key: str) -> None:
+                 mask_key: str, held: CachedTeacherDataset | None = None) -> None:
         self.module = module.to(device).eval() if module is not None else None
         self.capture = HiddenCapture(self.module, hidden) if self.module is not None else None
-        self.device, self.amp, self.mask_key = device, amp, mask_key
+        self.device, self.amp, self.mask_key, self.held = device, amp, mask_key, held
         if self.capture is not None:
             self.capture.__enter__()
 
     def outputs(self, inputs: Any, cached: TeacherTargets | None) -> TeacherTargets | None:
         if self.module is None:
+            if self.held is not None and self.held.resident is not None and self.held.resident.device == self.device:
+                return cached  # gathered where the step runs
             # rows arrive in their stored width (half the bytes to move); the losses widen them
             # to float32 inside their own first op on the device
             return cached.to(self.device, non_blocking=True) if cached is not None else None
@@ -200,25 +204,35 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
     student = student.to(dev)
     check_module_names(student, [h.student for h in cfg.hints], role="student")
     teacher_hidden = [h.teacher for h in cfg.hints]
+    held: CachedTeacherDataset | None = None
     if cache is not None:
         data: Dataset = CachedTeacherDataset(dataset, cache, hidden=teacher_hidden,
                                              in_memory=cfg.in_memory,
-                                             check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view)
-        sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world)
+                                             check_inputs=not cfg.allow_input_mismatch, dtype=None, view=cfg.view,
+                                             **_cache_device(cfg.cache_device, dev))
+        sampler = data.batch_sampler(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world=world,
+                                     read_ahead=cfg.num_workers == 0)
+        held = data if data.resident is not None else None
     else:
         if teacher is not None:
             check_module_names(teacher, teacher_hidden)
         data = _LabelledRows(as_rows(dataset))
         sampler = ChunkShuffleBatchSampler(len(data), cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
                                            world=world)
-    source = _Teacher(teacher, teacher_hidden, dev, amp, cfg.mask_key)
+        held = None
+    source = _Teacher(teacher, teacher_hidden, dev, amp, cfg.mask_key, held)
     kd_loss = (KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature)
                if isinstance(data, CachedTeacherDataset) else KDTerm(None, None, cfg.temperature))
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=dev.type == "cuda",
-                        # workers must restart to see a new epoch's augmentation view
-                        persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1,
-                        multiprocessing_context=getattr(data, "worker_context", None) if cfg.num_workers else None)
+    if held is not None and cfg.precompute and kd_loss.kind == "dense":
+        held.precompute(kd_loss.temperature)
+    # targets held in memory are gathered in this process: workers send only inputs
+    loader: Any = DataLoader(held.input_rows() if held is not None else data, batch_sampler=sampler,
+                             collate_fn=collate, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda",
+                             # workers must restart to see a new epoch's augmentation view
+                             persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1,
+                             multiprocessing_context=getattr(data, "worker_context", None) if cfg.num_workers else None)
+    if held is not None:
+        loader = GatheringLoader(loader, held)
     out_dir = Path(out) if out is not None and rank == 0 else None
     progress = progress and rank == 0
     fit = (teacher_fit(data, eval_dataset, eval_cache, source.outputs, kd_loss, live_teacher=teacher is not None,
@@ -271,6 +285,14 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
             bar.close()
             source.close()
     return result
+
+
+def _cache_device(choice: str, dev: torch.device) -> dict[str, Any]:
+    """``CachedTeacherDataset``'s ``device``/``device_budget`` for ``--cache-device``: ``auto``
+    holds the targets on the training GPU when they fit a share of its free memory."""
+    if choice == "auto":
+        return {"device": dev, "device_budget": DEVICE_BUDGET} if dev.type == "cuda" else {"device": "cpu"}
+    return {"device": choice}
 
 
 def _probe(student: nn.Module, data: Dataset, source: _Teacher, capture: HiddenCapture, cfg: TrainConfig,

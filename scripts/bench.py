@@ -1,12 +1,16 @@
 """Cached KD vs plain training vs online KD, and dump vs inference: the cost of distillation.
 
 Same student, data, batch size and steps for every mode; modes run back to back in each repeat;
-ratios are taken within a repeat, then the median over repeats.
-    python scripts/bench.py --quick     # CPU, small models, under 2 minutes
+ratios are taken within a repeat, then the median over repeats (every repeat's ratio is printed).
+Modes: plain (labels only), cached (KD from the cache, teacher softmax every step), cached
+(precomputed) (the teacher side held at T, kdcache's default), online, KD floor (online KD with
+a free teacher), and ModelOpt's online KD where importable. Each mode trains enough epochs that
+the measured ones (all but the first) take --min-seconds (10 s full, 1 s quick) in plain mode.
+    python scripts/bench.py --quick     # CPU, small models, a few minutes
     python scripts/bench.py             # full size, on the GPU when present
 Prints a table and writes bench.json (cached_over_plain, online_over_cached,
 ideal_online_over_cached, dump_over_infer, dump_over_infer_hidden, peak_mem_cached_over_plain,
-bytes_per_row, machine, and the same per model pair).
+bytes_per_row, machine, load, and the same per model pair with every repeat's ratios).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import platform
 import resource
 import statistics
@@ -165,23 +171,55 @@ class FreeTeacher(nn.Module):
         return self.row.expand(x.shape[0], -1)
 
 
+MODES = ("plain", "cached", "cached_pre", "online", "kd_floor")
+LABELS = {"plain": "plain", "cached": "cached KD", "cached_pre": "cached KD (precomputed)", "online": "online KD",
+          "kd_floor": "KD floor"}
+
+
+def mode_kwargs(mode: str, pair: dict[str, Any], cache: Any, teacher: nn.Module, dev: torch.device) -> dict[str, Any]:
+    return {"plain": {}, "cached": {"cache": cache, "precompute": False}, "cached_pre": {"cache": cache},
+            "online": {"teacher": teacher},
+            "kd_floor": {"teacher": FreeTeacher(pair.get("classes", 100)).to(dev)}}[mode]
+
+
 def epoch_seconds(mode: str, pair: dict[str, Any], ds: TensorDataset, cache: Any, teacher: nn.Module,
                   dev: torch.device, epochs: int = 2) -> float:
-    """Seconds of the last of ``epochs`` epochs of kdcache.train_student in ``mode``."""
+    """Mean seconds of epochs 2..``epochs`` of kdcache.train_student in ``mode`` (the first
+    warms up: lazy init, autotuning, page faults)."""
     torch.manual_seed(0)
     student = pair["student"]()
-    kwargs: dict[str, Any] = {"plain": {}, "cached": {"cache": cache}, "online": {"teacher": teacher},
-                              "kd_floor": {"teacher": FreeTeacher(pair.get("classes", 100)).to(dev)}}[mode]
     result = kdcache.train_student(student, ds, epochs=epochs, batch_size=pair["batch"], lr=1e-3, device=str(dev),
-                                   num_workers=WORKERS, progress=False, **kwargs)
-    return result.metrics[-1]["seconds"]
+                                   num_workers=WORKERS, progress=False, **mode_kwargs(mode, pair, cache, teacher, dev))
+    measured = result.metrics[1:] or result.metrics
+    return sum(m["seconds"] for m in measured) / len(measured)
+
+
+def epoch_cpu_seconds(mode: str, pair: dict[str, Any], ds: TensorDataset, cache: Any, teacher: nn.Module,
+                      epochs: int = 3) -> float:
+    """CPU seconds of one epoch on one torch thread (the main thread's time, loader workers 0):
+    ``(time of epochs+1 epochs - time of 1) / epochs``, so set-up cancels. Load on the machine
+    barely moves it, unlike wall time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spent = []
+        for n in (1, epochs + 1):
+            torch.manual_seed(0)
+            student = pair["student"]()
+            t0 = time.thread_time()
+            kdcache.train_student(student, ds, epochs=n, batch_size=pair["batch"], lr=1e-3, device="cpu",
+                                  progress=False, **mode_kwargs(mode, pair, cache, teacher, torch.device("cpu")))
+            spent.append(time.thread_time() - t0)
+        return (spent[1] - spent[0]) / epochs
+    finally:
+        torch.set_num_threads(threads)
 
 
 def modelopt_epoch_seconds(pair: dict[str, Any], ds: TensorDataset, teacher: nn.Module, dev: torch.device,
                            epochs: int = 2) -> float:
     """The peer row: online KD through NVIDIA ModelOpt's ``mtd.convert`` meta-model, set up as
     kdcache's online mode (T=4, KD weight 0.9, batchmean KL x T^2, AdamW 1e-3, the same batches,
-    bf16 autocast on CUDA). Seconds of the last epoch."""
+    bf16 autocast on CUDA). Mean seconds of epochs 2..``epochs``."""
     import modelopt.torch.distill as mtd
     torch.manual_seed(0)
     with warnings.catch_warnings():  # "weights do not sum to 1.0": the rest goes to the student loss, as here
@@ -197,7 +235,7 @@ def modelopt_epoch_seconds(pair: dict[str, Any], ds: TensorDataset, teacher: nn.
                                          num_workers=WORKERS, pin_memory=dev.type == "cuda")
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
     model.train()
-    seconds = 0.0
+    seconds = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         sync(dev)
@@ -211,8 +249,9 @@ def modelopt_epoch_seconds(pair: dict[str, Any], ds: TensorDataset, teacher: nn.
             loss.backward()
             optimizer.step()
         sync(dev)
-        seconds = time.perf_counter() - t0
-    return seconds
+        seconds.append(time.perf_counter() - t0)
+    measured = seconds[1:] or seconds  # the first epoch warms up, as in epoch_seconds
+    return sum(measured) / len(measured)
 
 
 def fetch_us(data: Any, rows: int, batch: int, between: Any) -> float:
@@ -279,7 +318,7 @@ def _mem_probe(mode: str, pair_name: str, quick: bool, cache: str, dev: torch.de
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    epoch_seconds(mode, pair, ds, cache if mode == "cached" else None, teacher, dev, epochs=1)
+    epoch_seconds(mode, pair, ds, cache if mode.startswith("cached") else None, teacher, dev, epochs=1)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return json.dumps({"peak": peak})
 
@@ -290,11 +329,12 @@ def dataset(pair: dict[str, Any]) -> TensorDataset:
                          torch.randint(0, 100, (pair["rows"],), generator=g))
 
 
-def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, repeats: int, tmp: Path) -> dict[str, Any]:
+def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, repeats: int, tmp: Path,
+               min_seconds: float) -> dict[str, Any]:
     ds = dataset(pair)
     torch.manual_seed(0)
     teacher = pair["teacher"]().to(dev).eval()
-    quiet = {"progress": False, "log": lambda m: None, "device": dev, "batch_size": pair["batch"], "num_workers": WORKERS}
+    quiet = {"progress": False, "log": lambda m: None, "device": str(dev), "batch_size": pair["batch"], "num_workers": WORKERS}
     # 2. dump vs inference, interleaved
     infer, dump, dump_h = [], [], []
     caches: dict[str, Any] = {}
@@ -306,31 +346,40 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
         caches["hidden"] = kdcache.dump_teacher(teacher, ds, tmp / f"{name}-hidden", hidden=pair["hidden"],
                                                 overwrite=True, **quiet)
         dump_h.append(caches["hidden"].meta.dump.seconds)
-    # 1. epochs: plain / cached / online, interleaved; the teacher forward alone for the ideal
-    times: dict[str, list[float]] = {"plain": [], "cached": [], "online": [], "kd_floor": [], "teacher_fwd": []}
+    # 1. epochs: every mode, interleaved; the teacher forward alone for the ideal. Enough epochs that
+    # the measured ones take min_seconds in plain mode (the fastest)
+    first = epoch_seconds("plain", pair, ds, None, teacher, dev, epochs=2)  # the second epoch, warm
+    epochs = 1 + max(1, math.ceil(min_seconds / max(first, 1e-6)))
+    times: dict[str, list[float]] = {mode: [] for mode in (*MODES, "teacher_fwd")}
     if HAVE_MODELOPT:
         times["modelopt"] = []
     for r in range(repeats):
-        for mode in ("plain", "cached", "online", "kd_floor"):
-            times[mode].append(epoch_seconds(mode, pair, ds, caches["logits"], teacher, dev))
+        for mode in MODES:
+            times[mode].append(epoch_seconds(mode, pair, ds, caches["logits"], teacher, dev, epochs))
         if HAVE_MODELOPT:
-            times["modelopt"].append(modelopt_epoch_seconds(pair, ds, teacher, dev))
+            times["modelopt"].append(modelopt_epoch_seconds(pair, ds, teacher, dev, epochs))
         times["teacher_fwd"].append(infer_seconds(teacher, ds, pair["batch"], dev))
     med = {k: statistics.median(v) for k, v in times.items()}
     # ratios are taken within each repeat (the modes ran back to back), then the median: a shared
     # machine's slow drift moves both sides of a pair and cancels out
     paired = {
         "cached_over_plain": [c / p for c, p in zip(times["cached"], times["plain"])],
-        "online_over_cached": [o / c for o, c in zip(times["online"], times["cached"])],
-        "ideal_online_over_cached": [(c + f) / c for c, f in zip(times["cached"], times["teacher_fwd"])],
+        "cached_pre_over_plain": [c / p for c, p in zip(times["cached_pre"], times["plain"])],
+        "online_over_cached": [o / c for o, c in zip(times["online"], times["cached_pre"])],
+        "ideal_online_over_cached": [(c + f) / c for c, f in zip(times["cached_pre"], times["teacher_fwd"])],
         "kd_floor_over_plain": [k / p for k, p in zip(times["kd_floor"], times["plain"])],
         "cached_over_kd_floor": [c / k for c, k in zip(times["cached"], times["kd_floor"])],
+        "cached_pre_over_kd_floor": [c / k for c, k in zip(times["cached_pre"], times["kd_floor"])],
+        "cached_pre_over_cached": [c / k for c, k in zip(times["cached_pre"], times["cached"])],
         "dump_over_infer": [i / d for i, d in zip(infer, dump)],
         "dump_over_infer_hidden": [i / d for i, d in zip(infer, dump_h)],
     }
     if HAVE_MODELOPT:
-        paired["modelopt_over_cached"] = [m / c for m, c in zip(times["modelopt"], times["cached"])]
+        paired["modelopt_over_cached"] = [m / c for m, c in zip(times["modelopt"], times["cached_pre"])]
         paired["modelopt_over_online"] = [m / o for m, o in zip(times["modelopt"], times["online"])]
+    # the same epochs in CPU time on one thread: what load on a shared machine cannot move
+    cpu = {mode: epoch_cpu_seconds(mode, pair, ds, caches["logits"], teacher)
+           for mode in ("plain", "cached", "cached_pre", "kd_floor")} if dev.type == "cpu" else {}
     # the cache's own per-batch work in stage two, in CPU time: reading its rows vs the plain path's
     step = student_step(pair, ds, dev)
     fetch = {"plain": fetch_us(_LabelledRows(ds), len(ds), pair["batch"], step),
@@ -338,20 +387,22 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
                                 step)}
     steps = -(-len(ds) // pair["batch"])
     # 3. peak memory per mode; 4. bytes on disk per row
-    mem = {mode: peak_memory(mode, name, quick, caches["logits"].path, dev) for mode in ("plain", "cached", "online")}
+    mem = {mode: peak_memory(mode, name, quick, caches["logits"].path, dev) for mode in ("plain", "cached_pre", "online")}
     sizes = caches["hidden"].nbytes_on_disk()
     rows = caches["hidden"].rows
     return {
-        "rows": pair["rows"], "batch_size": pair["batch"],
+        "rows": pair["rows"], "batch_size": pair["batch"], "epochs": epochs,
         "epoch_s": med, "epoch_s_min": {k: min(v) for k, v in times.items()},
         **{key: statistics.median(values) for key, values in paired.items()},
+        "paired": paired, "epoch_s_all": times,
+        "cpu_epoch_s": cpu, "cpu_over_plain": {m: v / cpu["plain"] for m, v in cpu.items()} if cpu else {},
         "cached_over_plain_spread": [min(paired["cached_over_plain"]), max(paired["cached_over_plain"])],
         "cached_over_plain_best": min(times["cached"]) / min(times["plain"]),
         "fetch_us_per_batch": fetch,
         "cache_read_share_of_plain_step": (fetch["cached"] - fetch["plain"]) / (med["plain"] / steps * 1e6),
         "infer_s": statistics.median(infer), "dump_s": statistics.median(dump), "dump_hidden_s": statistics.median(dump_h),
         "dump_rows_per_s": pair["rows"] / statistics.median(dump),
-        "peak_mem_bytes": mem, "peak_mem_cached_over_plain": mem["cached"] / mem["plain"],
+        "peak_mem_bytes": mem, "peak_mem_cached_over_plain": mem["cached_pre"] / mem["plain"],
         "peak_mem_online_over_plain": mem["online"] / mem["plain"],
         "bytes_per_row": {path: size / rows for path, size in sizes.items()},
     }
@@ -395,7 +446,9 @@ def bench_dump_processes(quick: bool, dev: torch.device, tmp: Path) -> dict[str,
 
 
 def machine(dev: torch.device) -> str:
-    cpu = f"{platform.machine()} {torch.get_num_threads()} torch threads"
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = f"{platform.machine()} {os.cpu_count()} cores ({model}), {torch.get_num_threads()} torch threads"
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)}, {cpu}"
     return f"CPU only, {cpu}"
@@ -406,6 +459,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU, small models, under 2 minutes")
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="measured epochs per mode take at least this long in plain mode [10 full, 1 quick]")
     parser.add_argument("--pairs", default="cnn,mlp")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers for every training mode (default 0 quick, 4 full)")
@@ -427,29 +482,27 @@ def main() -> None:
     else:
         peer = "nvidia-modelopt not importable: no peer row"
     results: dict[str, Any] = {}
+    load_at_start = os.getloadavg()
+    print(f"{machine(dev)}; load average at start {load_at_start[0]:.2f} {load_at_start[1]:.2f} {load_at_start[2]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.pairs.split(","):
-            results[name] = bench_pair(name, pairs(args.quick)[name], args.quick, dev, repeats, Path(tmp))
+            results[name] = bench_pair(name, pairs(args.quick)[name], args.quick, dev, repeats, Path(tmp),
+                                       args.min_seconds if args.min_seconds is not None else (1.0 if args.quick else 10.0))
             r = results[name]
-            print(f"\n[{name}] {r['rows']} rows, batch {r['batch_size']}, {WORKERS} loader workers, median of {repeats}, "
-                  f"{machine(dev)}")
-            print(f"  epoch s: plain {r['epoch_s']['plain']:.3f}  cached KD {r['epoch_s']['cached']:.3f}  "
-                  f"online KD {r['epoch_s']['online']:.3f}  teacher fwd alone {r['epoch_s']['teacher_fwd']:.3f}")
-            lo, hi = r["cached_over_plain_spread"]
-            print(f"  cached_over_plain {r['cached_over_plain']:.3f} (repeats {lo:.3f}-{hi:.3f}; best epochs "
-                  f"{r['cached_over_plain_best']:.3f})  online_over_cached {r['online_over_cached']:.3f}  "
-                  f"(ideal {r['ideal_online_over_cached']:.3f}, reached {r['online_over_cached'] / r['ideal_online_over_cached']:.3f})")
-            if HAVE_MODELOPT:
-                print(f"  peer: ModelOpt mtd.convert online KD {r['epoch_s']['modelopt']:.3f} s: "
-                      f"modelopt / cached {r['modelopt_over_cached']:.3f}  modelopt / kdcache online "
-                      f"{r['modelopt_over_online']:.3f}")
+            print(f"\n[{name}] {r['rows']} rows, batch {r['batch_size']}, {WORKERS} loader workers, {r['epochs'] - 1} "
+                  f"measured epochs per mode, median of {repeats} repeats, {machine(dev)}")
+            print("  epoch s: " + "  ".join(f"{LABELS.get(k, k)} {r['epoch_s'][k]:.3f}" for k in (*MODES, "teacher_fwd")))
+            for key, values in r["paired"].items():
+                print(f"  {key:<28} {r[key]:.3f}  (repeats: {' '.join(f'{v:.3f}' for v in values)}; "
+                      f"spread {min(values):.3f}-{max(values):.3f})")
+            print(f"  online_over_cached reached {r['online_over_cached'] / r['ideal_online_over_cached']:.3f} of its ideal")
+            if r["cpu_over_plain"]:
+                print("  epoch CPU time, 1 torch thread (ms): " + "  ".join(
+                    f"{LABELS[k]} {1e3 * v:.1f} ({r['cpu_over_plain'][k]:.3f} x plain)" for k, v in r["cpu_epoch_s"].items()))
             f = r["fetch_us_per_batch"]
             print(f"  reading a batch (CPU time): plain {f['plain']:.0f} us, cached {f['cached']:.0f} us: the cache adds "
                   f"{100 * r['cache_read_share_of_plain_step']:.2f}% of a plain step")
-            print(f"  KD floor (online KD, free teacher) / plain {r['kd_floor_over_plain']:.3f}  cached / KD floor "
-                  f"{r['cached_over_kd_floor']:.3f}")
-            print(f"  dump_over_infer {r['dump_over_infer']:.3f} (logits)  {r['dump_over_infer_hidden']:.3f} (+2 hidden)  "
-                  f"dump {r['dump_rows_per_s']:,.0f} rows/s")
+            print(f"  dump {r['dump_rows_per_s']:,.0f} rows/s")
             print(f"  peak mem cached/plain {r['peak_mem_cached_over_plain']:.3f}  online/plain {r['peak_mem_online_over_plain']:.3f}")
             print("  bytes/row: " + ", ".join(f"{k} {v:,.0f}" for k, v in r["bytes_per_row"].items()))
         procs = None
@@ -462,11 +515,13 @@ def main() -> None:
     summary = {key: main_pair[key] for key in ("cached_over_plain", "online_over_cached", "ideal_online_over_cached",
                                                "dump_over_infer", "dump_over_infer_hidden",
                                                "peak_mem_cached_over_plain", "bytes_per_row")}
-    summary.update({"machine": machine(dev), "mode": "quick" if args.quick else "full", "repeats": repeats,
+    summary.update({"machine": machine(dev), "load_before_after": [load_at_start, os.getloadavg()],
+                    "mode": "quick" if args.quick else "full", "repeats": repeats,
                     "loader_workers": WORKERS,
                     "peer": peer, "pairs": results, "dump_processes": procs})
     Path("bench.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{peer}\nwrote bench.json")
+    end = os.getloadavg()
+    print(f"\n{peer}\nload average at the end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}\nwrote bench.json")
 
 
 if __name__ == "__main__":

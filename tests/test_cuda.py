@@ -37,3 +37,28 @@ def test_cuda_training_from_cache(tmp_path, models):
     data = CachedTeacherDataset(ds, cache)
     inputs, labels, teacher = next(iter(data.loader(64, pin_memory=True)))
     assert teacher["logits"].is_pinned()
+
+
+def test_cuda_resident_targets_are_gathered_on_the_device(tmp_path, models):
+    ds = models.dataset(1000)
+    cache = kdcache.dump_teacher(models.teacher(), ds, tmp_path / "c", hidden=["body"], device="cpu", progress=False)
+    data = CachedTeacherDataset(ds, cache, dtype=None, device="cuda")
+    assert data.resident.arrays["logits"].is_cuda
+    host = CachedTeacherDataset(ds, cache, dtype=None)
+    for (x, _, on_gpu), (_, _, on_host) in zip(data.loader(64, shuffle=False, num_workers=2),
+                                               host.loader(64, shuffle=False)):
+        assert on_gpu.logits.is_cuda and on_gpu.hidden["body"].is_cuda
+        assert torch.equal(on_gpu.logits.cpu(), on_host.logits)
+    data.precompute(4.0)
+    soft = data.gather(data._inputs(list(range(8)))[2]).logits
+    assert soft.probs.is_cuda and soft.neg_entropy.is_cuda
+
+
+def test_cuda_training_with_targets_on_the_device(tmp_path, models):
+    ds = models.dataset(1000)
+    cache = kdcache.dump_teacher(models.teacher(), ds, tmp_path / "c", device="cpu", progress=False)
+    on_gpu = kdcache.train_student(models.student(), ds, cache, epochs=2, device="cuda", cache_device="cuda",
+                                   num_workers=2, progress=False)
+    on_host = kdcache.train_student(models.student(), ds, cache, epochs=2, device="cuda", cache_device="cpu",
+                                    progress=False)
+    assert on_gpu.final["kd"] == pytest.approx(on_host.final["kd"], rel=1e-3)

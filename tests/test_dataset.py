@@ -131,3 +131,22 @@ def test_row_digests_follow_their_definition(shape, dtype):
     raw = [r.contiguous().numpy().tobytes() for r in rows]
     mult = [int(m) for m in _multipliers(-(-len(raw[0]) // 8))]
     assert row_digests(rows).tolist() == [_python_digest(b, mult) for b in raw]
+
+
+def test_next_windows_chunks_are_read_while_this_window_trains(tmp_path, models):
+    ds = models.dataset(2048)
+    cache = kdcache.dump_teacher(models.teacher(), ds, tmp_path / "w", block_rows=1024, batch_size=256, progress=False)
+    # windows of one 1,024-row block; the chunk cache holds two windows
+    data = CachedTeacherDataset(ds, cache, in_memory=False, chunk_cache_bytes=2 * 1024 * 18, dtype=None)
+    loader = data.loader(256, num_workers=0)
+    windows = loader.batch_sampler.windows()
+    assert len(windows) == 2
+    batches = iter(loader)
+    next(batches)  # the first batch reads window 0, and window 1 is asked for
+    second = {int(c) for c in np.unique(windows[1] // cache.outputs["logits"].arrays[""].chunk_rows)}
+    assert {c for (path, c) in data._ahead if path == "logits"} == second
+    logits = cache.read("logits", 0, 2048)
+    for inputs, labels, teacher in batches:
+        rows = [int(np.flatnonzero((ds.tensors[0] == x).all(1).numpy())[0]) for x in inputs]
+        np.testing.assert_array_equal(teacher.logits.numpy(), logits[rows])
+    assert not data._ahead  # every chunk read ahead was used

@@ -148,6 +148,9 @@ TORCHRUN_SCRIPT = textwrap.dedent('''
     digest = float(sum(p.double().sum() for p in student.parameters()))
     json.dump({"rows": seen, "world": trainer.args.world_size, "steps": trainer.state.global_step,
                "params": digest}, open(f"{sys.argv[2]}/rank{rank}.json", "w"))
+    # leave the process group together: a gloo group alive at exit can abort a rank
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 ''')
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SoftTargetCrossEntropy
+from kdcache.targets import SoftTargets, teacher_side
 
 
 def _hand_kl(s, t, T):
@@ -132,3 +133,50 @@ def test_kl_gradcheck_and_half_precision_logits():
     ref = s.detach().to(torch.bfloat16).double().requires_grad_()
     _reference_kl(ref, t.half().double(), 3.0).backward()
     torch.testing.assert_close(half.grad.double(), ref.grad, atol=1e-2, rtol=1e-2)
+
+
+def _soft(t, T, dtype):
+    log_p, p = teacher_side(t, T)
+    return SoftTargets(p.to(dtype), (p * log_p).sum(-1), T)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("cls", [KLDivLoss, SoftTargetCrossEntropy])
+def test_precomputed_teacher_side_gives_the_same_value_and_gradient(cls, reduction, masked):
+    torch.manual_seed(6)
+    s, t = torch.randn(4, 6, 100) * 3, (torch.randn(4, 6, 100) * 3).half()
+    mask = (torch.rand(4, 6) > 0.3).float() if masked else None
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    want = cls(4.0, reduction=reduction)(s1, t, mask)
+    got = cls(4.0, reduction=reduction)(s2, _soft(t, 4.0, torch.float16), mask)
+    # float16 probabilities: each p_t within 2^-11 of its float32 value, so the value is within
+    # 2^-11 of the cross-entropy term and each gradient entry within T * 2^-11 * p_t * |dL/d row|
+    cross_entropy = SoftTargetCrossEntropy(4.0, reduction=reduction)(s, t, mask)
+    assert ((got - want).abs() <= 2 ** -11 * cross_entropy + 1e-5).all()
+    weights = torch.randn_like(got)
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    p_max = torch.softmax(t.float() / 4.0, -1).max()
+    rows = (mask.sum() if masked else torch.tensor(24.0)) if reduction == "batchmean" else 1.0
+    bound = 4.0 * 2 ** -11 * p_max * weights.abs().max() / rows + 1e-6
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=0, atol=float(bound))
+    assert not torch.equal(s2.grad, s1.grad)  # the float16 path really ran
+
+
+def test_precomputed_teacher_side_in_float32_equals_the_logits_path():
+    torch.manual_seed(7)
+    s, t = torch.randn(8, 10, requires_grad=True), torch.randn(8, 10)
+    got = KLDivLoss(2.0)(s, _soft(t, 2.0, torch.float32))
+    got.backward()
+    grad, s.grad = s.grad.clone(), None
+    want = KLDivLoss(2.0)(s, t)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, s.grad)
+
+
+def test_precomputed_teacher_side_refuses_another_temperature():
+    soft = _soft(torch.randn(2, 5), 2.0, torch.float16)
+    with pytest.raises(ValueError, match="temperature 2"):
+        KLDivLoss(4.0)(torch.randn(2, 5), soft)

@@ -58,8 +58,9 @@ def test_overfit_warning_stays_silent_when_the_cache_is_big_enough(models, tmp_p
 def test_fit_measures_follow_their_definition(models, tmp_path):
     ds = models.dataset(64)
     cache = kdcache.dump_teacher(models.teacher(), ds, tmp_path / "c", progress=False)
+    # the teacher side from the cached logits, not precomputed float16 probabilities: the definition exactly
     result = kdcache.train_student(models.student(), ds, cache, eval_dataset=ds, eval_cache=cache, epochs=1,
-                                   temperature=2.0, progress=False)
+                                   temperature=2.0, precompute=False, progress=False)
     student, teacher = result.student.eval(), models.teacher().eval()
     x = ds.tensors[0]
     with torch.no_grad():

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 
 import kdcache
-from kdcache import TeacherCache
+from kdcache import KdcacheError, TeacherCache
 from kdcache.store import BLOCKS, ROW_DIGEST
-from kdcache.store.chunkfile import ChunkFileWriter
+from kdcache.store.chunkfile import ChunkFileWriter, crc32c
+from kdcache.store.layout import chunk_key
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -59,3 +61,35 @@ def test_filesystem_refusing_o_direct_falls_back_to_buffered_writes(tmp_path, mo
     data = (tmp_path / "a" / "c0").read_bytes()
     assert data[:-4] == rows.tobytes() and len(data) == rows.nbytes + 4
     assert writer.direct is False and not list(tmp_path.rglob("*.partial"))
+
+
+def test_direct_reads_equal_zarr_reads_for_any_row_range(tmp_path, models):
+    cache = kdcache.dump_teacher(models.teacher(), models.dataset(300), tmp_path / "c", hidden=["body"], block_rows=128,
+                                 progress=False)
+    for path in cache.array_paths()[:-1]:  # every array of rows (the _blocks record is read whole)
+        rows = cache.group[path].shape[0]
+        for start, stop in [(0, rows), (0, 1), (5, 133), (128, 256), (250, rows)]:
+            if start < rows:
+                np.testing.assert_array_equal(cache.read_array(path, start, min(stop, rows)),
+                                              cache.group[path][start:min(stop, rows)])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_chunk_file_is_refused_on_a_direct_read(tmp_path, models, damage):
+    cache = kdcache.dump_teacher(models.teacher(), models.dataset(300), tmp_path / "c", block_rows=128, progress=False)
+    chunk = tmp_path / "c" / chunk_key("logits", cache.group["logits"].ndim, 1)
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        data[10] ^= 0xFF
+    else:
+        data = data[:-100]
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(KdcacheError, match=r"logits rows 128..255: chunk file .* (checksum|bytes)"):
+        TeacherCache.open(tmp_path / "c").read("logits", 128, 256)
+
+
+def test_crc32c_in_pieces_equals_google_crc32c():
+    import google_crc32c
+    for n in (0, 1, 1000, 256 << 10, (256 << 10) + 7, 3 << 20):
+        raw = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+        assert crc32c(raw) == google_crc32c.value(raw.tobytes())

@@ -28,7 +28,7 @@ from ..errors import KdcacheError
 from ..format import BLOCKS, ROW_DIGEST, TOKEN_BLOCKS, ArrayInfo, CacheMeta, DumpStats, OutputSpec, TeacherAccuracy, read_meta, \
     write_meta
 from . import verify as _verify
-from .chunkfile import ChunkFileWriter, io_pool, read_chunk_file
+from .chunkfile import ChunkError, ChunkFileWriter, io_pool, read_chunk
 from .faults import fault_point
 from .identity import block_digest
 from .layout import chunk_key
@@ -341,7 +341,7 @@ class TeacherCache:
         a = self.array_info(path)
         start, stop = self.array_range(a, block)
         if isinstance(self.group.store, zarr.storage.LocalStore):
-            data = self._read_local(a, start, stop, check_crc=not self.meta.bound)
+            data = self._read_local(a, start, stop)
         else:
             try:
                 data = self.group[path][start:stop]
@@ -357,19 +357,25 @@ class TeacherCache:
                                           "(damaged, missing, or copied from another cache or position)")
         return data
 
-    def _read_local(self, a: ArrayInfo, start: int, stop: int, check_crc: bool) -> np.ndarray:
-        """Rows ``start:stop`` read from the chunk files themselves (never a fill value)."""
-        out = np.empty((stop - start, *a.shape), a.dtype)
-        for c in range(start // a.chunk_rows, -(-stop // a.chunk_rows)):
+    def _read_local(self, a: ArrayInfo, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` read from the chunk files themselves, crc32c checked (never a fill
+        value): one ``readinto`` per file (:func:`.chunkfile.read_chunk`); one whole chunk is
+        returned as read."""
+        first, last = start // a.chunk_rows, -(-stop // a.chunk_rows)
+        chunks = []
+        for c in range(first, last):
             lo, hi = c * a.chunk_rows, min((c + 1) * a.chunk_rows, self.length(a))
-            file = Path(self.path) / chunk_key(a.path, 1 + len(a.shape), c)
-            chunk = read_chunk_file(file, a, check_crc)
-            if chunk is None:
-                raise _damaged(self.path, f"{a.path} rows {lo}..{hi - 1}: the chunk file is missing or has the wrong "
-                                          "size or checksum")
-            take_lo, take_hi = max(lo, start), min(hi, stop)
-            out[take_lo - start:take_hi - start] = chunk[take_lo - lo:take_hi - lo]
-        return out
+            try:
+                chunks.append(read_chunk(Path(self.path) / chunk_key(a.path, 1 + len(a.shape), c),
+                                         (a.chunk_rows, *a.shape), a.dtype))
+            except FileNotFoundError:
+                raise _damaged(self.path, f"{a.path} rows {lo}..{hi - 1}: the chunk file is missing") from None
+            except ChunkError as err:
+                raise _damaged(self.path, f"{a.path} rows {lo}..{hi - 1}: {err}") from None
+        if len(chunks) == 1 and start == first * a.chunk_rows and stop - start == a.chunk_rows:
+            return chunks[0]
+        whole = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        return whole[start - first * a.chunk_rows:stop - first * a.chunk_rows]
 
     def _record(self) -> np.ndarray:
         """The completion record as of the first read (a reader's cache is finished: it does not
@@ -389,19 +395,24 @@ class TeacherCache:
         return out
 
     def _read(self, path: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a row array, through the checked block reads."""
-        if self.array_info(path).per_token:
-            raise KdcacheError(f"{path} is stored per token (a packed cache): read it with kdcache.CachedTeacherDataset "
-                               "or TeacherCache.load_block")
-        if not 0 <= start <= stop <= self.rows:
-            raise IndexError(f"rows {start}..{stop} out of range for a cache of {self.rows} rows")
-        first, last = start // self.block_rows, max(start, stop - 1) // self.block_rows
-        if stop == start:
-            return self.load_block(path, first)[:0]
-        parts = [self.load_block(path, b) for b in range(first, last + 1)]
-        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        offset = first * self.block_rows
-        return rows[start - offset:stop - offset]
+        """Rows (tokens, of a packed per-token array) ``start:stop`` of an array, through the
+        checked block reads; a packed array's slack between blocks reads as zeros."""
+        a = self.array_info(path)
+        if not 0 <= start <= stop <= self.length(a):
+            raise IndexError(f"rows {start}..{stop} out of range for {path}'s {self.length(a)} rows")
+        out = np.zeros((stop - start, *a.shape), a.dtype)
+        if a.per_token:
+            starts = self.token_blocks()[:, 0]
+            first = max(0, int(np.searchsorted(starts, start, side="right")) - 1)
+            last = int(np.searchsorted(starts, max(start, stop - 1), side="right")) - 1
+        else:
+            first, last = start // self.block_rows, max(start, stop - 1) // self.block_rows
+        for block in range(first, last + 1 if stop > start else first):
+            lo, hi = self.array_range(a, block)
+            if hi > start and lo < stop:
+                data = self.load_block(path, block)
+                out[max(lo, start) - start:min(hi, stop) - start] = data[max(lo, start) - lo:min(hi, stop) - lo]
+        return out
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Stored rows ``start:stop`` of dense output ``name`` (stored dtype, checked)."""

@@ -1,9 +1,11 @@
-"""Whole chunk files written directly, byte for byte as zarr lays them out.
+"""Whole chunk files written and read directly, byte for byte as zarr lays them out.
 
 zarr 3.1 funnels every write through one event-loop thread, which caps a dump near 0.2 GB/s;
 kdcache writes a local cache's chunk files itself, in parallel: C-order little-endian bytes,
 then their crc32c (zarr's ``Crc32cCodec``), to a temp file that is renamed into place, so a
-kill never tears a chunk. ``tests/test_store.py`` checks the files equal zarr's.
+kill never tears a chunk. ``tests/test_store.py`` checks the files equal zarr's. Reads mirror
+it (:func:`read_chunk`): one ``readinto`` of the whole file into the array it becomes, the
+checksum checked, no event loop and no copy through zarr's buffers.
 """
 
 from __future__ import annotations
@@ -15,26 +17,69 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import google_crc32c
 import numpy as np
 
-if TYPE_CHECKING:
-    from ..format import ArrayInfo
+__all__ = ["ChunkFileWriter", "io_pool", "aligned_empty", "read_chunk", "ChunkError", "crc32c"]
 
-__all__ = ["ChunkFileWriter", "io_pool", "read_chunk_file"]
-
-_IO_POOL: ThreadPoolExecutor | None = None
+_IO_POOL: tuple[int, ThreadPoolExecutor] | None = None
 _DIRECT_ALIGN = 4096
 
 
 def io_pool() -> ThreadPoolExecutor:
-    """The process's pool of chunk-writing threads (created on first use)."""
+    """The process's pool of chunk-reading and -writing threads (created on first use, and again
+    in a forked DataLoader worker, which inherits the pool but none of its threads)."""
     global _IO_POOL
-    if _IO_POOL is None:
-        _IO_POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="kdcache-io")
-    return _IO_POOL
+    if _IO_POOL is None or _IO_POOL[0] != os.getpid():
+        _IO_POOL = (os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="kdcache-io"))
+    return _IO_POOL[1]
+
+
+_CRC_PIECE = 256 << 10
+
+
+def crc32c(raw: np.ndarray, crc: int = 0) -> int:
+    """crc32c of ``raw`` (uint8, contiguous), as zarr's ``Crc32cCodec`` computes it (continuing
+    ``crc``). Computed
+    256 KiB at a time: google_crc32c holds the GIL while it runs (~0.15 ms per MB), and a whole
+    chunk at once stalls the teacher loop's or training loop's Python for that long."""
+    for start in range(0, raw.nbytes, _CRC_PIECE):
+        crc = google_crc32c.extend(crc, raw[start:start + _CRC_PIECE])
+    return crc
+
+
+class ChunkError(ValueError):
+    """A chunk file that is not what its array says: wrong size or checksum."""
+
+
+def read_chunk(file: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The rows of one chunk file (C-order bytes of ``shape`` in ``dtype``, then their crc32c).
+
+    Raises FileNotFoundError for a missing file and :class:`ChunkError` for one of the wrong
+    size or checksum."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    out = np.empty(nbytes + 4, np.uint8)
+    with open(file, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != nbytes + 4:
+            raise ChunkError(f"chunk file {file.name} has {size} bytes, expected {nbytes + 4}")
+        view, done = memoryview(out), 0  # type: ignore[arg-type]
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise ChunkError(f"chunk file {file.name} ended after {done} of {nbytes + 4} bytes")
+            done += got
+    if crc32c(out[:nbytes]) != int.from_bytes(out[nbytes:].tobytes(), "little"):
+        raise ChunkError(f"chunk file {file.name} fails its crc32c checksum")
+    return out[:nbytes].view(dtype).reshape(shape)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array on page-aligned anonymous memory: chunks of it whose offsets are
+    multiples of 4 KiB go to O_DIRECT writes as they are, without a staging copy."""
+    nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.dtype(dtype), int(np.prod(shape, dtype=np.int64))).reshape(shape)
 
 
 class ChunkFileWriter:
@@ -57,7 +102,7 @@ class ChunkFileWriter:
 
     def write(self, file: Path, rows: np.ndarray) -> None:
         raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
-        checksum = np.uint32(google_crc32c.value(raw)).tobytes()
+        checksum = np.uint32(crc32c(raw)).tobytes()
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
         if not (self.direct and raw.nbytes >= self.min_direct_bytes and self._write_direct(tmp, raw, checksum)):
@@ -67,17 +112,21 @@ class ChunkFileWriter:
         os.replace(tmp, file)
 
     def _write_direct(self, path: Path, raw: np.ndarray, checksum: bytes) -> bool:
-        """Write ``raw + checksum`` to a new file with O_DIRECT: the bytes go from an aligned
-        staging buffer (one per thread) in whole 4 KiB blocks, then the file is cut to its exact
-        size. False, with nothing left behind, where the filesystem refuses O_DIRECT."""
+        """Write ``raw + checksum`` to a new file with O_DIRECT, in whole 4 KiB blocks, then cut
+        the file to its exact size. Where ``raw`` starts page-aligned (a chunk of a block buffer
+        from :func:`aligned_empty`), its whole 4 KiB blocks are written from where they lie and
+        only the tail passes through the staging buffer (one per thread); otherwise all of it
+        does. False, with nothing left behind, where the filesystem refuses O_DIRECT."""
         size = raw.nbytes + len(checksum)
-        padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        bulk = raw.nbytes // _DIRECT_ALIGN * _DIRECT_ALIGN if raw.ctypes.data % _DIRECT_ALIGN == 0 else 0
+        tail = raw[bulk:]
+        padded = -(-(size - bulk) // _DIRECT_ALIGN) * _DIRECT_ALIGN
         buf = getattr(self._staging, "buf", None)
         if buf is None or len(buf) < padded:
             buf = self._staging.buf = mmap.mmap(-1, padded)  # anonymous memory is page-aligned
         staged = np.frombuffer(buf, np.uint8, padded)
-        staged[:raw.nbytes] = raw
-        staged[raw.nbytes:size] = np.frombuffer(checksum, np.uint8)
+        staged[:tail.nbytes] = tail
+        staged[tail.nbytes:size - bulk] = np.frombuffer(checksum, np.uint8)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         except OSError as err:
@@ -86,9 +135,10 @@ class ChunkFileWriter:
             self.direct = False
             return False
         try:
-            view, done = memoryview(buf)[:padded], 0
-            while done < padded:
-                done += os.write(fd, view[done:])
+            for view in (memoryview(raw[:bulk]), memoryview(buf)[:padded]):  # type: ignore[arg-type]
+                done = 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
             os.ftruncate(fd, size)
         except OSError as err:
             os.close(fd)
@@ -99,21 +149,3 @@ class ChunkFileWriter:
             return False
         os.close(fd)
         return True
-
-
-def read_chunk_file(file: Path, array: "ArrayInfo", check_crc: bool = True) -> np.ndarray | None:
-    """The rows of one chunk file, ``(chunk_rows, *shape)``, or None when the file is missing,
-    has the wrong size for its array, or (``check_crc``) fails its crc32c. A chunk is read whole,
-    so its size is bounded by the array's own description."""
-    size = array.chunk_rows * array.row_bytes + 4
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(size + 1)
-    except FileNotFoundError:
-        return None
-    if len(raw) != size:
-        return None
-    data = np.frombuffer(raw, np.uint8, size - 4)
-    if check_crc and int.from_bytes(raw[-4:], "little") != google_crc32c.value(data):
-        return None
-    return data.view(array.dtype).reshape(array.chunk_rows, *array.shape)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..items import fetch_batch, input_mask, row_digests
+from .chunkfile import crc32c
 
 __all__ = ["fingerprint", "weights_digest", "dataset_digest", "block_digest", "DIGEST_SAMPLE_ROWS",
            "FINGERPRINT_VERSION"]
@@ -42,7 +43,7 @@ def block_digest(fingerprint: str, path: str, block: int, rows: np.ndarray) -> i
     Guarantees). Runs at ~5 GB/s, so checking a whole cache as it is loaded costs ~0.2 s/GB.
     """
     crc = google_crc32c.value(f"kdcache-block:{fingerprint}:{path}:{block}:".encode())
-    return int(google_crc32c.extend(crc, np.ascontiguousarray(rows).reshape(-1).view(np.uint8)))
+    return crc32c(np.ascontiguousarray(rows).reshape(-1).view(np.uint8), crc)
 
 
 def weights_digest(model: nn.Module) -> str:

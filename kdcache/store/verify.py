@@ -17,7 +17,7 @@ from zarr.core.sync import sync
 
 from ..errors import KdcacheError
 from ..format import BLOCKS, ArrayInfo
-from .chunkfile import read_chunk_file
+from .chunkfile import ChunkError, read_chunk
 from .layout import chunk_key
 
 if TYPE_CHECKING:
@@ -166,8 +166,9 @@ def _pinpoint(cache: "TeacherCache", path: str, block: int) -> list[ChunkProblem
     start, stop = cache.array_range(a, block)
     found = []
     for c in range(start // a.chunk_rows, -(-stop // a.chunk_rows)):
-        file = Path(cache.path) / chunk_key(path, 1 + len(a.shape), c)
-        if read_chunk_file(file, a, check_crc=True) is None:
+        try:
+            read_chunk(Path(cache.path) / chunk_key(path, 1 + len(a.shape), c), (a.chunk_rows, *a.shape), a.dtype)
+        except (FileNotFoundError, ChunkError):
             found.append(ChunkProblem(path, c, c * a.chunk_rows, min((c + 1) * a.chunk_rows, cache.length(a)),
                                       "checksum mismatch (the chunk is corrupt)",
                                       unit="token chunk" if a.per_token else "chunk"))
