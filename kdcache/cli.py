@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
-from . import cli_figures
-from .cli_errors import run_app, warnings_as_lines
+from . import cli_cache, cli_figures
+from .cli_errors import echo, run_app, user_errors, warnings_as_lines
 from .cli_help import HelpCommand
 from .errors import KdcacheError, speak_cli
 
@@ -27,35 +26,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Offline knowledge distillation: dump the teacher once, train students from the cache.")
 
 
-def _echo(text: str, err: bool = False) -> None:
-    """Print one or more lines with control characters escaped: text from a cache's metadata or
-    from files must not reach the terminal raw (escape sequences, carriage returns)."""
-    typer.echo("\n".join(_printable(line) for line in str(text).split("\n")), err=err)
-
-
-def _printable(line: str) -> str:
-    if line.isprintable():
-        return line
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
-
-
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a KdcacheError as one line and exit 2; Ctrl-C exits 130 without a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KdcacheError as err:
-            _echo(f"kdcache: error: {err}", err=True)
-            raise typer.Exit(getattr(err, "exit_code", 2)) from None
-        except KeyboardInterrupt:
-            _echo("kdcache: interrupted; rerun the same command to resume", err=True)
-            raise typer.Exit(130) from None
-    return wrapper
-
-
 @app.command("dump-teacher", short_help="Run the teacher once; cache its outputs.", cls=HelpCommand)
-@_user_errors
+@user_errors
 def dump_teacher_cmd(
     teacher: Optional[str] = typer.Option(None, help="Teacher spec: pkg.module:attr or path/file.py:attr (callables are called)."),
     dataset: Optional[str] = typer.Option(None, help="Transfer-set spec, same forms; items (inputs, label), {..., 'label'} or inputs."),
@@ -119,7 +91,7 @@ def dump_teacher_cmd(
                          teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
                                        "checkpoint": str(ckpt) if ckpt else None},
                          dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
-    _echo(cache.path)
+    echo(cache.path)
 
 
 def _load_config(path: Optional[Path]) -> dict[str, Any]:
@@ -199,7 +171,7 @@ class _HFOptions:
 
 
 @app.command("train-student", short_help="Train a student from a cache.", cls=HelpCommand)
-@_user_errors
+@user_errors
 def train_student_cmd(
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr or path/file.py:attr."),
     dataset: Optional[str] = typer.Option(None, help="Training (transfer) set spec; rows labelled -1 get only KD terms."),
@@ -287,196 +259,15 @@ def train_student_cmd(
     final = result.final
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
              if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}
-    _echo(json.dumps(shown))
-    _echo(str(out_dir / "student.pt"))
+    echo(json.dumps(shown))
+    echo(str(out_dir / "student.pt"))
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-@app.command("info", short_help="Describe a cache.", cls=HelpCommand)
-@_user_errors
-def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) -> None:
-    """Describe a cache: rows, outputs (shape, dtype, bytes), fingerprint, teacher, completeness."""
-    from .store import TeacherCache, dump_in_progress
-
-    cache = TeacherCache.open(path)
-    meta = cache.meta
-    sizes = cache.nbytes_on_disk()
-    state = "complete" if cache.complete else ("dump in progress" if dump_in_progress(path) else "INCOMPLETE")
-    lines = [f"cache        {path}",
-             f"state        {state} ({int(cache.blocks_record()[:, 0].sum())}/{cache.n_blocks} blocks)",
-             f"fingerprint  {cache.fingerprint}",
-             f"rows         {cache.rows}  (block {cache.block_rows} rows)",
-             f"teacher      {meta.teacher.spec or meta.teacher.class_name}  weights {meta.teacher.weights_digest}",
-             f"dataset      {meta.dataset.spec or '?'}  length {meta.dataset.length}  digest {meta.dataset.digest}"]
-    tokens = meta.tokens or cache.rows
-    for name, o in cache.outputs.items():
-        codec = o.codec.params()
-        what = codec["dtype"] if codec["name"] == "dense" else " ".join(f"{k}={v}" for k, v in codec.items())
-        lines.append(f"  {name}: shape ({cache.rows}, {', '.join(map(str, o.shape))})  {what}")
-        for a in o.arrays.values():
-            # what the rows hold, not the files: the last chunk is stored whole, zero-padded
-            per = f"{a.row_bytes * cache.rows / tokens:.1f} B/token" if meta.mask_key or tokens != cache.rows \
-                else f"{a.row_bytes} B/row"
-            lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  {per}  chunk "
-                         f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk")
-    if meta.vocab.real != meta.vocab.padded or meta.mask_key:
-        lines.append(f"vocabulary   {meta.vocab.real} classes (output layer {meta.vocab.padded})"
-                     + (f"; padding masked by inputs[{meta.mask_key!r}], {tokens} real tokens" if meta.mask_key else ""))
-    if cache.seed is not None:
-        lines.append(f"views        {cache.views} per sample (row = sample * {cache.views} + view), seed {cache.seed}"
-                     + (f", explicit parameters {list(meta.view_params_shape)}" if meta.view_params_shape else ""))
-    if meta.source is not None:
-        normalised = {"vocabulary": "normalised over the vocabulary", "kept": "normalised over the kept ids"}
-        lines.append(f"source       imported from {meta.source.get('format')} {meta.source.get('file') or ''}  "
-                     f"(log-probabilities {normalised.get(meta.source.get('normalized'), 'of unknown normalisation')})")
-    if meta.packed is not None:
-        lines.append(f"layout       packed: {meta.tokens or 0} real tokens stored on a token axis of "
-                     f"{meta.packed.capacity} (chunks of {meta.packed.chunk} tokens); padding is not stored")
-    acc = meta.teacher_accuracy
-    if acc is not None and acc.labelled:
-        lines.append(f"teacher accuracy on the transfer set's labels: {acc.accuracy:.4f} ({acc.correct}/{acc.labelled})")
-    if meta.dump is not None and meta.dump.rows_per_s is not None:
-        lines.append(f"dump         {meta.dump.rows_per_s:.0f} rows/s, {meta.dump.mb_per_s} MB/s on {meta.dump.device}")
-    lines.append("versions     " + " ".join(f"{k} {v}" for k, v in meta.versions.items()))
-    _echo("\n".join(lines))
-
-
-@app.command("ls", short_help="List the caches under a root.", cls=HelpCommand)
-@_user_errors
-def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a directory or URL "
-                                                             "[$KDCACHE_HOME or ./kdcache-store].")) -> None:
-    """List the caches under a root, one line each."""
-    from .dump import default_cache_root
-    from .store import TeacherCache, list_dir
-
-    root = str(root or default_cache_root())
-    entries = list_dir(root)
-    if entries is None:
-        raise KdcacheError(f"cache root {root} does not exist")
-    found = 0
-    for entry in entries:
-        if not TeacherCache.exists(entry):
-            continue
-        try:
-            cache = TeacherCache.open(entry)
-        except KdcacheError as err:
-            _echo(f"{entry}  unreadable: {err}")
-            continue
-        found += 1
-        outputs = ",".join(a.path for o in cache.outputs.values() for a in o.arrays.values())
-        teacher = cache.meta.teacher
-        size = sum(cache.nbytes_on_disk().values())
-        _echo(f"{entry}  {'complete' if cache.complete else 'incomplete'}  {cache.rows} rows  {outputs}  "
-                   f"{_size(size)}  teacher {teacher.spec or teacher.class_name}")
-    if not found:
-        _echo(f"no caches under {root}", err=True)
-
-
-@app.command("verify", short_help="Check every chunk of a cache.", cls=HelpCommand)
-@_user_errors
-def verify_cmd(
-    path: str = typer.Argument(..., help="A cache directory or URL."),
-    replay: int = typer.Option(0, help="Also regenerate N random rows' inputs (views replayed from their seeds, no "
-                                      "teacher) and check they hash to what the dump recorded."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset spec for --replay (required with it; the spec a cache records is shown, never run)."),
-    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset."),
-) -> None:
-    """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
-    from .store import TeacherCache
-
-    cache = TeacherCache.open(path)
-    if replay > 0 and not dataset:
-        # a cache from elsewhere names code: show it, never import or call it
-        recorded = cache.meta.dataset
-        shown = f" (the cache says it was dumped from {recorded.spec!r} with {dict(recorded.kwargs)})" if recorded.spec else ""
-        raise KdcacheError(f"--replay needs --dataset SPEC naming the dataset the cache was dumped from{shown}; "
-                           "kdcache never runs code named in a cache")
-    problems = cache.verify()
-    if not cache.complete:  # the summary first, then only what a resumed dump would not mend
-        written = int((cache.blocks_record()[:, 0] != 0).sum())
-        _echo(f"cache {path} is incomplete: {written} of {cache.n_blocks} blocks written; rerun its dump-teacher "
-              "command to finish it")
-    if problems:
-        _echo(f"cache {path} is damaged: {len(problems)} missing, corrupt or misplaced chunks; repair it with the "
-              "dump-teacher command that wrote it plus --repair (only the damaged blocks are written again)")
-    for problem in problems[:20]:
-        _echo(f"BAD {problem}")
-    if len(problems) > 20:
-        _echo(f"... and {len(problems) - 20} more")
-    bad_rows: list[int] = []
-    if replay > 0:
-        from .dataset import replay_mismatches
-        from .spec import load_dataset, parse_kwargs
-
-        data = load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs"))
-        bad_rows, checked = replay_mismatches(data, cache, replay)
-        for row in bad_rows[:20]:
-            sample, view = divmod(row, cache.views)
-            _echo(f"BAD replay: view {view} of sample {sample} (row {row}) differs from the input the teacher saw")
-        if bad_rows:
-            _echo(f"{len(bad_rows)} of {checked} replayed rows differ: the dataset changed or its transform is not "
-                       "deterministic under a seed (draw randomness from torch, numpy.random or random)")
-        else:
-            _echo(f"replay: {checked} rows regenerated, every input matches its dump-time digest")
-    if problems or bad_rows or not cache.complete:
-        raise typer.Exit(1)
-    _echo(f"ok: {path}: every chunk of {len(cache.array_paths())} arrays present and checksums match")
-
-
-@app.command("import", short_help="Make a top-k cache from vLLM or Axolotl logprobs.", cls=HelpCommand)
-@_user_errors
-def import_cmd(
-    kind: str = typer.Argument(..., help="vllm (JSONL/Parquet of prompt_token_ids + prompt_logprobs) or axolotl "
-                                         "(a dataset saved with save_to_disk, or Parquet, with Axolotl's KD columns)."),
-    source: Path = typer.Argument(..., help="The file or dataset directory."),
-    out: str = typer.Option(..., help="Cache directory to write."),
-    vocab_size: int = typer.Option(..., help="The teacher's vocabulary size (every token id is below it)."),
-    topk: Optional[int] = typer.Option(None, help="vllm: K ids kept per position [the fewest any position has]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the kdcache cache at --out."),
-) -> None:
-    """Build a packed top-k cache from an inference engine's or a trainer's teacher logprobs."""
-    from .interop import import_axolotl, import_vllm
-
-    if kind not in ("vllm", "axolotl"):
-        raise KdcacheError(f"import reads vllm or axolotl, not {kind!r}")
-    if vocab_size < 1 or (topk is not None and topk < 1):
-        raise KdcacheError("--vocab-size and --topk must be >= 1")
-    log = lambda msg: _echo(msg, err=True)  # noqa: E731
-    if kind == "vllm":
-        cache = import_vllm(source, out, vocab_size=vocab_size, topk=topk, overwrite=overwrite, log=log)
-    else:
-        cache = import_axolotl(source, out, vocab_size=vocab_size, overwrite=overwrite, log=log)
-    _echo(cache.path)
-
-
-@app.command("export", short_help="Write a top-k cache as Parquet with Axolotl's columns.", cls=HelpCommand)
-@_user_errors
-def export_cmd(
-    path: str = typer.Argument(..., help="A top-k cache."),
-    dataset: str = typer.Option(..., help="Spec of the dataset the cache was dumped from (its token rows)."),
-    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset."),
-    out: Path = typer.Option(..., help="Parquet file to write."),
-) -> None:
-    """Write input_ids, labels and Axolotl's target_token_ids/target_logprobs/target_mask columns."""
-    from .interop import export_axolotl
-    from .spec import load_dataset, parse_kwargs
-
-    if out.exists():
-        raise KdcacheError(f"{out} exists; choose another --out")
-    written = export_axolotl(path, load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs")), out)
-    _echo(str(written))
-
-
+for name, short, command in cli_cache.COMMANDS:
+    app.command(name, short_help=short, cls=HelpCommand)(user_errors(command))
 app.command("report", short_help="Draw what a cache holds (PNGs + HTML).", cls=HelpCommand)(
-    _user_errors(cli_figures.report_cmd))
-app.command("plot", short_help="Draw training runs side by side.", cls=HelpCommand)(_user_errors(cli_figures.plot_cmd))
+    user_errors(cli_figures.report_cmd))
+app.command("plot", short_help="Draw training runs side by side.", cls=HelpCommand)(user_errors(cli_figures.plot_cmd))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

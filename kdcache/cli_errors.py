@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
-__all__ = ["run_app", "usage_line", "warnings_as_lines"]
+from .errors import KdcacheError
+
+__all__ = ["run_app", "usage_line", "warnings_as_lines", "echo", "user_errors"]
 
 
 def _click_exceptions() -> Any:
@@ -70,3 +73,30 @@ def warnings_as_lines() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = shown
+
+
+def echo(text: str, err: bool = False) -> None:
+    """Print one or more lines with control characters escaped: text from a cache's metadata or
+    from files must not reach the terminal raw (escape sequences, carriage returns)."""
+    typer.echo("\n".join(_printable(line) for line in str(text).split("\n")), err=err)
+
+
+def _printable(line: str) -> str:
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a KdcacheError as one line and exit 2; Ctrl-C exits 130 without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdcacheError as err:
+            echo(f"kdcache: error: {err}", err=True)
+            raise typer.Exit(getattr(err, "exit_code", 2)) from None
+        except KeyboardInterrupt:
+            echo("kdcache: interrupted; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+    return wrapper

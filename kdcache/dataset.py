@@ -23,15 +23,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .batch import TeacherBatch, collate
 from .errors import KdcacheError, option
-from .format import SPANS, VIEW_PARAMS
+from .format import SPANS
 from .items import as_rows, fetch_batch, input_mask, row_digests
 from .packing import place_tokens, row_token_starts, target_mask, token_indices
-from .resident import GatheringLoader, InputRows, ResidentTargets, TeacherRows, fits_device
+from .replay import replay_mismatches, replay_source
+from .resident import GatheringLoader, InputRows, ResidentTargets, TeacherRows, holding_device, in_memory_choice
 from .targets import TeacherTargets
 from .sampler import ChunkShuffleBatchSampler
 from .store import TeacherCache, dataset_digest, dump_in_progress, is_remote
 from .store.chunkfile import io_pool
-from .views import ViewedDataset
 
 __all__ = ["CachedTeacherDataset", "TeacherBatch", "TeacherTargets", "TeacherRows", "ChunkShuffleBatchSampler",
            "collate", "open_complete_cache", "replay_mismatches"]
@@ -112,7 +112,7 @@ class CachedTeacherDataset(Dataset):
             raise KdcacheError(f"view must be 'cycle' or 'random', got {view!r}")
         self.views, self.view, self.view_offset, self.epoch = opened.views, view, int(view_offset), 0
         self._random_views: np.ndarray | None = None
-        self.source = _replay_source(dataset, opened)
+        self.source = replay_source(dataset, opened)
         if opened.view_params is not None and not self.source.explicit:
             raise KdcacheError(f"cache {opened.path} stores explicit augmentation parameters but the dataset has no "
                                "sample_params/apply_params methods: use the dataset the cache was dumped from")
@@ -142,8 +142,8 @@ class CachedTeacherDataset(Dataset):
         self._checked = np.zeros(opened.rows, bool) if type(self.source) is TensorDataset else None
         lengths = {p: opened.length(a) for p, a in self.arrays.items()}  # rows, or tokens of a packed array
         need = sum(lengths[p] * a.row_bytes for p, a in self.arrays.items())
-        wanted = _in_memory(in_memory)
-        holder = _holding_device(device, device_budget, need, wanted)
+        wanted = in_memory_choice(in_memory)
+        holder = holding_device(device, device_budget, need, wanted)
         self.in_memory = (holder.type != "cpu" or need <= memory_budget) if wanted == "auto" else wanted == "yes"
         self.rows, self.block_rows = opened.rows, opened.block_rows
         self.packed = opened.meta.packed
@@ -408,64 +408,6 @@ class CachedTeacherDataset(Dataset):
         return GatheringLoader(loader, self) if self.resident is not None else loader
 
 
-def _holding_device(device: str | torch.device, budget: float | None, need: int, in_memory: str) -> torch.device:
-    """Where arrays held in memory live: a CUDA ``device`` when asked (and, with a ``budget``,
-    when ``need`` bytes fit that share of its free memory), else the host."""
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        raise KdcacheError(f"cache device {device} is not a visible CUDA device; use cpu")
-    if budget is not None:
-        return dev if in_memory != "no" and fits_device(need, dev, budget) else torch.device("cpu")
-    if in_memory == "no":
-        raise KdcacheError(f"holding the cache on {device} puts it in memory: leave in_memory at auto or yes")
-    return dev
-
-
-def _in_memory(value: bool | str) -> str:
-    """``in_memory`` as "auto", "yes" or "no" (True/False accepted); anything else is a mistake,
-    not a truthy string."""
-    if value is True or value is False:
-        return "yes" if value else "no"
-    if value in ("auto", "yes", "no"):
-        return str(value)
-    raise KdcacheError(f"in_memory must be True, False, 'auto', 'yes' or 'no', got {value!r}")
-
-
 def _limit_zarr_threads(worker_id: int) -> None:
     """Each worker reads its own batches: keep zarr's own pools small so workers don't oversubscribe."""
     zarr.config.set({"threading.max_workers": 2, "async.concurrency": 4})
-
-
-def _replay_source(dataset: Any, opened: TeacherCache) -> Any:
-    """What produces the cache's rows from ``dataset``: itself, or its seeded (sample, view)
-    rows, replayed from the stored augmentation parameters when the cache has them."""
-    if opened.seed is None:
-        return dataset
-    params = opened.read_array(VIEW_PARAMS, 0, opened.rows) if opened.view_params is not None else None
-    return ViewedDataset(dataset, opened.views, opened.seed, params)
-
-
-def replay_mismatches(dataset: Any, cache: TeacherCache | str | Path, n: int, *, seed: int = 0,
-                      batch_size: int = 256) -> tuple[list[int], int]:
-    """Regenerate ``n`` random rows' inputs (each view's transform under its recorded seed, no
-    teacher) and compare their digests with those recorded at dump time.
-
-    Returns ``(rows that differ, rows checked)``: a nondeterministic transform, an edited
-    dataset or a changed RNG shows up as rows that differ.
-    """
-    opened = TeacherCache.open(cache.path if isinstance(cache, TeacherCache) else cache)
-    source = _replay_source(dataset, opened)
-    if len(source) != opened.rows:
-        raise KdcacheError(f"the dataset gives {len(source)} rows but cache {opened.path} has {opened.rows}: "
-                           "use the dataset the cache was dumped from")
-    rows = np.sort(np.random.default_rng(seed).choice(opened.rows, size=min(n, opened.rows), replace=False))
-    recorded = opened.row_digests()
-    bad: list[int] = []
-    mask_key = opened.meta.mask_key if opened.meta.packed is not None else None
-    for s in range(0, len(rows), batch_size):
-        part = rows[s:s + batch_size]
-        inputs, _ = fetch_batch(source, part.tolist())
-        bad += part[row_digests(inputs, input_mask(inputs, mask_key)) != recorded[part]].tolist()
-    return bad, len(rows)

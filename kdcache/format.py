@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .checked_json import MAX_DIM, JsonReader, malformed
 from .codecs import Codec, DenseCodec, codec_from_params
 from .errors import KdcacheError
 
@@ -54,87 +55,10 @@ TOKEN_BLOCKS = "_token_blocks"
 
 # Bounds on what a cache may claim, so a hostile or damaged description cannot make a reader
 # allocate or loop without end: far above any real cache, far below what would hurt.
-MAX_ROWS = 1 << 40
-MAX_DIM = 1 << 31
 MAX_ROW_BYTES = 1 << 34
 MAX_OBJECTS = 1 << 24  # stored chunk files (or shards) over all arrays
 MAX_RECORD = 1 << 27  # int64 fields of the _blocks record (1 GB)
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
-
-
-def _fail(where: str, what: str) -> KdcacheError:
-    return KdcacheError(f"{where}: its kdcache metadata is malformed ({what}); the cache is damaged or was not "
-                        "written by kdcache: dump it again")
-
-
-class _Reader:
-    """Typed access to one JSON object of the attrs, every failure one line naming the field."""
-
-    def __init__(self, value: Any, where: str, prefix: str = "") -> None:
-        if not isinstance(value, dict):
-            raise _fail(where, f"{prefix.rstrip('.') or 'the attrs'} is a {type(value).__name__}, not an object")
-        self.value, self.where, self.prefix = value, where, prefix
-
-    def _get(self, key: str, optional: bool) -> Any:
-        if key not in self.value:
-            if optional:
-                return None
-            raise _fail(self.where, f"field {self.prefix}{key} is missing")
-        return self.value[key]
-
-    def _bad(self, key: str, expected: str) -> KdcacheError:
-        return _fail(self.where, f"field {self.prefix}{key} must be {expected}, got {self.value.get(key)!r:.60}")
-
-    def count(self, key: str, *, low: int = 0, high: int = MAX_ROWS, optional: bool = False) -> int | None:
-        value = self._get(key, optional)
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self._bad(key, f"an integer in [{low}, {high}]")
-        return value
-
-    def number(self, key: str, *, optional: bool = False) -> float | None:
-        value = self._get(key, optional)
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self._bad(key, "a finite number")
-        return float(value)
-
-    def text(self, key: str, *, optional: bool = False) -> str | None:
-        value = self._get(key, optional)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            raise self._bad(key, "a string")
-        return value
-
-    def flag(self, key: str) -> bool:
-        value = self._get(key, False)
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false")
-        return value
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        value = self._get(key, False)
-        if not isinstance(value, list) or len(value) > 8 or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in value):
-            raise self._bad(key, f"a list of at most 8 sizes in [0, {MAX_DIM}]")
-        return tuple(value)
-
-    def obj(self, key: str, *, optional: bool = False) -> "_Reader | None":
-        value = self._get(key, optional)
-        if value is None and optional:
-            return None
-        return _Reader(value, self.where, f"{self.prefix}{key}.")
-
-    def mapping(self, key: str, *, optional: bool = False) -> dict[str, Any]:
-        value = self._get(key, optional)
-        if value is None and optional:
-            return {}
-        if not isinstance(value, dict):
-            raise self._bad(key, "an object")
-        return value
 
 
 @dataclass(frozen=True)
@@ -378,21 +302,21 @@ class CacheMeta:
         """
         if not isinstance(attrs, dict):
             raise KdcacheError(f"{where} is a zarr group but not a kdcache cache (no '{ATTR}' attrs)")
-        r = _Reader(attrs, where)
+        r = JsonReader(attrs, where)
         version = attrs.get("format_version")
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise KdcacheError(f"{where} was written by a newer kdcache (cache format {version}, this one reads "
                                f"<= {FORMAT_VERSION}); upgrade kdcache")
         version = r.count("format_version", low=1, high=FORMAT_VERSION)
         if version >= 3 and r.text("attrs_digest") != _attrs_digest(attrs):
-            raise _fail(where, "its attrs do not match their digest: they were edited or damaged")
+            raise malformed(where, "its attrs do not match their digest: they were edited or damaged")
         fingerprint = r.text("fingerprint")
         if not _FINGERPRINT.fullmatch(fingerprint):
-            raise _fail(where, f"fingerprint {fingerprint!r:.40} is not 16 hex digits")
+            raise malformed(where, f"fingerprint {fingerprint!r:.40} is not 16 hex digits")
         rows = r.count("rows", low=1)
         block_rows = r.count("block_rows", low=1)
         if r.count("blocks", low=1) != -(-rows // block_rows):
-            raise _fail(where, f"blocks is not rows / block_rows rounded up ({rows} / {block_rows})")
+            raise malformed(where, f"blocks is not rows / block_rows rounded up ({rows} / {block_rows})")
         t, d = r.obj("teacher"), r.obj("dataset")
         tok = t.obj("tokenizer", optional=True)
         teacher = TeacherInfo(weights_digest=t.text("weights_digest"), class_name=t.text("class"),
@@ -404,23 +328,23 @@ class CacheMeta:
                               spec=d.text("spec", optional=True), kwargs=d.mapping("kwargs", optional=True))
         views = r.count("views", low=1, high=1 << 20, optional=True) or 1
         if dataset.length * views != rows:
-            raise _fail(where, f"rows ({rows}) is not dataset.length x views ({dataset.length} x {views})")
+            raise malformed(where, f"rows ({rows}) is not dataset.length x views ({dataset.length} x {views})")
         outputs_attrs = r.mapping("outputs")
         if "logits" not in outputs_attrs:
-            raise _fail(where, "field outputs.logits is missing")
+            raise malformed(where, "field outputs.logits is missing")
         packed = _packed_from_attrs(r, outputs_attrs)
         outputs = {name: _output_from_attrs(name, o, r, block_rows,
                                             packed.chunk if packed and name in packed.outputs else None)
                    for name, o in outputs_attrs.items()}
         if sum(o.row_bytes for o in outputs.values()) > MAX_ROW_BYTES:
-            raise _fail(where, "one row would take more than 16 GB")
+            raise malformed(where, "one row would take more than 16 GB")
         logits = outputs["logits"]
         classes = logits.shape[-1] if logits.shape else 1
         v = r.obj("vocab", optional=True)
         vocab = Vocab(v.count("real", low=1, high=MAX_DIM), v.count("padded", low=1, high=MAX_DIM)) if v else \
             Vocab(classes, classes)  # format 1: no padded vocabularies
         if vocab.padded != classes or vocab.real > vocab.padded:
-            raise _fail(where, f"vocab {vocab.real}/{vocab.padded} does not fit logits of {classes} classes")
+            raise malformed(where, f"vocab {vocab.real}/{vocab.padded} does not fit logits of {classes} classes")
         vp = r.obj("view_params", optional=True)
         acc = r.obj("teacher_accuracy", optional=True)
         dump = r.obj("dump", optional=True)
@@ -435,18 +359,18 @@ class CacheMeta:
             dump=_dump_from_attrs(dump) if dump else None, format_version=version, packed=packed,
             source=r.mapping("source", optional=True) or None)
         if meta.views > 1 and meta.seed is None:
-            raise _fail(where, "a cache of several views must record their seed")
+            raise malformed(where, "a cache of several views must record their seed")
         if packed is not None and meta.mask_key is None:
-            raise _fail(where, "a packed cache must record its mask key")
+            raise malformed(where, "a packed cache must record its mask key")
         objects = sum(-(-(packed.capacity if a.per_token and packed else rows) // a.chunk_rows)
                       for a in meta.data_arrays()) + meta.blocks
         if objects > MAX_OBJECTS or meta.blocks * (BLOCK_STATS + len(meta.data_arrays())) > MAX_RECORD:
-            raise _fail(where, f"{objects} chunk files of {meta.blocks} blocks is beyond what kdcache writes")
+            raise malformed(where, f"{objects} chunk files of {meta.blocks} blocks is beyond what kdcache writes")
         if version >= 3:
             bound = r.value.get("block_digests")
             expected = [a.path for a in meta.data_arrays()]
             if bound != expected:
-                raise _fail(where, f"block_digests lists {bound!r:.80}, the arrays are {expected}")
+                raise malformed(where, f"block_digests lists {bound!r:.80}, the arrays are {expected}")
             meta = replace(meta, bound=tuple(expected))
         return meta
 
@@ -482,25 +406,25 @@ def _output_attrs(o: OutputSpec) -> dict[str, Any]:
                              "chunk_rows": a.chunk_rows} for key, a in o.arrays.items()}}
 
 
-def _packed_from_attrs(r: _Reader, outputs: dict[str, Any]) -> PackedTokens | None:
+def _packed_from_attrs(r: JsonReader, outputs: dict[str, Any]) -> PackedTokens | None:
     p = r.obj("packed", optional=True)
     if p is None:
         return None
     names = p.value.get("outputs")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in outputs for n in names):
-        raise _fail(r.where, f"packed.outputs {names!r:.80} are not outputs of the cache")
+        raise malformed(r.where, f"packed.outputs {names!r:.80} are not outputs of the cache")
     return PackedTokens(tuple(names), p.count("chunk", low=1, high=1 << 24), p.count("capacity"),
                         p.count("blocks_crc", high=(1 << 32) - 1))
 
 
-def _output_from_attrs(name: str, value: Any, parent: _Reader, block_rows: int,
+def _output_from_attrs(name: str, value: Any, parent: JsonReader, block_rows: int,
                        token_chunk: int | None = None) -> OutputSpec:
     """An output as recorded; its arrays must be exactly those its codec writes (per token,
     without the output's token axis, when ``token_chunk`` says it is packed)."""
     where = parent.where
-    o = _Reader(value, where, f"outputs.{name}.")
+    o = JsonReader(value, where, f"outputs.{name}.")
     if name != "logits" and (not name or len(name) > 512 or name.startswith(("/", ".")) or ".." in name):
-        raise _fail(where, f"output name {name!r:.60} is not a module name")
+        raise malformed(where, f"output name {name!r:.60} is not a module name")
     shape = o.shape("shape")
     if "codec" in o.value:
         codec = codec_from_params(o.mapping("codec"), f"{where}: outputs.{name}.codec")
@@ -508,36 +432,36 @@ def _output_from_attrs(name: str, value: Any, parent: _Reader, block_rows: int,
         dtype = o.text("dtype")
         codec = codec_from_params({"name": "dense", "dtype": dtype}, f"{where}: outputs.{name}")
     if codec.name != "dense" and (name != "logits" or not shape):
-        raise _fail(where, f"output {name} is stored as {codec.name}, which needs logits with a class axis")
+        raise malformed(where, f"output {name} is stored as {codec.name}, which needs logits with a class axis")
     recorded = o.mapping("arrays", optional=True) or {
         "": {"path": o.text("path"), "shape": list(shape), "stored_dtype": o.text("stored_dtype"),
              "chunk_rows": o.value.get("chunk_rows")}}
     expected = OutputSpec.planned(name, codec, shape)
     if set(recorded) != set(expected):
-        raise _fail(where, f"outputs.{name}.arrays are {sorted(recorded)}, its codec writes {sorted(expected)}")
+        raise malformed(where, f"outputs.{name}.arrays are {sorted(recorded)}, its codec writes {sorted(expected)}")
     if token_chunk is not None and len(shape) < 2:
-        raise _fail(where, f"packed output {name} has no token axis (shape {list(shape)})")
+        raise malformed(where, f"packed output {name} has no token axis (shape {list(shape)})")
     arrays = {}
     for key, (path, row_shape, dtype) in expected.items():
         if token_chunk is not None:
             row_shape = row_shape[1:]  # stored per token
-        a = _Reader(recorded[key], where, f"outputs.{name}.arrays.{key or 'dense'}.")
+        a = JsonReader(recorded[key], where, f"outputs.{name}.arrays.{key or 'dense'}.")
         if a.text("path") != path or a.shape("shape") != row_shape or a.text("stored_dtype") != str(dtype):
-            raise _fail(where, f"array {a.value.get('path')!r:.60} of output {name} is not the "
+            raise malformed(where, f"array {a.value.get('path')!r:.60} of output {name} is not the "
                                f"{path} {row_shape} {dtype} its codec writes")
         if token_chunk is not None:
             if a.count("chunk_rows", low=1, high=1 << 24) != token_chunk:
-                raise _fail(where, f"{path} chunks are not the packed token chunk of {token_chunk}")
+                raise malformed(where, f"{path} chunks are not the packed token chunk of {token_chunk}")
             arrays[key] = ArrayInfo(path, row_shape, dtype, token_chunk, per_token=True)
             continue
         chunk_rows = a.count("chunk_rows", low=1, high=block_rows)
         if block_rows % chunk_rows:
-            raise _fail(where, f"{path} chunks of {chunk_rows} rows do not divide blocks of {block_rows}")
+            raise malformed(where, f"{path} chunks of {chunk_rows} rows do not divide blocks of {block_rows}")
         arrays[key] = ArrayInfo(path, row_shape, dtype, chunk_rows)
     return OutputSpec(name, shape, codec, arrays)
 
 
-def _dump_from_attrs(d: _Reader) -> DumpStats:
+def _dump_from_attrs(d: JsonReader) -> DumpStats:
     ints = ("rows", "tokens", "processes", "batch_size", "num_workers")
     floats = ("seconds", "rows_per_s", "tokens_per_s", "mb_per_s")
     return DumpStats(**{k: d.count(k, optional=True) for k in ints}, **{k: d.number(k, optional=True) for k in floats},

@@ -24,7 +24,8 @@ from .errors import KdcacheError
 from .format import ArrayInfo, OutputSpec
 from .targets import SoftTargets, TeacherTargets, map_tensors, teacher_side
 
-__all__ = ["ResidentTargets", "TeacherRows", "InputRows", "GatheringLoader", "DEVICE_BUDGET", "fits_device"]
+__all__ = ["ResidentTargets", "TeacherRows", "InputRows", "GatheringLoader", "DEVICE_BUDGET", "fits_device",
+           "holding_device", "in_memory_choice"]
 
 DEVICE_BUDGET = 0.25  # share of a GPU's free memory the targets may take under --cache-device auto
 LOAD_BYTES = 64 << 20  # bytes of rows read from the store at a time when loading
@@ -213,3 +214,28 @@ class GatheringLoader:
         for batch in self.loader:
             inputs, labels, rows = _from_wire(batch) if wired else batch
             yield inputs, labels, self.dataset.gather(rows)
+
+
+def holding_device(device: str | torch.device, budget: float | None, need: int, in_memory: str) -> torch.device:
+    """Where arrays held in memory live: a CUDA ``device`` when asked (and, with a ``budget``,
+    when ``need`` bytes fit that share of its free memory), else the host."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise KdcacheError(f"cache device {device} is not a visible CUDA device; use cpu")
+    if budget is not None:
+        return dev if in_memory != "no" and fits_device(need, dev, budget) else torch.device("cpu")
+    if in_memory == "no":
+        raise KdcacheError(f"holding the cache on {device} puts it in memory: leave in_memory at auto or yes")
+    return dev
+
+
+def in_memory_choice(value: bool | str) -> str:
+    """``in_memory`` as "auto", "yes" or "no" (True/False accepted); anything else is a mistake,
+    not a truthy string."""
+    if value is True or value is False:
+        return "yes" if value else "no"
+    if value in ("auto", "yes", "no"):
+        return str(value)
+    raise KdcacheError(f"in_memory must be True, False, 'auto', 'yes' or 'no', got {value!r}")
