@@ -26,11 +26,12 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
+from .draws import counter_uniforms, draw_ids
 from .errors import KdcacheError, option
 from .targets import SampledTargets, TopKTargets
 
 __all__ = ["Codec", "DenseCodec", "TopKCodec", "SampledCodec", "DTYPES", "codec_from_params", "pack_ids",
-           "unpack_ids", "index_bits"]
+           "unpack_ids", "index_bits", "counter_uniforms"]
 
 # logical dtype -> (torch dtype on the wire, numpy dtype on disk)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
@@ -230,37 +231,6 @@ class TopKCodec:
         return _nonfinite(stored, "float16" if key == "values" else "float32") if key != "indices" else None
 
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow on any device."""
-    hi, lo = x >> 16, x & 0xFFFF
-    return ((((hi * c) & 0xFFFF) << 16) + lo * c) & _M32
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser on int64 tensors holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def counter_uniforms(seed: int, rows: torch.Tensor, positions: int, draws: int) -> torch.Tensor:
-    """(B, positions, draws) float64 uniforms in [0, 1), a pure function of (seed, row,
-    position, draw): the same whatever the batch, device or process that computes them."""
-    dev = rows.device
-    h = _fmix32(torch.full((1,), seed & _M32, dtype=torch.int64, device=dev) ^ 0x6B646361)
-    h = _fmix32(h ^ (rows.long() & _M32)).view(-1, 1, 1)
-    h = _fmix32(h ^ torch.arange(positions, device=dev).view(1, -1, 1))
-    j = torch.arange(draws, device=dev).view(1, 1, -1)
-    hi = _fmix32(h ^ (2 * j))
-    lo = _fmix32(h ^ (2 * j + 1))
-    return (hi.double() * 2.0**21 + (lo >> 11).double()) / 2.0**53
-
-
 @dataclass(frozen=True)
 class SampledCodec:
     """N ids drawn with replacement from ``softmax(logits[..., :vocab] / temperature)`` per
@@ -308,14 +278,7 @@ class SampledCodec:
         z = output.detach()[..., :self.vocab].reshape(b, -1, min(self.vocab, output.shape[-1]))
         positions = z.shape[1]
         u = counter_uniforms(self.seed, rows.to(z.device), positions, self.n)
-        ids = torch.empty((b, positions, self.n), dtype=torch.int64, device=z.device)
-        step = max(1, (1 << 24) // z.shape[-1])  # float64 CDFs of at most 16M values at a time
-        flat_z, flat_u, flat_ids = z.reshape(-1, z.shape[-1]), u.reshape(-1, self.n), ids.view(-1, self.n)
-        for s in range(0, flat_z.shape[0], step):
-            p = torch.softmax(flat_z[s:s + step].double() / self.temperature, dim=-1)
-            cdf = p.cumsum(-1)
-            drawn = torch.searchsorted(cdf, flat_u[s:s + step] * cdf[:, -1:], right=True)
-            flat_ids[s:s + step] = drawn.clamp_max(z.shape[-1] - 1)
+        ids = draw_ids(z.reshape(-1, z.shape[-1]), u.reshape(-1, self.n), self.temperature).view(b, positions, self.n)
         ordered = ids.sort(dim=-1).values
         new = torch.ones_like(ordered, dtype=torch.bool)
         new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]

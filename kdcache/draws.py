@@ -1,0 +1,60 @@
+"""Counter-based random draws: the same ids whatever the batch, device or process.
+
+A sampling codec's draws must be a pure function of (seed, row, position, draw) so that a
+resumed, re-batched or multi-process dump stores the same samples, byte for byte. Uniforms come
+from murmur3's 32-bit finaliser applied to that counter (no generator state), and ids from them
+by inverse CDF in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["counter_uniforms", "draw_ids"]
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow on any device."""
+    hi, lo = x >> 16, x & 0xFFFF
+    return ((((hi * c) & 0xFFFF) << 16) + lo * c) & _M32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seed: int, rows: torch.Tensor, positions: int, draws: int) -> torch.Tensor:
+    """(B, positions, draws) float64 uniforms in [0, 1), a pure function of (seed, row,
+    position, draw): the same whatever the batch, device or process that computes them."""
+    dev = rows.device
+    h = _fmix32(torch.full((1,), seed & _M32, dtype=torch.int64, device=dev) ^ 0x6B646361)
+    h = _fmix32(h ^ (rows.long() & _M32)).view(-1, 1, 1)
+    h = _fmix32(h ^ torch.arange(positions, device=dev).view(1, -1, 1))
+    j = torch.arange(draws, device=dev).view(1, 1, -1)
+    hi = _fmix32(h ^ (2 * j))
+    lo = _fmix32(h ^ (2 * j + 1))
+    return (hi.double() * 2.0**21 + (lo >> 11).double()) / 2.0**53
+
+
+def draw_ids(z: torch.Tensor, u: torch.Tensor, temperature: float, exclude: torch.Tensor | None = None,
+             ) -> torch.Tensor:
+    """(M, V) logits, (M, N) uniforms -> (M, N) int64 ids drawn by inverse CDF from
+    ``softmax(z / temperature)``, with the classes ``exclude`` (M, K) given no mass (a draw
+    from the rest, renormalised). A row whose remaining mass is 0 draws id V-1."""
+    ids = torch.empty(u.shape, dtype=torch.int64, device=z.device)
+    step = max(1, (1 << 24) // z.shape[-1])  # float64 CDFs of at most 16M values at a time
+    for s in range(0, z.shape[0], step):
+        p = torch.softmax(z[s:s + step].double() / temperature, dim=-1)
+        if exclude is not None:
+            p.scatter_(-1, exclude[s:s + step], 0.0)
+        cdf = p.cumsum(-1)
+        drawn = torch.searchsorted(cdf, u[s:s + step] * cdf[:, -1:], right=True)
+        ids[s:s + step] = drawn.clamp_max(z.shape[-1] - 1)
+    return ids
