@@ -20,6 +20,7 @@ _HOMES = {
     "KdcacheError": "errors", "TeacherCache": "store", "CacheMeta": "format", "dump_teacher": "dump",
     "DumpConfig": "config", "CachedTeacherDataset": "dataset", "ChunkShuffleBatchSampler": "dataset",
     "collate": "dataset", "TeacherTargets": "targets", "TopKTargets": "targets", "SampledTargets": "targets",
+    "HybridTargets": "targets",
     "SoftTargets": "targets",
     "train_student": "train", "evaluate": "train", "TrainConfig": "config", "Hint": "config", "KLDivLoss": "losses",
     "SoftTargetCrossEntropy": "losses", "HiddenStateLoss": "losses", "AttentionTransferLoss": "losses",
@@ -51,5 +52,5 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .format import CacheMeta
     from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SoftTargetCrossEntropy
     from .store import TeacherCache
-    from .targets import SampledTargets, SoftTargets, TeacherTargets, TopKTargets
+    from .targets import HybridTargets, SampledTargets, SoftTargets, TeacherTargets, TopKTargets
     from .train import evaluate, train_student

@@ -10,11 +10,13 @@ is tested in one place.
   classes' exact probabilities and the tail mass are known.
 - :class:`SampledCodec` — Random-Sampling KD (Anshumann et al., 2025): N class ids drawn with
   replacement from ``softmax(logits / T)``, seeded per row, stored as unique ids plus counts.
+- :class:`HybridCodec` — the K most likely classes' exact log-probabilities and ids, plus N draws
+  from the remaining classes: exact on the head, unbiased on the tail.
 
 Encoding runs on the teacher's device so the device-to-host copy moves the stored width.
 Decoding gives what the KD loss takes (:mod:`kdcache.targets`): a tensor of logits (dense), or
-``TopKTargets`` / ``SampledTargets``, whose fields are the keyword arguments of
-``TopKKLDivLoss`` / ``SampledKLDivLoss``.
+``TopKTargets`` / ``SampledTargets`` / ``HybridTargets``, whose fields are the keyword arguments
+of ``TopKKLDivLoss`` / ``SampledKLDivLoss`` / ``HybridKLDivLoss``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import torch
 
 from .draws import counter_uniforms, draw_ids
 from .errors import KdcacheError, option
-from .targets import SampledTargets, TopKTargets
+from .targets import HybridTargets, SampledTargets, TopKTargets
 
-__all__ = ["Codec", "DenseCodec", "TopKCodec", "SampledCodec", "DTYPES", "codec_from_params", "pack_ids",
-           "unpack_ids", "index_bits", "counter_uniforms"]
+__all__ = ["Codec", "DenseCodec", "TopKCodec", "SampledCodec", "HybridCodec", "DTYPES", "codec_from_params",
+           "pack_ids", "unpack_ids", "index_bits", "counter_uniforms"]
 
 # logical dtype -> (torch dtype on the wire, numpy dtype on disk)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
@@ -304,10 +306,83 @@ class SampledCodec:
         return None
 
 
-_CODECS: dict[str, type] = {"dense": DenseCodec, "topk": TopKCodec, "sampled": SampledCodec}
+@dataclass(frozen=True)
+class HybridCodec:
+    """The K most likely classes exactly, and N draws from the rest: top-k without its bias.
+
+    Per position, at the sampling ``temperature`` T: the K largest classes' log-probabilities
+    ``log softmax(logits / T)`` (float16; exact, so is the tail mass ``1 - sum``), their ids, and
+    N ids drawn with replacement from the teacher's distribution over the other classes
+    (renormalised), sorted, each standing for ``tail mass / N``. Head ids and tail draws are
+    bit-packed. The decoded distribution is exact on the head and an unbiased estimate of the
+    tail, where top-k folds the tail into one bucket (the bias Anshumann et al., 2025, blame for
+    top-k's gap to dense KD) and plain sampling spends its draws, and its variance, on the head.
+    Draws are a pure function of (seed, row, position, draw), as for :class:`SampledCodec`.
+    """
+
+    k: int
+    n: int
+    vocab: int
+    temperature: float = 1.0
+    seed: int = 0
+    name: ClassVar[str] = "hybrid"
+
+    def __post_init__(self) -> None:
+        _check_vocab(self.k, self.vocab, "--topk")
+        if self.k >= self.vocab:
+            raise KdcacheError(f"--topk {self.k} leaves no tail of the {self.vocab}-class vocabulary to sample: "
+                               "leave out --tail-samples")
+        if not 1 <= self.n <= 65535:
+            raise KdcacheError(f"--tail-samples must be within [1, 65535], got {self.n}")
+        if not 0 < self.temperature < math.inf:
+            raise KdcacheError(f"--sample-temperature must be a finite number > 0, got {self.temperature}")
+
+    @property
+    def bits(self) -> int:
+        return index_bits(self.vocab)
+
+    def params(self) -> dict[str, Any]:
+        return {"k": self.k, "n": self.n, "vocab": self.vocab, "temperature": self.temperature, "seed": self.seed,
+                "name": self.name, "index_bits": self.bits}
+
+    def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        prefix = shape[:-1]
+        return {"logprobs": ((*prefix, self.k), np.dtype("float16")),
+                "indices": ((*prefix, math.ceil(self.k * self.bits / 8)), np.dtype("uint8")),
+                "tail": ((*prefix, math.ceil(self.n * self.bits / 8)), np.dtype("uint8"))}
+
+    def encode(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if rows is None:
+            raise ValueError("HybridCodec.encode needs the cache rows of the batch (its seeds)")
+        z = output.detach()[..., :self.vocab].float()
+        values, head = z.topk(self.k, dim=-1)
+        # float16's finite range: a head class of probability 0 (exp underflow) is stored as -1e4, not -inf
+        logprobs = (values / self.temperature - (z / self.temperature).logsumexp(-1, keepdim=True)).clamp_min(-1e4)
+        flat = z.reshape(output.shape[0], -1, z.shape[-1])
+        u = counter_uniforms(self.seed, rows.to(z.device), flat.shape[1], self.n)
+        tail = draw_ids(flat.reshape(-1, z.shape[-1]), u.reshape(-1, self.n), self.temperature,
+                        exclude=head.reshape(-1, self.k)).sort(dim=-1).values
+        return {"logprobs": logprobs.half(), "indices": pack_ids(head, self.bits),
+                "tail": pack_ids(tail, self.bits).view(*z.shape[:-1], -1)}
+
+    def to_numpy(self, host: torch.Tensor) -> np.ndarray:
+        return _to_numpy(host)
+
+    def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> HybridTargets:
+        logprobs = torch.from_numpy(np.asarray(stored["logprobs"]))
+        return HybridTargets(logprobs=logprobs if dtype is None else logprobs.to(dtype),
+                             indices=unpack_ids(torch.from_numpy(np.asarray(stored["indices"])), self.k, self.bits),
+                             tail=unpack_ids(torch.from_numpy(np.asarray(stored["tail"])), self.n, self.bits))
+
+    def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
+        return _nonfinite(stored, "float16") if key == "logprobs" else None
+
+
+_CODECS: dict[str, type] = {"dense": DenseCodec, "topk": TopKCodec, "sampled": SampledCodec, "hybrid": HybridCodec}
 _PARAM_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "dense": {"dtype": str}, "topk": {"k": int, "vocab": int},
-    "sampled": {"n": int, "vocab": int, "temperature": (int, float), "seed": int}}
+    "sampled": {"n": int, "vocab": int, "temperature": (int, float), "seed": int},
+    "hybrid": {"k": int, "n": int, "vocab": int, "temperature": (int, float), "seed": int}}
 
 
 def codec_from_params(params: Any, where: str) -> Codec:

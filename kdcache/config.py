@@ -15,7 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from .codecs import DTYPES, Codec, DenseCodec, SampledCodec, TopKCodec
+from .codecs import DTYPES, Codec, DenseCodec, HybridCodec, SampledCodec, TopKCodec
 from .errors import KdcacheError, option
 
 __all__ = ["DumpConfig", "TrainConfig", "Hint", "AMP_CHOICES"]
@@ -149,6 +149,7 @@ class DumpConfig(_Settings):
     topk: int | None = None
     sample_k: int | None = None
     sample_temperature: float = 1.0
+    tail_samples: int | None = None  # with topk: N draws from the other classes (HybridCodec)
     vocab_size: int | None = None
     mask_key: str = DEFAULT_MASK_KEY
     views: int | None = None
@@ -177,6 +178,9 @@ class DumpConfig(_Settings):
             (self.topk is None or self.topk >= 1, "topk must be >= 1"),
             (self.sample_k is None or 1 <= self.sample_k <= 65535, "sample_k must be within [1, 65535]"),
             (self.sample_temperature > 0, "sample_temperature must be > 0"),
+            (self.tail_samples is None or self.topk is not None,
+             "tail_samples draws the classes outside a top-k head: give topk too"),
+            (self.tail_samples is None or 1 <= self.tail_samples <= 65535, "tail_samples must be within [1, 65535]"),
             (self.vocab_size is None or self.vocab_size >= 1, "vocab_size must be >= 1"),
             (self.views is None or self.views >= 1, "views must be >= 1"),
             (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}"),
@@ -206,6 +210,8 @@ class DumpConfig(_Settings):
                            vocab_size=self.vocab_size, seed=self.seed)
         if self.mask_key != DEFAULT_MASK_KEY:
             choices["mask_key"] = self.mask_key
+        if self.tail_samples is not None:
+            choices["tail_samples"] = self.tail_samples
         return choices
 
     def codec(self, name: str, classes: int) -> Codec:
@@ -215,6 +221,8 @@ class DumpConfig(_Settings):
         vocab = self.vocab_size or classes
         if vocab > classes:
             raise KdcacheError(f"{option('vocab_size', vocab)} is larger than the teacher's {classes} output classes")
+        if self.topk is not None and self.tail_samples is not None:
+            return HybridCodec(self.topk, self.tail_samples, vocab, self.sample_temperature, self.seed or 0)
         if self.topk is not None:
             return TopKCodec(self.topk, vocab)
         if self.sample_k is not None:

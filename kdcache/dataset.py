@@ -91,9 +91,10 @@ class CachedTeacherDataset(Dataset):
             is bit-identical to the teacher's (checked by its digest).
 
     Item ``i`` is sample ``i``: ``len(self)`` is the number of samples, not of cache rows. The
-    teacher's logits are a tensor for dense outputs, :class:`~kdcache.codecs.TopKTargets`
-    (``values``, ``indices``, ``logsumexp``) for top-k and :class:`~kdcache.codecs.SampledTargets`
-    (``ids``, ``counts``) for sampled ones; sequence caches add ``mask`` (True = real token).
+    teacher's logits are a tensor for dense outputs, :class:`~kdcache.targets.TopKTargets`
+    (``values``, ``indices``, ``logsumexp``) for top-k, :class:`~kdcache.targets.SampledTargets`
+    (``ids``, ``counts``) for sampled and :class:`~kdcache.targets.HybridTargets` (``logprobs``,
+    ``indices``, ``tail``) for hybrid ones; sequence caches add ``mask`` (True = real token).
 
     Raises:
         KdcacheError: the cache is incomplete or damaged, or the dataset does not match it.

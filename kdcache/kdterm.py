@@ -3,7 +3,7 @@
 mix-in.
 
 :class:`KDTerm` picks the loss that fits where the teacher's outputs come from (dense logits,
-a top-k or a sampled cache, or a dense regression target such as an embedding), cutting a
+a top-k, sampled or hybrid cache, or a dense regression target such as an embedding), cutting a
 student's padded vocabulary to the teacher's real one; :func:`check_student_logits` refuses a
 student whose logits cannot be compared with the teacher's; :func:`labelled_cross_entropy` is
 the labels' term.
@@ -16,11 +16,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .codecs import Codec, SampledCodec
+from .codecs import Codec, HybridCodec, SampledCodec
 from .errors import KdcacheError, option
 from .format import CacheMeta
-from .losses import HiddenStateLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
-from .targets import SampledTargets, SoftTargets, TopKTargets
+from .losses import HiddenStateLoss, HybridKLDivLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
+from .targets import SPARSE_TARGETS, SoftTargets
 
 __all__ = ["KDTerm", "OBJECTIVES", "check_student_logits", "labelled_cross_entropy"]
 
@@ -28,13 +28,13 @@ OBJECTIVES = ("kl", "mse", "cosine")
 
 
 class KDTerm:
-    """The KD term for where the teacher's logits come from: dense (cache or online), top-k or
-    sampled cache; student logits are cut to the real vocabulary when the output layer is padded.
+    """The KD term for where the teacher's logits come from: dense (cache or online), top-k,
+    sampled or hybrid cache; student logits are cut to the real vocabulary when the output layer is padded.
 
     Args:
         codec: the cache's logits codec (None: dense, e.g. an online teacher).
         vocab: the teacher's real vocabulary (None: no padding to cut).
-        temperature: T of the KL terms (default 4; a sampled cache's own sampling temperature).
+        temperature: T of the KL terms (default 4; a sampled or hybrid cache's own sampling temperature).
         objective: ``"kl"`` (Hinton's ``T^2 KL``, for logits) or ``"mse"``/``"cosine"`` for a dense
             regression target such as an embedding (:class:`~kdcache.losses.HiddenStateLoss`).
     """
@@ -47,7 +47,7 @@ class KDTerm:
             raise KdcacheError(f"the KD objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if objective != "kl" and self.kind != "dense":
             raise KdcacheError(f"a {self.kind} cache holds logits: distil it with the kl objective, not {objective}")
-        if isinstance(codec, SampledCodec):
+        if isinstance(codec, (SampledCodec, HybridCodec)):  # trained at the temperature it was drawn at
             sampled_at = float(codec.temperature)
             if temperature is not None and temperature != sampled_at:
                 raise KdcacheError(f"this cache was sampled at temperature {sampled_at:g}: train with "
@@ -57,7 +57,8 @@ class KDTerm:
         self.objective = objective
         self.temperature = 4.0 if temperature is None else float(temperature)
         self.loss: torch.nn.Module = (HiddenStateLoss(objective) if objective != "kl" else
-                                      {"dense": KLDivLoss, "topk": TopKKLDivLoss, "sampled": SampledKLDivLoss}[self.kind](
+                                      {"dense": KLDivLoss, "topk": TopKKLDivLoss, "sampled": SampledKLDivLoss,
+                                       "hybrid": HybridKLDivLoss}[self.kind](
                                           self.temperature))
 
     def __call__(self, student_logits: torch.Tensor, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
@@ -66,7 +67,7 @@ class KDTerm:
                              mask.shape == student_logits.shape[:-1] else None)
         if self.vocab is not None and student_logits.shape[-1] > self.vocab:
             student_logits = student_logits[..., :self.vocab]
-        if isinstance(teacher, (TopKTargets, SampledTargets)):  # its fields are the loss's arguments
+        if isinstance(teacher, SPARSE_TARGETS):  # its fields are the loss's arguments
             return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
         if isinstance(teacher, SoftTargets):  # precomputed over the real vocabulary
             return self.loss(student_logits, teacher, mask)

@@ -14,8 +14,8 @@ from torch import nn
 
 from .targets import SoftTargets, teacher_side
 
-__all__ = ["KLDivLoss", "SoftTargetCrossEntropy", "TopKKLDivLoss", "SampledKLDivLoss", "HiddenStateLoss",
-           "AttentionTransferLoss"]
+__all__ = ["KLDivLoss", "SoftTargetCrossEntropy", "TopKKLDivLoss", "SampledKLDivLoss", "HybridKLDivLoss",
+           "HiddenStateLoss", "AttentionTransferLoss"]
 
 
 def _check_reduction(reduction: str, mask: torch.Tensor | None, shape: torch.Size) -> None:
@@ -253,6 +253,45 @@ class SampledKLDivLoss(nn.Module):
             q = c / c.sum(-1, keepdim=True).clamp_min(1)
         log_ps = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, ids.long())
         per_item = (torch.xlogy(q, q) - q * log_ps).sum(-1)
+        return _reduce(per_item, mask, self.reduction) * (t * t)
+
+
+class HybridKLDivLoss(nn.Module):
+    """KL from a hybrid cache: the teacher's K most likely classes exactly, the rest estimated
+    from N draws.
+
+    The teacher side is ``q``: ``exp(logprobs)`` on the head ``indices``, and ``tail mass / N``
+    on each of the N ``tail`` draws (ids from the other classes; a class drawn c times gets c
+    shares), where ``tail mass = 1 - sum exp(logprobs)``. ``q`` is exact on the head and, over
+    the draws, an unbiased estimate of the teacher's distribution elsewhere, so the loss's
+    gradient is an unbiased estimate of the dense KD gradient at temperature T, with variance
+    only from the tail's mass. The value is ``T^2 * KL(q || softmax(s/T))``: when the head holds
+    all the mass (K = V), exactly :class:`KLDivLoss`. Use the temperature the cache was drawn at
+    (``train_student`` does): its log-probabilities are of ``softmax(logits / T)``.
+
+    Shapes: ``student_logits`` ``(B, *P, V)``; ``logprobs``/``indices`` ``(B, *P, K)``; ``tail``
+    ``(B, *P, N)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`.
+    """
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
+        super().__init__()
+        self.temperature, self.reduction = _check_temperature(temperature), reduction
+
+    def forward(self, student_logits: torch.Tensor, logprobs: torch.Tensor, indices: torch.Tensor,
+                tail: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        prefix = student_logits.shape[:-1]
+        if logprobs.shape != indices.shape or logprobs.shape[:-1] != prefix or tail.shape[:-1] != prefix:
+            raise ValueError(f"hybrid shapes do not fit: student {tuple(student_logits.shape)}, logprobs "
+                             f"{tuple(logprobs.shape)}, indices {tuple(indices.shape)}, tail {tuple(tail.shape)}")
+        t, n = self.temperature, tail.shape[-1]
+        with torch.no_grad():
+            head = logprobs.float().exp()
+            share = ((1 - head.sum(-1, keepdim=True)).clamp_min(0) / n).expand(*prefix, n)
+            q = torch.cat([head, share], dim=-1)
+            drawn = (tail.unsqueeze(-1) == tail.unsqueeze(-2)).sum(-1)  # (…, N): how often each draw's id was drawn
+            neg_entropy = torch.xlogy(head, head).sum(-1) + torch.xlogy(share, share * drawn).sum(-1)
+        log_ps = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, torch.cat([indices, tail], -1).long())
+        per_item = neg_entropy - (q * log_ps).sum(-1)
         return _reduce(per_item, mask, self.reduction) * (t * t)
 
 

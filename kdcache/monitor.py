@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .dataset import CachedTeacherDataset, collate
 from .errors import KdcacheError, option
 from .items import autocast, call_model, move_inputs, select_output
-from .targets import LogitTargets, SampledTargets, SoftTargets, TeacherTargets, TopKTargets
+from .targets import HybridTargets, LogitTargets, SampledTargets, SoftTargets, TeacherTargets, TopKTargets
 
 __all__ = ["TeacherFit", "OverfitToCacheWarning", "growing_gap", "teacher_fit", "top1"]
 
@@ -32,9 +32,9 @@ SAMPLE_ROWS = 2048  # rows measured per side and epoch: enough for a stable mean
 
 def top1(logits: LogitTargets, classes: int | None = None) -> torch.Tensor:
     """The most likely class per position, int64 (B, *P): the argmax of dense logits (over the
-    first ``classes``, the real vocabulary), a top-k row's first kept id (kept in descending
-    order), a sampled row's most drawn id (an estimate), or precomputed probabilities' argmax."""
-    if isinstance(logits, TopKTargets):
+    first ``classes``, the real vocabulary), a top-k or hybrid row's first kept id (kept in
+    descending order), a sampled row's most drawn id (an estimate), or precomputed probabilities' argmax."""
+    if isinstance(logits, (TopKTargets, HybridTargets)):
         return logits.indices[..., 0]
     if isinstance(logits, SampledTargets):
         return logits.ids.gather(-1, logits.counts.argmax(-1, keepdim=True)).squeeze(-1)

@@ -138,7 +138,7 @@ class ResidentTargets:
     def gather(self, name: str, rows: torch.Tensor, dtype: torch.dtype | None) -> Any:
         """Output ``name``'s rows ``rows`` (int64 on any device), decoded by its codec, on
         ``self.device``: a tensor in ``dtype`` (None keeps the stored width), TopKTargets,
-        SampledTargets, or SoftTargets once the logits are precomputed."""
+        SampledTargets, HybridTargets, or SoftTargets once the logits are precomputed."""
         rows = rows.to(self.device, non_blocking=True)
         if name == "logits" and self.soft is not None:
             return SoftTargets(_take(self.soft.probs, rows), _take(self.soft.neg_entropy, rows), self.soft.temperature)

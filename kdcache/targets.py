@@ -1,9 +1,10 @@
 """Decoded teacher outputs: what stage two hands to the KD losses.
 
-A codec's ``decode`` gives a tensor of logits (dense), :class:`TopKTargets` or
-:class:`SampledTargets`; their fields are the keyword arguments of ``TopKKLDivLoss`` and
-``SampledKLDivLoss``. A batch's decoded outputs travel together as :class:`TeacherTargets`,
-shared by :mod:`kdcache.dataset` (which builds them) and :mod:`kdcache.train` (which uses them).
+A codec's ``decode`` gives a tensor of logits (dense), :class:`TopKTargets`,
+:class:`SampledTargets` or :class:`HybridTargets`; their fields are the keyword arguments of
+``TopKKLDivLoss``, ``SampledKLDivLoss`` and ``HybridKLDivLoss``. A batch's decoded outputs travel
+together as :class:`TeacherTargets`, shared by :mod:`kdcache.dataset` (which builds them) and
+:mod:`kdcache.train` (which uses them).
 
 :class:`SoftTargets` is the teacher side of the dense KD term computed ahead of training: a cache
 knows the teacher's logits before the first step, so their softmax at the run's temperature and
@@ -17,8 +18,8 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["TopKTargets", "SampledTargets", "SoftTargets", "TeacherTargets", "LogitTargets", "map_tensors",
-           "teacher_side"]
+__all__ = ["TopKTargets", "SampledTargets", "HybridTargets", "SPARSE_TARGETS", "SoftTargets", "TeacherTargets",
+           "LogitTargets", "map_tensors", "teacher_side"]
 
 
 class _Named:
@@ -62,6 +63,20 @@ class SampledTargets(_Named):
 
 
 @dataclass(frozen=True)
+class HybridTargets(_Named):
+    """A hybrid cache's rows, the arguments of ``HybridKLDivLoss``: ``logprobs`` (B, *P, K) (stored
+    float16 or ``dtype``) and ``indices`` int64 (B, *P, K) of the K most likely classes, ``tail``
+    int64 (B, *P, N): N draws from the other classes."""
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor
+
+
+SPARSE_TARGETS = (TopKTargets, SampledTargets, HybridTargets)
+
+
+@dataclass(frozen=True)
 class SoftTargets(_Named):
     """A dense cache's rows with the teacher side of the KD term precomputed at ``temperature``:
     ``probs`` (B, *P, C) = softmax(logits / T) (float16, or float32 for a float32 cache) and
@@ -82,7 +97,7 @@ def teacher_side(logits: torch.Tensor, temperature: float, dtype: torch.dtype = 
     return log_p, log_p.exp()
 
 
-LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets, SoftTargets]
+LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets, HybridTargets, SoftTargets]
 
 
 def map_tensors(value: Any, fn: Any, leaf: type = torch.Tensor) -> Any:
@@ -101,9 +116,9 @@ def map_tensors(value: Any, fn: Any, leaf: type = torch.Tensor) -> Any:
 
 @dataclass(frozen=True)
 class TeacherTargets(_Named):
-    """A batch's cached teacher outputs: ``logits`` (a tensor, :class:`TopKTargets` or
-    :class:`SampledTargets`), ``hidden`` (module name -> tensor) and, for sequence caches,
-    ``mask`` (B, L) bool, True for real tokens. ``targets["logits"]`` works as well."""
+    """A batch's cached teacher outputs: ``logits`` (a tensor, :class:`TopKTargets`,
+    :class:`SampledTargets` or :class:`HybridTargets`), ``hidden`` (module name -> tensor) and, for
+    sequence caches, ``mask`` (B, L) bool, True for real tokens. ``targets["logits"]`` works as well."""
 
     logits: Any
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)

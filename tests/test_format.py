@@ -28,13 +28,14 @@ def _recorded(path: Path) -> dict:
     return json.loads((Path(path) / "zarr.json").read_text())["attributes"]["kdcache"]
 
 
-@pytest.fixture(params=["dense+hidden", "bfloat16", "topk", "sampled", "views", "explicit-views"])
+@pytest.fixture(params=["dense+hidden", "bfloat16", "topk", "sampled", "hybrid", "views", "explicit-views"])
 def dumped(request, tmp_path, models):
     """A cache of each kind the format knows: codecs, sequences with masks, views."""
     kind = request.param
     quiet = dict(progress=False, log=lambda m: None)
-    if kind in ("topk", "sampled"):
-        sparse = {"topk": 8} if kind == "topk" else {"sample_k": 16, "seed": 3}
+    if kind in ("topk", "sampled", "hybrid"):
+        sparse = {"topk": {"topk": 8}, "sampled": {"sample_k": 16, "seed": 3},
+                  "hybrid": {"topk": 4, "tail_samples": 8, "seed": 3}}[kind]
         return kdcache.dump_teacher(models.tiny_lm(), models.tokens(), tmp_path / kind, vocab_size=40, batch_size=16,
                                     **sparse, **quiet)
     if kind in ("views", "explicit-views"):

@@ -41,7 +41,7 @@ def _batches(data: CachedTeacherDataset, rows: list[int]):
     return inputs, teacher
 
 
-@pytest.mark.parametrize("codec", [{}, {"topk": 6}, {"sample_k": 8, "seed": 1}])
+@pytest.mark.parametrize("codec", [{}, {"topk": 6}, {"sample_k": 8, "seed": 1}, {"topk": 4, "tail_samples": 8, "seed": 1}])
 def test_packed_rows_read_back_exactly_what_the_padded_layout_stores(tmp_path, models, codec):
     ds = models.tokens(n=40)
     kwargs = dict(vocab_size=40, hidden=["rnn#0"], batch_size=16, block_rows=8, **codec, **QUIET)

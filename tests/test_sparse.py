@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
-from kdcache import CachedTeacherDataset, KdcacheError, TeacherCache, dump_teacher, train_student
-from kdcache.codecs import SampledCodec, TopKCodec, counter_uniforms, pack_ids, unpack_ids
+from conftest import run_cli, store_files
+from kdcache import CachedTeacherDataset, DumpConfig, KdcacheError, TeacherCache, dump_teacher, train_student
+from kdcache.codecs import HybridCodec, SampledCodec, TopKCodec, counter_uniforms, pack_ids, unpack_ids
 from kdcache.items import fetch_batch
-from kdcache.losses import KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
+from kdcache.losses import HybridKLDivLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 
 VOCAB, PADDED = 40, 48
+
+
+def _round_trip(codec, logits, rows):
+    """Encode ``logits`` of cache ``rows`` as stored, and decode them."""
+    return codec.decode({k: codec.to_numpy(v) for k, v in codec.encode(logits, rows).items()})
 
 
 def _teacher_logits(models, ds):
@@ -66,6 +71,8 @@ def test_top32_of_a_32k_vocabulary_fits_128_bytes_per_token():
     assert per_token == 64 + 60 + 4  # float16 values, 15-bit ids, float32 logsumexp
     sampled = SampledCodec(32, 32000).arrays((2048, 32000))
     assert sum(int(np.prod(s[1:])) * d.itemsize for s, d in sampled.values()) == 60 + 32
+    hybrid = HybridCodec(16, 32, 32000).arrays((2048, 32000))
+    assert sum(int(np.prod(s[1:])) * d.itemsize for s, d in hybrid.values()) == 32 + 30 + 60  # no logsumexp needed
 
 
 def test_sampled_cache_counts_draws_per_real_token_and_is_batch_independent(tmp_path, models):
@@ -88,11 +95,78 @@ def test_sampled_cache_counts_draws_per_real_token_and_is_batch_independent(tmp_
 def test_sampled_counts_are_an_unbiased_estimate_of_the_teacher():
     z = torch.randn(1, 10).repeat(4000, 1) * 2
     codec = SampledCodec(8, 10, temperature=2.0, seed=0)
-    got = codec.decode({k: codec.to_numpy(v) for k, v in codec.encode(z, torch.arange(4000)).items()})
+    got = _round_trip(codec, z, torch.arange(4000))
     freq = torch.zeros(10).scatter_add_(0, got["ids"].flatten(), got["counts"].flatten()) / (8 * 4000)
     torch.testing.assert_close(freq, torch.softmax(z[0] / 2, -1), atol=0.01, rtol=0)
     u = counter_uniforms(0, torch.arange(1000), 1, 8)
     assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.02
+
+
+def test_hybrid_cache_stores_the_exact_head_and_tail_draws_outside_it(tmp_path, models):
+    ds = models.tokens()
+    quiet = dict(vocab_size=VOCAB, topk=4, tail_samples=16, seed=3, layout="padded", progress=False, log=lambda m: None)
+    cache = dump_teacher(models.tiny_lm(), ds, tmp_path / "a", batch_size=16, **quiet)
+    logits, mask = _teacher_logits(models, ds)
+    stored = cache.read_output("logits", 0, len(ds))
+    assert set(stored) == {"logprobs", "indices", "tail"} and "logits" not in cache.group and "hybrid" in cache.group
+    got = HybridCodec(4, 16, VOCAB, 1.0, 3).decode(stored)
+    logprobs, head = torch.log_softmax(logits[..., :VOCAB], -1).topk(4, dim=-1)
+    assert torch.equal(got.indices[mask], head[mask])
+    torch.testing.assert_close(got.logprobs[mask], logprobs[mask].clamp_min(-1e4), atol=2e-3, rtol=1e-3)  # float16
+    tail = got.tail[mask]
+    assert int(tail.max()) < VOCAB and torch.all(tail[:, 1:] >= tail[:, :-1])  # real classes, sorted
+    assert not (tail.unsqueeze(-1) == got.indices[mask].unsqueeze(-2)).any()  # never a head class
+    assert not stored["logprobs"][~mask.numpy()].any() and not stored["tail"][~mask.numpy()].any()
+    assert cache.meta.outputs["logits"].codec.params() == {"name": "hybrid", "k": 4, "n": 16, "vocab": VOCAB,
+                                                         "temperature": 1.0, "seed": 3, "index_bits": 6}
+    other = dump_teacher(models.tiny_lm(), ds, tmp_path / "b", batch_size=5, block_rows=8, **quiet)
+    files = store_files(other.path)
+    assert all(files[k] == v for k, v in store_files(cache.path).items() if k.startswith("hybrid/c/"))  # seeded per row
+
+
+def test_hybrid_tail_draws_are_an_unbiased_estimate_of_the_tail():
+    z = (torch.randn(1, 12) * 2).repeat(3000, 1)
+    got = _round_trip(HybridCodec(3, 8, 12, temperature=2.0, seed=1), z, torch.arange(3000))
+    p = torch.softmax(z[0] / 2, -1)
+    head = p.topk(3).indices
+    assert torch.equal(got.indices, head.expand(3000, 3))
+    torch.testing.assert_close(got.logprobs[0].float(), p[head].log(), atol=1e-3, rtol=0)
+    tail_mass = 1 - float(p[head].sum())
+    estimate = torch.zeros(12).scatter_add_(0, got.tail.flatten(), torch.full((3000 * 8,), tail_mass / (3000 * 8)))
+    assert float(estimate[head].sum()) == 0
+    torch.testing.assert_close(estimate, p.scatter(0, head, 0.0), atol=0.006, rtol=0)
+
+
+def test_hybrid_loss_equals_the_dense_loss_when_the_head_holds_all_the_mass():
+    torch.manual_seed(3)
+    student = torch.randn(3, 5, 30, requires_grad=True)
+    teacher = torch.randn(3, 5, 30) * 3
+    mask = torch.rand(3, 5) > 0.3
+    tail = torch.randint(0, 30, (3, 5, 4))  # draws of a tail of no mass weigh nothing
+    for t in (1.0, 4.0):
+        logprobs, ids = torch.log_softmax(teacher / t, -1).topk(30, dim=-1)
+        dense = KLDivLoss(t)(student, teacher, mask)
+        hybrid = HybridKLDivLoss(t)(student, logprobs, ids, tail, mask)
+        torch.testing.assert_close(hybrid, dense)
+        torch.testing.assert_close(torch.autograd.grad(hybrid, student)[0], torch.autograd.grad(dense, student)[0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_hybrid_loss_gradient_is_an_unbiased_estimate_of_the_dense_gradient(temperature):
+    """Over many draws of the tail (rows of one logits vector), the mean gradient is the dense one."""
+    torch.manual_seed(4)
+    rows, vocab = 4000, 25
+    teacher = (torch.randn(1, vocab) * 2).expand(rows, vocab)
+    student = torch.randn(1, vocab, requires_grad=True)
+    got = _round_trip(HybridCodec(4, 3, vocab, temperature, seed=2), teacher, torch.arange(rows))
+    hybrid = HybridKLDivLoss(temperature)(student.expand(rows, vocab), **dict(got))
+    dense = KLDivLoss(temperature)(student, teacher[:1])
+    g_hybrid, g_dense = torch.autograd.grad(hybrid, student)[0], torch.autograd.grad(dense, student)[0]
+    # float16 head log-probabilities and 12,000 tail draws: a few standard errors of the tail estimate
+    torch.testing.assert_close(g_hybrid, g_dense, atol=0.01 * temperature, rtol=0)
+    values, ids = teacher[:1].topk(4)  # top-k's folded tail is off by 5x that, as the tail is not modelled
+    topk = TopKKLDivLoss(temperature)(student, values, ids, teacher[:1].logsumexp(-1))
+    assert float((torch.autograd.grad(topk, student)[0] - g_dense).abs().max()) > 0.05 * temperature
 
 
 def test_topk_loss_equals_dense_loss_when_k_is_the_vocabulary():
@@ -129,11 +203,11 @@ def test_masked_positions_do_not_count_in_any_kd_loss():
     noisy = student.clone()
     noisy[~mask] += 100 * torch.randn_like(noisy[~mask])
     values, ids = teacher.topk(4, -1)
-    codec = SampledCodec(8, 12)
-    sampled = codec.decode({k: codec.to_numpy(v) for k, v in codec.encode(teacher, torch.arange(2)).items()})
+    sampled, hybrid = (_round_trip(c, teacher, torch.arange(2)) for c in (SampledCodec(8, 12), HybridCodec(3, 8, 12)))
     losses = [lambda s: KLDivLoss(2.0)(s, teacher, mask),
               lambda s: TopKKLDivLoss(2.0)(s, values, ids, teacher.logsumexp(-1), mask),
-              lambda s: SampledKLDivLoss(1.0)(s, sampled["ids"], sampled["counts"], mask)]
+              lambda s: SampledKLDivLoss(1.0)(s, sampled["ids"], sampled["counts"], mask),
+              lambda s: HybridKLDivLoss(1.0)(s, **dict(hybrid), mask=mask)]
     for loss in losses:
         torch.testing.assert_close(loss(noisy), loss(student))
         assert float(loss(student)) > 0
@@ -150,7 +224,8 @@ def test_dataset_returns_sparse_teacher_and_padding_mask(topk_cache):
     assert row[2]["logits"]["values"].shape == (12, 8)
 
 
-def test_student_distils_from_topk_and_sampled_caches_and_wrong_vocabulary_is_refused(tmp_path, topk_cache, models):
+def test_student_distils_from_topk_sampled_and_hybrid_caches_and_wrong_vocabulary_is_refused(tmp_path, topk_cache,
+                                                                                              models):
     ds, cache = topk_cache
     teacher_logits, mask = _teacher_logits(models, ds)
     p_t = torch.softmax(teacher_logits[..., :VOCAB], -1)
@@ -162,7 +237,9 @@ def test_student_distils_from_topk_and_sampled_caches_and_wrong_vocabulary_is_re
 
     sampled = dump_teacher(models.tiny_lm(), ds, tmp_path / "s", sample_k=16, vocab_size=VOCAB, progress=False,
                            log=lambda m: None)
-    for cache_path, padded in ((cache, VOCAB), (sampled, PADDED)):
+    hybrid = dump_teacher(models.tiny_lm(), ds, tmp_path / "h", topk=2, tail_samples=8, vocab_size=VOCAB,
+                          progress=False, log=lambda m: None)
+    for cache_path, padded in ((cache, VOCAB), (sampled, PADDED), (hybrid, PADDED)):
         student = models.tiny_lm(width=8, padded=padded, seed=4)
         before = kl_to_teacher(student)
         result = train_student(student, ds, cache_path, epochs=15, lr=0.02, alpha=1.0, batch_size=8,
@@ -170,8 +247,20 @@ def test_student_distils_from_topk_and_sampled_caches_and_wrong_vocabulary_is_re
         assert result.final["kd"] > 0 and kl_to_teacher(student) < 0.7 * before
     with pytest.raises(KdcacheError, match="vocabulary/class count must be 40 or 48"):
         train_student(models.tiny_lm(width=8, padded=44), ds, cache, epochs=1, progress=False)
-    with pytest.raises(KdcacheError, match="sampled at temperature 1"):
-        train_student(models.tiny_lm(width=8), ds, sampled, epochs=1, temperature=4.0, progress=False)
+    for drawn in (sampled, hybrid):
+        with pytest.raises(KdcacheError, match="sampled at temperature 1"):
+            train_student(models.tiny_lm(width=8), ds, drawn, epochs=1, temperature=4.0, progress=False)
+
+
+def test_tail_samples_need_a_head_with_a_tail_and_enter_the_fingerprint_only_when_given():
+    with pytest.raises(KdcacheError, match="give topk too"):
+        DumpConfig(tail_samples=8)
+    with pytest.raises(KdcacheError, match="leaves no tail"):
+        DumpConfig(topk=40, tail_samples=8).codec("logits", 40)
+    assert DumpConfig(topk=8, tail_samples=4, seed=2).codec("logits", 48) == HybridCodec(8, 4, 48, 1.0, 2)
+    top8 = DumpConfig(topk=8).fingerprint_inputs("none", False)
+    assert "tail_samples" not in top8
+    assert DumpConfig(topk=8, tail_samples=4).fingerprint_inputs("none", False) == {**top8, "tail_samples": 4}
 
 
 def test_cli_topk_dump_info_and_training(tmp_path, models_file):
@@ -193,4 +282,7 @@ def test_cli_topk_dump_info_and_training(tmp_path, models_file):
     big = run_cli("dump-teacher", "--teacher", spec + "tiny_lm", "--dataset", spec + "tokens", "--topk", "41",
                   "--vocab-size", "40", "--out", str(tmp_path / "e"))
     assert big.returncode == 2 and "larger than the vocabulary" in big.stderr
+    tail = run_cli("dump-teacher", "--teacher", spec + "tiny_lm", "--dataset", spec + "tokens", "--tail-samples", "4",
+                   "--out", str(tmp_path / "f"))
+    assert tail.returncode == 2 and "give topk too" in tail.stderr and "Traceback" not in tail.stderr
     assert TeacherCache.exists(tmp_path / "c")

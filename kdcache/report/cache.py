@@ -71,7 +71,7 @@ def _confidence(stats: CacheStats, out: Path) -> ReportFigure:
     conf.set_xlabel("probability")
     conf.set_ylabel("positions" if len(stats.confidence) != stats.rows else "rows")
     ent.hist(stats.entropy, bins=40, range=(0, max(float(np.log(stats.classes)), 1e-3)), color="C1")
-    ent.set_title({"topk": "entropy (kept classes + tail), nats", "sampled": "entropy of the draws, nats"}.get(
+    ent.set_title({"topk": "entropy (kept classes + tail), nats", "hybrid": "entropy (kept classes + tail), nats", "sampled": "entropy of the draws, nats"}.get(
         stats.codec, "teacher entropy, nats"))
     ent.set_xlabel(f"nats (uniform over {stats.classes} classes: {np.log(stats.classes):.2f})")
     return ReportFigure("confidence", out / "confidence.png", save(figure, out / "confidence.png"))

@@ -21,7 +21,7 @@ from ..dataset import CachedTeacherDataset, collate
 from ..errors import KdcacheError
 from ..format import ROW_DIGEST, VIEW_PARAMS
 from ..store import TeacherCache
-from ..targets import SampledTargets, TopKTargets
+from ..targets import HybridTargets, SampledTargets, TopKTargets
 
 __all__ = ["CacheStats", "cache_stats"]
 
@@ -46,7 +46,7 @@ class CacheStats:
         mass_k: dense only: the k of the top-k mass curve, 1 .. classes.
         mass: dense only: temperature -> (curve positions, len(mass_k)) float32, the probability
             the k most likely classes hold in ``softmax(logits / T)``.
-        kept_mass: top-k only: (positions,) float32, the probability the stored K classes hold.
+        kept_mass: top-k and hybrid: (positions,) float32, the probability the stored K head classes hold.
         distinct: sampled only: (positions,) int64, distinct ids among the N draws.
         row_bytes: bytes one row takes in each stored array (no chunk padding).
     """
@@ -124,8 +124,9 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
         raise KdcacheError(f"cache {opened.path} stores one value per row, not logits over classes: nothing to report")
     classes = meta.vocab.real
     per_row = int(np.prod(logits.shape[:-1], dtype=np.int64))
-    width = {"dense": classes, "topk": logits.arrays["values"].shape[-1] if logits.codec.name == "topk" else 0,
-             "sampled": logits.arrays["counts"].shape[-1] if logits.codec.name == "sampled" else 0}[logits.codec.name]
+    params = logits.codec.params()
+    width = {"dense": classes, "topk": params.get("k", 0), "sampled": params.get("n", 0),
+             "hybrid": params.get("k", 0) + params.get("n", 0)}[logits.codec.name]
     budget = max(1, min(max_positions // per_row, max_values // max(per_row * width, 1)))
     mass_k = np.unique(np.round(np.geomspace(1, classes, num=min(classes, 40))).astype(np.int64))
     parts: dict[str, list[np.ndarray]] = {}
@@ -156,12 +157,13 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
                       labels=arrays["labels"] if labels_ok else None, mass_k=mass_k if dense else None,
                       mass={t: arrays[f"mass@{t}"][:CURVE_POSITIONS] for t in temperatures} if dense else None,
                       kept_mass=arrays.get("kept_mass"), distinct=arrays.get("distinct"),
-                      stored_k=width if logits.codec.name != "dense" else None, notes=notes)
+                      stored_k=params.get("k", params.get("n")) if logits.codec.name != "dense" else None, notes=notes)
 
 
 def _length(targets: Any) -> int:
     return len(targets.values if isinstance(targets, TopKTargets) else
-               targets.ids if isinstance(targets, SampledTargets) else targets)
+               targets.ids if isinstance(targets, SampledTargets) else
+               targets.logprobs if isinstance(targets, HybridTargets) else targets)
 
 
 def _batches(cache: TeacherCache, dataset: Any, budget: int, seed: int
@@ -218,6 +220,8 @@ def _stored_padding(targets: Any) -> torch.Tensor:
         return (targets.values != 0).any(-1) | (targets.logsumexp != 0)
     if isinstance(targets, SampledTargets):
         return targets.counts.sum(-1) > 0
+    if isinstance(targets, HybridTargets):
+        return (targets.logprobs != 0).any(-1) | (targets.tail != 0).any(-1)
     return (targets != 0).any(-1)
 
 
@@ -232,9 +236,12 @@ def _summarise(targets: Any, classes: int, mask: torch.Tensor | None, mass_k: np
         t = t.reshape(-1, t.shape[-1]) if per_class else t.reshape(-1)
         return t[real] if real is not None else t
 
-    if isinstance(targets, TopKTargets):
-        ids, lse = positions(targets.indices), positions(targets.logsumexp, per_class=False)
-        p = torch.exp(positions(targets.values.float()) - lse.unsqueeze(-1))
+    if isinstance(targets, (TopKTargets, HybridTargets)):  # the head exactly, the rest as one tail bucket
+        ids = positions(targets.indices)
+        if isinstance(targets, TopKTargets):
+            p = torch.exp(positions(targets.values.float()) - positions(targets.logsumexp, per_class=False).unsqueeze(-1))
+        else:
+            p = torch.exp(positions(targets.logprobs.float()))
         kept = p.sum(-1).clamp(max=1.0)
         tail = (1 - kept).clamp_min(0)
         entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) - tail * torch.log(tail.clamp_min(1e-30))

@@ -64,7 +64,8 @@ class TeacherCache:
         complete, fingerprint 3f...)``"""
         def form(o: OutputSpec) -> str:
             p = o.codec.params()
-            words = {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples"}
+            words = {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples",
+                     "hybrid": f"top-{p.get('k')} + {p.get('n')} tail samples"}
             return words.get(o.codec.name, p.get("dtype", ""))
         outputs = ", ".join(f"{'logits' if name == 'logits' else 'hidden/' + name} {o.shape} {form(o)}"
                             for name, o in self.outputs.items())

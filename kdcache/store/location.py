@@ -78,7 +78,8 @@ def list_dir(root: str | Path) -> list[str] | None:
 
 
 # what a kdcache cache directory holds; anything else in it is not kdcache's to delete
-CACHE_ENTRIES = frozenset({"zarr.json", "logits", "topk", "sampled", "hidden", "_row_digest", "_view_params", "_blocks"})
+CACHE_ENTRIES = frozenset({"zarr.json", "logits", "topk", "sampled", "hybrid", "hidden", "_row_digest", "_view_params",
+                           "_blocks"})
 
 
 def _description(path: str | Path) -> Any:

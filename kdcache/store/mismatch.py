@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..codecs import Codec, DenseCodec, SampledCodec, TopKCodec
+from ..codecs import Codec, DenseCodec, HybridCodec, SampledCodec, TopKCodec
 from ..format import CacheMeta
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ def identity_differences(stored: CacheMeta, asked: CacheMeta, cfg: "DumpConfig")
 def _asked_logits(cfg: "DumpConfig") -> str:
     """:func:`_codec_words` of the logits a dump's settings ask for (the class count unknown)."""
     of = f" of {cfg.vocab_size}" if cfg.vocab_size is not None else ""
+    if cfg.topk is not None and cfg.tail_samples is not None:
+        return f"top-{cfg.topk}{of} + {cfg.tail_samples} tail samples at T={cfg.sample_temperature:g} (seed {cfg.seed or 0})"
     if cfg.topk is not None:
         return f"top-{cfg.topk}{of}"
     if cfg.sample_k is not None:
@@ -62,6 +64,8 @@ def _asked_logits(cfg: "DumpConfig") -> str:
 def _codec_words(codec: Codec, vocab: int | None) -> str:
     """A stored form in a few words: ``float16``, ``top-32 of 32000`` or ``64 samples at T=1 (seed 0)``."""
     of = f" of {vocab}" if vocab is not None else ""
+    if isinstance(codec, HybridCodec):
+        return f"top-{codec.k}{of} + {codec.n} tail samples at T={codec.temperature:g} (seed {codec.seed})"
     if isinstance(codec, TopKCodec):
         return f"top-{codec.k}{of}"
     if isinstance(codec, SampledCodec):
