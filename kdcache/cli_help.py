@@ -13,7 +13,7 @@ __all__ = ["HelpCommand"]
 _METAVARS = {
     "teacher": "SPEC", "dataset": "SPEC", "student": "SPEC", "eval_dataset": "SPEC", "online_teacher": "SPEC",
     "hidden": "MODULE", "output_key": "KEY", "mask_key": "KEY", "logits_dtype": "DTYPE", "hidden_dtype": "DTYPE",
-    "topk": "K", "sample_k": "N", "sample_temperature": "T", "tail_samples": "N", "vocab_size": "V", "views": "K", "seed": "S",
+    "topk": "K", "sample_k": "N", "sample_temperature": "T", "tail_samples": "N", "sample_draws": "HOW", "vocab_size": "V", "views": "K", "seed": "S",
     "batch_size": "N", "num_workers": "N", "device": "DEVICE", "amp": "MODE", "out": "PATH", "cache_root": "DIR",
     "block_rows": "N", "writer_threads": "N", "cache": "PATH", "eval_cache": "PATH", "temperature": "T",
     "alpha": "A", "hint": "S=T[:LOSS][@WEIGHT]", "epochs": "N", "lr": "LR", "optimizer": "NAME",

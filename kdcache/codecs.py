@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from .draws import counter_uniforms, draw_ids
+from .draws import DRAWS, counter_uniforms, draw_ids, draw_uniforms
 from .errors import KdcacheError, option
 from .targets import HybridTargets, SampledTargets, TopKTargets
 
@@ -184,6 +184,17 @@ def _check_vocab(k: int, vocab: int, what: str) -> None:
         raise KdcacheError(f"vocabulary size must be >= 1, got {vocab}")
 
 
+def _check_draws(draws: str) -> None:
+    if draws not in DRAWS:
+        raise KdcacheError(f"{option('sample_draws')} must be one of {', '.join(DRAWS)}, got {draws!r:.40}")
+
+
+def _draws_param(draws: str) -> dict[str, str]:
+    """The draws scheme among a codec's parameters: recorded only when not ``iid``, so caches
+    written before the scheme existed read (and fingerprint) as they did."""
+    return {} if draws == "iid" else {"draws": draws}
+
+
 @dataclass(frozen=True)
 class TopKCodec:
     """The K largest logits per position, their ids (bit-packed) and the row's logsumexp.
@@ -240,13 +251,16 @@ class SampledCodec:
 
     The draws are a pure function of (seed, row, position): a resumed or multi-process dump
     stores the same samples. ``counts / N`` is an unbiased estimate of the teacher's
-    distribution at ``temperature``, hence of the KD gradient (Anshumann et al., 2025).
+    distribution at ``temperature``, hence of the KD gradient (Anshumann et al., 2025), with
+    ``draws="iid"`` (independent draws) or ``"systematic"`` (N evenly spaced quantiles from one
+    uniform: lower variance; see :mod:`kdcache.draws`).
     """
 
     n: int
     vocab: int
     temperature: float = 1.0
     seed: int = 0
+    draws: str = "iid"
     name: ClassVar[str] = "sampled"
 
     def __post_init__(self) -> None:
@@ -255,6 +269,7 @@ class SampledCodec:
             raise KdcacheError(f"{option('sample_k')} must be <= 65535, got {self.n}")
         if not self.temperature > 0:
             raise KdcacheError(f"{option('sample_temperature')} must be > 0, got {self.temperature}")
+        _check_draws(self.draws)
 
     @property
     def bits(self) -> int:
@@ -266,7 +281,7 @@ class SampledCodec:
 
     def params(self) -> dict[str, Any]:
         return {"n": self.n, "vocab": self.vocab, "temperature": self.temperature, "seed": self.seed,
-                "name": self.name, "index_bits": self.bits}
+                **_draws_param(self.draws), "name": self.name, "index_bits": self.bits}
 
     def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         prefix = shape[:-1]
@@ -279,7 +294,7 @@ class SampledCodec:
         b = output.shape[0]
         z = output.detach()[..., :self.vocab].reshape(b, -1, min(self.vocab, output.shape[-1]))
         positions = z.shape[1]
-        u = counter_uniforms(self.seed, rows.to(z.device), positions, self.n)
+        u = draw_uniforms(self.draws, self.seed, rows.to(z.device), positions, self.n)
         ids = draw_ids(z.reshape(-1, z.shape[-1]), u.reshape(-1, self.n), self.temperature).view(b, positions, self.n)
         ordered = ids.sort(dim=-1).values
         new = torch.ones_like(ordered, dtype=torch.bool)
@@ -317,7 +332,8 @@ class HybridCodec:
     bit-packed. The decoded distribution is exact on the head and an unbiased estimate of the
     tail, where top-k folds the tail into one bucket (the bias Anshumann et al., 2025, blame for
     top-k's gap to dense KD) and plain sampling spends its draws, and its variance, on the head.
-    Draws are a pure function of (seed, row, position, draw), as for :class:`SampledCodec`.
+    Draws are a pure function of (seed, row, position, draw), ``iid`` or ``systematic`` as for
+    :class:`SampledCodec`.
     """
 
     k: int
@@ -325,17 +341,19 @@ class HybridCodec:
     vocab: int
     temperature: float = 1.0
     seed: int = 0
+    draws: str = "iid"
     name: ClassVar[str] = "hybrid"
 
     def __post_init__(self) -> None:
-        _check_vocab(self.k, self.vocab, "--topk")
+        _check_vocab(self.k, self.vocab, option("topk"))
         if self.k >= self.vocab:
-            raise KdcacheError(f"--topk {self.k} leaves no tail of the {self.vocab}-class vocabulary to sample: "
-                               "leave out --tail-samples")
+            raise KdcacheError(f"{option('topk', self.k)} leaves no tail of the {self.vocab}-class vocabulary to sample: "
+                               f"leave out {option('tail_samples')}")
         if not 1 <= self.n <= 65535:
-            raise KdcacheError(f"--tail-samples must be within [1, 65535], got {self.n}")
+            raise KdcacheError(f"{option('tail_samples')} must be within [1, 65535], got {self.n}")
         if not 0 < self.temperature < math.inf:
-            raise KdcacheError(f"--sample-temperature must be a finite number > 0, got {self.temperature}")
+            raise KdcacheError(f"{option('sample_temperature')} must be a finite number > 0, got {self.temperature}")
+        _check_draws(self.draws)
 
     @property
     def bits(self) -> int:
@@ -343,7 +361,7 @@ class HybridCodec:
 
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "n": self.n, "vocab": self.vocab, "temperature": self.temperature, "seed": self.seed,
-                "name": self.name, "index_bits": self.bits}
+                **_draws_param(self.draws), "name": self.name, "index_bits": self.bits}
 
     def arrays(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         prefix = shape[:-1]
@@ -359,7 +377,7 @@ class HybridCodec:
         # float16's finite range: a head class of probability 0 (exp underflow) is stored as -1e4, not -inf
         logprobs = (values / self.temperature - (z / self.temperature).logsumexp(-1, keepdim=True)).clamp_min(-1e4)
         flat = z.reshape(output.shape[0], -1, z.shape[-1])
-        u = counter_uniforms(self.seed, rows.to(z.device), flat.shape[1], self.n)
+        u = draw_uniforms(self.draws, self.seed, rows.to(z.device), flat.shape[1], self.n)
         tail = draw_ids(flat.reshape(-1, z.shape[-1]), u.reshape(-1, self.n), self.temperature,
                         exclude=head.reshape(-1, self.k)).sort(dim=-1).values
         return {"logprobs": logprobs.half(), "indices": pack_ids(head, self.bits),
@@ -383,6 +401,7 @@ _PARAM_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "dense": {"dtype": str}, "topk": {"k": int, "vocab": int},
     "sampled": {"n": int, "vocab": int, "temperature": (int, float), "seed": int},
     "hybrid": {"k": int, "n": int, "vocab": int, "temperature": (int, float), "seed": int}}
+_OPTIONAL_PARAMS: dict[str, dict[str, type]] = {"sampled": {"draws": str}, "hybrid": {"draws": str}}
 
 
 def codec_from_params(params: Any, where: str) -> Codec:
@@ -391,8 +410,9 @@ def codec_from_params(params: Any, where: str) -> Codec:
         name = params.get("name") if isinstance(params, dict) else params
         raise KdcacheError(f"{where}: unknown output codec {name!r:.40}; upgrade kdcache, or dump the cache again")
     name = params["name"]
-    expected = _PARAM_TYPES[name]
+    optional = _OPTIONAL_PARAMS.get(name, {})
     values = {k: v for k, v in params.items() if k not in ("name", "index_bits")}
+    expected = {**_PARAM_TYPES[name], **{k: t for k, t in optional.items() if k in values}}
     if set(values) != set(expected):
         raise KdcacheError(f"{where}: codec {name} has parameters {sorted(values)}, expected {sorted(expected)}")
     for key, kind in expected.items():

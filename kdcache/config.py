@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from .codecs import DTYPES, Codec, DenseCodec, HybridCodec, SampledCodec, TopKCodec
+from .draws import DRAWS
 from .errors import KdcacheError, option
 
 __all__ = ["DumpConfig", "TrainConfig", "Hint", "AMP_CHOICES"]
@@ -150,6 +151,7 @@ class DumpConfig(_Settings):
     sample_k: int | None = None
     sample_temperature: float = 1.0
     tail_samples: int | None = None  # with topk: N draws from the other classes (HybridCodec)
+    sample_draws: str = "iid"  # how sample_k / tail_samples draw: iid or systematic (kdcache.draws)
     vocab_size: int | None = None
     mask_key: str = DEFAULT_MASK_KEY
     views: int | None = None
@@ -181,6 +183,9 @@ class DumpConfig(_Settings):
             (self.tail_samples is None or self.topk is not None,
              "tail_samples draws the classes outside a top-k head: give topk too"),
             (self.tail_samples is None or 1 <= self.tail_samples <= 65535, "tail_samples must be within [1, 65535]"),
+            (self.sample_draws in DRAWS, f"sample_draws must be one of {', '.join(DRAWS)}"),
+            (self.sample_draws == "iid" or self.sample_k is not None or self.tail_samples is not None,
+             "sample_draws chooses how sample_k or tail_samples draw: give one of them"),
             (self.vocab_size is None or self.vocab_size >= 1, "vocab_size must be >= 1"),
             (self.views is None or self.views >= 1, "views must be >= 1"),
             (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}"),
@@ -212,6 +217,8 @@ class DumpConfig(_Settings):
             choices["mask_key"] = self.mask_key
         if self.tail_samples is not None:
             choices["tail_samples"] = self.tail_samples
+        if self.sample_draws != "iid":
+            choices["sample_draws"] = self.sample_draws
         return choices
 
     def codec(self, name: str, classes: int) -> Codec:
@@ -222,11 +229,12 @@ class DumpConfig(_Settings):
         if vocab > classes:
             raise KdcacheError(f"{option('vocab_size', vocab)} is larger than the teacher's {classes} output classes")
         if self.topk is not None and self.tail_samples is not None:
-            return HybridCodec(self.topk, self.tail_samples, vocab, self.sample_temperature, self.seed or 0)
+            return HybridCodec(self.topk, self.tail_samples, vocab, self.sample_temperature, self.seed or 0,
+                               self.sample_draws)
         if self.topk is not None:
             return TopKCodec(self.topk, vocab)
         if self.sample_k is not None:
-            return SampledCodec(self.sample_k, vocab, self.sample_temperature, self.seed or 0)
+            return SampledCodec(self.sample_k, vocab, self.sample_temperature, self.seed or 0, self.sample_draws)
         return DenseCodec(self.logits_dtype)
 
     @property

@@ -4,13 +4,21 @@ A sampling codec's draws must be a pure function of (seed, row, position, draw) 
 resumed, re-batched or multi-process dump stores the same samples, byte for byte. Uniforms come
 from murmur3's 32-bit finaliser applied to that counter (no generator state), and ids from them
 by inverse CDF in float64.
+
+Two schemes (``DRAWS``): ``iid``, N independent uniforms per position; ``systematic``, one
+uniform ``u`` per position and the N evenly spaced points ``(j + u) / N`` (systematic
+resampling). Both give each class ``N p`` draws on average (unbiased); systematic draws give a
+class of probability ``p`` either ``floor(N p)`` or ``ceil(N p)`` of them, so the counts'
+variance is at most 1/4 per class instead of ``N p (1 - p)``.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["counter_uniforms", "draw_ids"]
+__all__ = ["DRAWS", "counter_uniforms", "draw_uniforms", "draw_ids"]
+
+DRAWS = ("iid", "systematic")
 
 _M32 = 0xFFFFFFFF
 
@@ -41,6 +49,15 @@ def counter_uniforms(seed: int, rows: torch.Tensor, positions: int, draws: int) 
     hi = _fmix32(h ^ (2 * j))
     lo = _fmix32(h ^ (2 * j + 1))
     return (hi.double() * 2.0**21 + (lo >> 11).double()) / 2.0**53
+
+
+def draw_uniforms(scheme: str, seed: int, rows: torch.Tensor, positions: int, draws: int) -> torch.Tensor:
+    """(B, positions, draws) float64 uniforms in [0, 1) of ``scheme`` (one of ``DRAWS``), a pure
+    function of (seed, row, position, draw)."""
+    if scheme == "iid":
+        return counter_uniforms(seed, rows, positions, draws)
+    start = counter_uniforms(seed, rows, positions, 1)  # (B, positions, 1)
+    return (torch.arange(draws, dtype=torch.float64, device=rows.device) + start) / draws
 
 
 def draw_ids(z: torch.Tensor, u: torch.Tensor, temperature: float, exclude: torch.Tensor | None = None,

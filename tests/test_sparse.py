@@ -10,7 +10,8 @@ import torch
 
 from conftest import run_cli, store_files
 from kdcache import CachedTeacherDataset, DumpConfig, KdcacheError, TeacherCache, dump_teacher, train_student
-from kdcache.codecs import HybridCodec, SampledCodec, TopKCodec, counter_uniforms, pack_ids, unpack_ids
+from kdcache.codecs import (HybridCodec, SampledCodec, TopKCodec, codec_from_params, counter_uniforms, pack_ids,
+                            unpack_ids)
 from kdcache.items import fetch_batch
 from kdcache.losses import HybridKLDivLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 
@@ -100,6 +101,49 @@ def test_sampled_counts_are_an_unbiased_estimate_of_the_teacher():
     torch.testing.assert_close(freq, torch.softmax(z[0] / 2, -1), atol=0.01, rtol=0)
     u = counter_uniforms(0, torch.arange(1000), 1, 8)
     assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.02
+
+
+def test_systematic_draws_are_unbiased_and_give_each_class_floor_or_ceil_of_n_p():
+    z = torch.randn(1, 10).repeat(4000, 1) * 2
+    p = torch.softmax(z[0] / 2, -1)
+    got = _round_trip(SampledCodec(8, 10, temperature=2.0, seed=0, draws="systematic"), z, torch.arange(4000))
+    per_class = torch.zeros(4000, 10).scatter_add_(1, got["ids"], got["counts"])
+    torch.testing.assert_close(per_class.mean(0) / 8, p, atol=0.01, rtol=0)  # unbiased
+    assert torch.all(per_class >= torch.floor(8 * p) - 1e-6) and torch.all(per_class <= torch.ceil(8 * p) + 1e-6)
+    iid = _round_trip(SampledCodec(8, 10, temperature=2.0, seed=0), z, torch.arange(4000))
+    iid_per_class = torch.zeros(4000, 10).scatter_add_(1, iid["ids"], iid["counts"])
+    assert float(per_class.var(0).sum()) < 0.5 * float(iid_per_class.var(0).sum())
+    hybrid = _round_trip(HybridCodec(3, 8, 10, temperature=2.0, seed=0, draws="systematic"), z, torch.arange(4000))
+    head = p.topk(3).indices
+    tail_p = p.scatter(0, head, 0.0) / (1 - p[head].sum())
+    tail_counts = torch.zeros(4000, 10).scatter_add_(1, hybrid.tail, torch.ones(4000, 8))
+    torch.testing.assert_close(tail_counts.mean(0) / 8, tail_p, atol=0.01, rtol=0)
+    assert torch.all(tail_counts <= torch.ceil(8 * tail_p) + 1e-6)
+
+
+def test_sample_draws_are_recorded_and_fingerprinted_only_when_systematic(tmp_path, models):
+    iid = DumpConfig(sample_k=8)
+    assert "sample_draws" not in iid.fingerprint_inputs("none", False)
+    assert iid.codec("logits", 40).params() == SampledCodec(8, 40).params() and "draws" not in SampledCodec(8, 40).params()
+    systematic = DumpConfig(sample_k=8, sample_draws="systematic")
+    assert systematic.fingerprint_inputs("none", False) == {**iid.fingerprint_inputs("none", False),
+                                                             "sample_draws": "systematic"}
+    with pytest.raises(KdcacheError, match="sample_draws must be one of iid, systematic"):
+        DumpConfig(sample_k=8, sample_draws="sobol")
+    with pytest.raises(KdcacheError, match="give one of them"):
+        DumpConfig(topk=8, sample_draws="systematic")
+    cache = dump_teacher(models.tiny_lm(), models.tokens(), tmp_path / "c", topk=4, tail_samples=8, vocab_size=VOCAB,
+                         sample_draws="systematic", progress=False, log=lambda m: None)
+    reopened = TeacherCache.open(cache.path)
+    assert reopened.meta.logits.codec == HybridCodec(4, 8, VOCAB, 1.0, 0, "systematic")
+    recorded = {**SampledCodec(8, VOCAB).params(), "draws": "sobol"}  # a cache from elsewhere
+    with pytest.raises(KdcacheError, match="sample_draws must be one of"):
+        codec_from_params(recorded, "a cache")
+    with pytest.raises(KdcacheError, match="wrong type"):
+        codec_from_params({**recorded, "draws": 3}, "a cache")
+    assert reopened.meta.fingerprint != dump_teacher(models.tiny_lm(), models.tokens(), tmp_path / "d", topk=4,
+                                                     tail_samples=8, vocab_size=VOCAB, progress=False,
+                                                     log=lambda m: None).meta.fingerprint
 
 
 def test_hybrid_cache_stores_the_exact_head_and_tail_draws_outside_it(tmp_path, models):

@@ -53,11 +53,12 @@ def _asked_logits(cfg: "DumpConfig") -> str:
     """:func:`_codec_words` of the logits a dump's settings ask for (the class count unknown)."""
     of = f" of {cfg.vocab_size}" if cfg.vocab_size is not None else ""
     if cfg.topk is not None and cfg.tail_samples is not None:
-        return f"top-{cfg.topk}{of} + {cfg.tail_samples} tail samples at T={cfg.sample_temperature:g} (seed {cfg.seed or 0})"
+        return (f"top-{cfg.topk}{of} + {cfg.tail_samples} {_drawn(cfg.sample_draws)}tail samples at "
+                f"T={cfg.sample_temperature:g} (seed {cfg.seed or 0})")
     if cfg.topk is not None:
         return f"top-{cfg.topk}{of}"
     if cfg.sample_k is not None:
-        return f"{cfg.sample_k} samples{of} at T={cfg.sample_temperature:g} (seed {cfg.seed or 0})"
+        return f"{cfg.sample_k} {_drawn(cfg.sample_draws)}samples{of} at T={cfg.sample_temperature:g} (seed {cfg.seed or 0})"
     return cfg.logits_dtype
 
 
@@ -65,10 +66,15 @@ def _codec_words(codec: Codec, vocab: int | None) -> str:
     """A stored form in a few words: ``float16``, ``top-32 of 32000`` or ``64 samples at T=1 (seed 0)``."""
     of = f" of {vocab}" if vocab is not None else ""
     if isinstance(codec, HybridCodec):
-        return f"top-{codec.k}{of} + {codec.n} tail samples at T={codec.temperature:g} (seed {codec.seed})"
+        return (f"top-{codec.k}{of} + {codec.n} {_drawn(codec.draws)}tail samples at T={codec.temperature:g} "
+                f"(seed {codec.seed})")
     if isinstance(codec, TopKCodec):
         return f"top-{codec.k}{of}"
     if isinstance(codec, SampledCodec):
-        return f"{codec.n} samples{of} at T={codec.temperature:g} (seed {codec.seed})"
+        return f"{codec.n} {_drawn(codec.draws)}samples{of} at T={codec.temperature:g} (seed {codec.seed})"
     assert isinstance(codec, DenseCodec)
     return codec.dtype
+
+
+def _drawn(draws: str) -> str:
+    return "" if draws == "iid" else f"{draws} "
