@@ -326,7 +326,8 @@ class HybridCodec:
     """The K most likely classes exactly, and N draws from the rest: top-k without its bias.
 
     Per position, at the sampling ``temperature`` T: the K largest classes' log-probabilities
-    ``log softmax(logits / T)`` (float16; exact, so is the tail mass ``1 - sum``), their ids, and
+    ``log softmax(logits / T)`` (float16, so the tail mass ``1 - sum`` is within float16 rounding
+    of the head's: ~3e-4 at K = 16), their ids, and
     N ids drawn with replacement from the teacher's distribution over the other classes
     (renormalised), sorted, each standing for ``tail mass / N``. Head ids and tail draws are
     bit-packed. The decoded distribution is exact on the head and an unbiased estimate of the
@@ -387,10 +388,10 @@ class HybridCodec:
         return _to_numpy(host)
 
     def decode(self, stored: dict[str, np.ndarray], dtype: torch.dtype | None = torch.float32) -> HybridTargets:
-        logprobs = torch.from_numpy(np.asarray(stored["logprobs"]))
+        logprobs = _as_tensor(stored["logprobs"])  # numpy from disk, or tensors held on a device
         return HybridTargets(logprobs=logprobs if dtype is None else logprobs.to(dtype),
-                             indices=unpack_ids(torch.from_numpy(np.asarray(stored["indices"])), self.k, self.bits),
-                             tail=unpack_ids(torch.from_numpy(np.asarray(stored["tail"])), self.n, self.bits))
+                             indices=unpack_ids(_as_tensor(stored["indices"]), self.k, self.bits),
+                             tail=unpack_ids(_as_tensor(stored["tail"]), self.n, self.bits))
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return _nonfinite(stored, "float16") if key == "logprobs" else None
@@ -418,6 +419,9 @@ def codec_from_params(params: Any, where: str) -> Codec:
     for key, kind in expected.items():
         if isinstance(values[key], bool) or not isinstance(values[key], kind):
             raise KdcacheError(f"{where}: codec parameter {key} = {values[key]!r:.40} has the wrong type")
+    if "draws" in values and values["draws"] not in DRAWS[1:]:  # iid is recorded by leaving it out
+        raise KdcacheError(f"{where}: codec parameter draws {values['draws']!r:.40} is not one of "
+                           f"{', '.join(DRAWS[1:])}; upgrade kdcache, or dump the cache again")
     if "vocab" in values and not 1 <= values["vocab"] <= 1 << 31:
         raise KdcacheError(f"{where}: codec vocabulary {values['vocab']} is out of range")
     try:

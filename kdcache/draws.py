@@ -56,6 +56,8 @@ def draw_uniforms(scheme: str, seed: int, rows: torch.Tensor, positions: int, dr
     function of (seed, row, position, draw)."""
     if scheme == "iid":
         return counter_uniforms(seed, rows, positions, draws)
+    if scheme != "systematic":
+        raise ValueError(f"scheme must be one of {', '.join(DRAWS)}, got {scheme!r:.40}")
     start = counter_uniforms(seed, rows, positions, 1)  # (B, positions, 1)
     return (torch.arange(draws, dtype=torch.float64, device=rows.device) + start) / draws
 

@@ -345,6 +345,9 @@ class CacheMeta:
             Vocab(classes, classes)  # format 1: no padded vocabularies
         if vocab.padded != classes or vocab.real > vocab.padded:
             raise malformed(where, f"vocab {vocab.real}/{vocab.padded} does not fit logits of {classes} classes")
+        sparse_vocab = getattr(logits.codec, "vocab", None)  # ids beyond the real vocabulary would reach gather
+        if sparse_vocab is not None and sparse_vocab != vocab.real:
+            raise malformed(where, f"the logits codec's vocabulary ({sparse_vocab}) is not the real one ({vocab.real})")
         vp = r.obj("view_params", optional=True)
         acc = r.obj("teacher_accuracy", optional=True)
         dump = r.obj("dump", optional=True)

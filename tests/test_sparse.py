@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 from conftest import run_cli, store_files
-from kdcache import CachedTeacherDataset, DumpConfig, KdcacheError, TeacherCache, dump_teacher, train_student
+from kdcache import (CachedTeacherDataset, CacheMeta, DumpConfig, KdcacheError, TeacherCache, dump_teacher,
+                     train_student)
 from kdcache.codecs import (HybridCodec, SampledCodec, TopKCodec, codec_from_params, counter_uniforms, pack_ids,
                             unpack_ids)
+from kdcache.format import _attrs_digest
 from kdcache.items import fetch_batch
 from kdcache.losses import HybridKLDivLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 
@@ -137,13 +140,57 @@ def test_sample_draws_are_recorded_and_fingerprinted_only_when_systematic(tmp_pa
     reopened = TeacherCache.open(cache.path)
     assert reopened.meta.logits.codec == HybridCodec(4, 8, VOCAB, 1.0, 0, "systematic")
     recorded = {**SampledCodec(8, VOCAB).params(), "draws": "sobol"}  # a cache from elsewhere
-    with pytest.raises(KdcacheError, match="sample_draws must be one of"):
+    with pytest.raises(KdcacheError, match="a cache: codec parameter draws 'sobol' is not one of systematic"):
         codec_from_params(recorded, "a cache")
     with pytest.raises(KdcacheError, match="wrong type"):
         codec_from_params({**recorded, "draws": 3}, "a cache")
     assert reopened.meta.fingerprint != dump_teacher(models.tiny_lm(), models.tokens(), tmp_path / "d", topk=4,
                                                      tail_samples=8, vocab_size=VOCAB, progress=False,
                                                      log=lambda m: None).meta.fingerprint
+
+
+def test_a_recorded_sparse_codec_must_cover_the_real_vocabulary_and_name_a_known_scheme(topk_cache):
+    _, cache = topk_cache
+    attrs = cache.meta.to_attrs()
+    CacheMeta.from_attrs(attrs, "c")
+    wider = copy.deepcopy(attrs)
+    wider["outputs"]["logits"]["codec"].update(vocab=PADDED, index_bits=6)  # ids up to 47 for 40 real classes
+    wider["attrs_digest"] = _attrs_digest(wider)  # as an attacker would
+    with pytest.raises(KdcacheError, match=r"codec's vocabulary \(48\) is not the real one \(40\)"):
+        CacheMeta.from_attrs(wider, "c")
+    spelled_out = {**SampledCodec(8, VOCAB).params(), "draws": "iid"}  # iid is recorded by leaving it out
+    with pytest.raises(KdcacheError, match="draws 'iid' is not one of systematic"):
+        codec_from_params(spelled_out, "c")
+
+
+def test_sparse_targets_held_as_tensors_decode_as_from_disk():
+    rows, z = torch.arange(6), torch.randn(6, 5, VOCAB) * 3
+    for codec in (TopKCodec(4, VOCAB), SampledCodec(8, VOCAB, seed=1), HybridCodec(4, 8, VOCAB, seed=1)):
+        stored = {k: codec.to_numpy(v) for k, v in codec.encode(z, rows).items()}
+        from_disk = codec.decode(stored)
+        held = codec.decode({k: torch.from_numpy(v) for k, v in stored.items()})  # as ResidentTargets holds them
+        assert all(torch.equal(held[k], from_disk[k]) for k in from_disk.keys())
+        on_meta = codec.decode({k: torch.from_numpy(v).to("meta") for k, v in stored.items()})  # a device, not numpy
+        assert all(on_meta[k].shape == from_disk[k].shape for k in from_disk.keys())
+
+
+def test_hybrid_loss_value_is_the_kl_to_its_head_and_counted_tail_draws():
+    torch.manual_seed(5)
+    vocab, t = 12, 2.0
+    student = torch.randn(2, 3, vocab)
+    teacher = torch.randn(2, 3, vocab)
+    teacher[..., :3] += 6  # the head is classes 0-2; the tail draws below are outside it
+    logprobs, indices = torch.log_softmax(teacher, -1).topk(3, dim=-1)
+    tail = torch.tensor([4, 4, 4, 9, 9, 11]).expand(2, 3, 6)  # repeated draws: 3, 2 and 1 shares
+    head = logprobs.exp()
+    q = torch.zeros(2, 3, vocab).scatter(-1, indices, head)
+    q = q.scatter_add(-1, tail, ((1 - head.sum(-1, keepdim=True)) / 6).expand(2, 3, 6))
+    log_ps = torch.log_softmax(student / t, -1)
+    want = (torch.xlogy(q, q) - q * log_ps).sum(-1).mean() * t * t  # batchmean: per position of a sequence
+    torch.testing.assert_close(HybridKLDivLoss(t)(student, logprobs, indices, tail), want)
+    many = torch.randint(3, vocab, (4, 4096))  # many draws: counted by sorting, not an N x N comparison
+    lp, ids = torch.log_softmax(teacher[0, :1].expand(4, vocab), -1).topk(3, dim=-1)
+    assert torch.isfinite(HybridKLDivLoss(1.0)(torch.randn(4, vocab), lp, ids, many))
 
 
 def test_hybrid_cache_stores_the_exact_head_and_tail_draws_outside_it(tmp_path, models):

@@ -9,8 +9,8 @@
 
 ``train_dataset`` is the dataset the cache was dumped from (the same rows, prepared the same
 way). Each item gets its row index (``kd_row``, kept through ``remove_unused_columns=True``),
-and :class:`KDCollator` attaches the cached teacher targets of the batch's rows — dense, top-k or
-sampled logits, hidden states and the token mask, as :class:`~kdcache.targets.TeacherTargets` —
+and :class:`KDCollator` attaches the cached teacher targets of the batch's rows — dense, top-k,
+sampled or hybrid logits, hidden states and the token mask, as :class:`~kdcache.targets.TeacherTargets` —
 read through :class:`~kdcache.dataset.CachedTeacherDataset`, which checks every row's input
 digest. The teacher is never loaded. The loss is ``alpha * KD + (1 - alpha) * the model's own
 loss`` (its ``labels`` loss, shifted for causal LMs), a per-batch mean that ``Trainer`` divides
@@ -112,7 +112,7 @@ class KDTrainerMixin:
         kd_cache: the cache dumped from ``train_dataset`` (a path, URL or TeacherCache).
         teacher: instead of ``kd_cache``, a live teacher run on every step (online KD, for
             comparisons only: kdcache's own path is the cache).
-        temperature: T of the KL (default 4; a sampled cache's own).
+        temperature: T of the KL (default 4; a sampled or hybrid cache's own).
         alpha: weight of the KD term; the model's own (labels) loss gets ``1 - alpha``. With
             ``alpha=1`` labels are not needed.
         objective: ``"kl"`` for logits, ``"mse"``/``"cosine"`` for a regression target (an

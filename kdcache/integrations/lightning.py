@@ -117,11 +117,11 @@ class KDLossMixin:
 
     ``self.distillation_loss(batch)`` runs the module on ``inputs`` (``self(x)``, ``self(*x)``,
     ``self(**x)``), picks its logits and returns ``alpha * KD + (1 - alpha) * CE(labels)``, logging
-    ``kd``, ``ce`` and ``loss`` (:meth:`distillation_terms` gives them without logging). The KD term fits the cache (dense, top-k or sampled; padded
+    ``kd``, ``ce`` and ``loss`` (:meth:`distillation_terms` gives them without logging). The KD term fits the cache (dense, top-k, sampled or hybrid; padded
     vocabularies cut to the real one). Set ``kd_temperature`` / ``kd_alpha`` on the module.
     """
 
-    kd_temperature: float | None = None  # 4.0; a sampled cache's own
+    kd_temperature: float | None = None  # 4.0; a sampled or hybrid cache's own
     kd_alpha: float = 0.9
 
     def _kd_term(self) -> tuple[KDTerm, CacheMeta | None]:

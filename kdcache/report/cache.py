@@ -6,7 +6,8 @@ Figures, from :func:`~kdcache.report.stats.cache_stats`:
 - ``calibration.png`` with labels: a reliability diagram and the teacher's accuracy per class;
 - ``topk_mass.png``   dense caches: the probability the k most likely classes hold, against k,
   at T = 1 and 4 (to choose ``--topk`` before dumping a large-vocabulary cache); top-k caches: the mass the
-  stored K classes hold; sampled caches: distinct ids among the N draws;
+  stored K classes hold (hybrid: its K head classes, at the temperature it was drawn at);
+  sampled caches: distinct ids among the N draws;
 - ``bytes.png``       bytes one row takes in each stored array.
 """
 
