@@ -289,8 +289,9 @@ class HybridKLDivLoss(nn.Module):
             share = ((1 - head.sum(-1, keepdim=True)).clamp_min(0) / n).expand(*prefix, n)
             q = torch.cat([head, share], dim=-1)
             # (…, N): how often each draw's id was drawn, counted on the sorted draws (O(N log N) memory-light)
-            ordered = tail.sort(-1).values
-            drawn = (torch.searchsorted(ordered, tail, right=True) - torch.searchsorted(ordered, tail))
+            draws = tail.contiguous()
+            ordered = draws.sort(-1).values
+            drawn = torch.searchsorted(ordered, draws, right=True) - torch.searchsorted(ordered, draws)
             neg_entropy = torch.xlogy(head, head).sum(-1) + torch.xlogy(share, share * drawn).sum(-1)
         log_ps = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, torch.cat([indices, tail], -1).long())
         per_item = neg_entropy - (q * log_ps).sum(-1)
