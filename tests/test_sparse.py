@@ -377,3 +377,21 @@ def test_cli_topk_dump_info_and_training(tmp_path, models_file):
                    "--out", str(tmp_path / "f"))
     assert tail.returncode == 2 and "give topk too" in tail.stderr and "Traceback" not in tail.stderr
     assert TeacherCache.exists(tmp_path / "c")
+
+
+def test_cli_hybrid_systematic_dump_trains_in_another_process_and_a_bad_scheme_is_one_line(tmp_path, models_file):
+    spec = f"{models_file}:"
+    dump = ["dump-teacher", "--teacher", spec + "tiny_lm", "--dataset", spec + "tokens", "--topk", "4",
+            "--tail-samples", "8", "--vocab-size", "40", "--no-progress"]
+    out = run_cli(*dump, "--sample-draws", "systematic", "--out", str(tmp_path / "c"))
+    assert out.returncode == 0, out.stderr
+    assert TeacherCache.open(tmp_path / "c").meta.logits.codec == HybridCodec(4, 8, 40, 1.0, 0, "systematic")
+    train = run_cli("train-student", "--student", spec + "tiny_lm", "--student-kwargs", '{"width": 8}',
+                    "--dataset", spec + "tokens", "--cache", str(tmp_path / "c"), "--epochs", "1",
+                    "--out", str(tmp_path / "run"), "--no-progress")
+    assert train.returncode == 0, train.stderr
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["kd"] > 0
+    bad = run_cli(*dump, "--sample-draws", "sobol", "--out", str(tmp_path / "d"))
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("kdcache: error:"), bad.stderr
+    assert "sample_draws must be one of iid, systematic" in lines[0] and not (tmp_path / "d").exists()
