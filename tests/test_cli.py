@@ -93,3 +93,48 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_that_never_suggests_unsafe_
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot be read as a state dict" in lines[0], out.stderr
     assert "weights_only" not in out.stderr and not (tmp_path / "c").exists()
+
+
+HELP = Path(__file__).parent / "fixtures" / "help"
+
+
+@pytest.mark.parametrize("command", ["", "dump-teacher", "train-student", "info", "ls", "verify", "import", "export",
+                                     "report", "plot"])
+def test_every_help_prints_its_recorded_text(command):
+    # the recorded text changes only on purpose, with the option it describes
+    out = run_cli(*([command] if command else []), "--help", env={"COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (HELP / f"{command or 'root'}.txt").read_text()
+
+
+def test_a_setting_is_declared_once_and_its_flag_help_and_toml_key_come_from_it(tmp_path):
+    from dataclasses import dataclass
+
+    from kdcache.cli.dump_teacher import dump_teacher_cmd
+    from kdcache.cli.options import command
+    from kdcache.cli.train_student import train_student_cmd
+    from kdcache.config import DumpConfig, Hint, TrainConfig
+    from kdcache.config.checks import Settings, setting
+
+    @dataclass(frozen=True)
+    class Toy(Settings):
+        width: int = setting(8, "Hidden width.", metavar="N")
+        quiet: bool = setting(False)  # no help: a --config key and keyword argument only
+
+    toy = command(Toy, ["width"], lambda values: None, "A toy.")
+    [width] = toy.options
+    assert (width.name, width.kind, width.help_line, width.metavar) == ("width", int, "Hidden width [8].", "N")
+    with pytest.raises(RuntimeError, match=r"not placed on the command line \['width'\]"):
+        command(Toy, [], lambda values: None, "A toy missing its option.")
+    # every setting with help is a flag of its command, once; every flag is a TOML key of --config
+    for cmd, settings in ((dump_teacher_cmd, DumpConfig), (train_student_cmd, TrainConfig)):
+        names = [o.name for o in cmd.options]
+        assert len(names) == len(set(names))
+        assert {o.setting for o in cmd.options if o.setting} == {
+            f for f in settings.__dataclass_fields__ if settings.__dataclass_fields__[f].metadata.get("help")}
+    toml = tmp_path / "train.toml"
+    toml.write_text('epochs = 2\nhint = ["a=b"]\nlr = 0.5\n')
+    from kdcache.cli.options import merge_config
+    values = merge_config({"config": toml, "epochs": 3, "hint": None})
+    values["hints"] = values.pop("hint")
+    assert TrainConfig.from_mapping(values) == TrainConfig(epochs=3, lr=0.5, hints=(Hint("a", "b"),))

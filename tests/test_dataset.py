@@ -126,7 +126,7 @@ def _python_digest(row_bytes: bytes, multipliers: list[int]) -> int:
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((2, 3, 7), torch.float16), ((4, 20000), torch.float32)])
 def test_row_digests_follow_their_definition(shape, dtype):
-    from kdcache.items import _multipliers, row_digests
+    from kdcache.data.digests import _multipliers, row_digests
     rows = torch.randn(*shape).to(dtype)
     raw = [r.contiguous().numpy().tobytes() for r in rows]
     mult = [int(m) for m in _multipliers(-(-len(raw[0]) // 8))]
@@ -144,9 +144,9 @@ def test_next_windows_chunks_are_read_while_this_window_trains(tmp_path, models)
     batches = iter(loader)
     next(batches)  # the first batch reads window 0, and window 1 is asked for
     second = {int(c) for c in np.unique(windows[1] // cache.outputs["logits"].arrays[""].chunk_rows)}
-    assert {c for (path, c) in data._ahead if path == "logits"} == second
+    assert {c for (path, c) in data.blocks.ahead if path == "logits"} == second
     logits = cache.read("logits", 0, 2048)
     for inputs, labels, teacher in batches:
         rows = [int(np.flatnonzero((ds.tensors[0] == x).all(1).numpy())[0]) for x in inputs]
         np.testing.assert_array_equal(teacher.logits.numpy(), logits[rows])
-    assert not data._ahead  # every chunk read ahead was used
+    assert not data.blocks.ahead  # every chunk read ahead was used

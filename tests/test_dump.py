@@ -15,7 +15,7 @@ import torch
 
 import kdcache
 from kdcache import KdcacheError, TeacherCache
-from kdcache.codecs import DenseCodec
+from kdcache.format.codecs import DenseCodec
 
 from conftest import run_cli, store_files
 

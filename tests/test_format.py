@@ -203,7 +203,7 @@ def test_flags_override_the_config_file(tmp_path, models_file):
 def test_no_code_outside_format_reads_cache_attrs_by_string_key():
     offenders = []
     for file in sorted((REPO / "kdcache").rglob("*.py")) + sorted((REPO / "scripts").glob("*.py")):
-        if file.name == "format.py":
+        if file.relative_to(REPO).as_posix() == "kdcache/format/attrs.py":  # the one home of the attrs' keys
             continue
         for number, line in enumerate(file.read_text().splitlines(), 1):
             if 'meta["' in line or 'attrs["' in line or "meta.get(" in line:

@@ -17,8 +17,8 @@ from conftest import run_cli  # noqa: E402
 
 import kdcache  # noqa: E402
 from kdcache import KdcacheError  # noqa: E402
-from kdcache.hfdata import load, prepare  # noqa: E402
-from kdcache.hfmodels import load_pretrained, load_tokenizer  # noqa: E402
+from kdcache.data.hf import load, prepare  # noqa: E402
+from kdcache.models.hf import load_pretrained, load_tokenizer  # noqa: E402
 
 
 def test_hf_teacher_dump_equals_the_models_own_logits(tmp_path):

@@ -18,7 +18,7 @@ import hf_helpers  # noqa: E402
 
 import kdcache  # noqa: E402
 from kdcache import KdcacheError  # noqa: E402
-from kdcache.hfdata import pad_rows, prepare  # noqa: E402
+from kdcache.data.hf import pad_rows, prepare  # noqa: E402
 from kdcache.integrations.hf import TEACHER_KEY, KDTrainer  # noqa: E402
 from kdcache.losses import KLDivLoss, TopKKLDivLoss  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.losses import AttentionTransferLoss, HiddenStateLoss, KLDivLoss, SoftTargetCrossEntropy
-from kdcache.targets import SoftTargets, teacher_side
+from kdcache.losses.targets import SoftTargets, teacher_side
 
 
 def _hand_kl(s, t, T):

@@ -10,7 +10,7 @@ import torch
 
 import kdcache
 from kdcache import KdcacheError
-from kdcache.monitor import OverfitToCacheWarning, growing_gap
+from kdcache.train.monitor import OverfitToCacheWarning, growing_gap
 
 from conftest import run_cli
 

@@ -11,9 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import kdcache
-from kdcache import CachedTeacherDataset, KdcacheError, KLDivLoss, collate, resident
-from kdcache.resident import TeacherRows
-from kdcache.targets import SoftTargets
+from kdcache import CachedTeacherDataset, KdcacheError, KLDivLoss, collate
+from kdcache.read import resident
+from kdcache.read.resident import TeacherRows
+from kdcache.losses.targets import SoftTargets
 
 from conftest import run_cli
 

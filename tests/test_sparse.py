@@ -12,10 +12,11 @@ import torch
 from conftest import run_cli, store_files
 from kdcache import (CachedTeacherDataset, CacheMeta, DumpConfig, KdcacheError, TeacherCache, dump_teacher,
                      train_student)
-from kdcache.codecs import (HybridCodec, SampledCodec, TopKCodec, codec_from_params, counter_uniforms, pack_ids,
-                            unpack_ids)
-from kdcache.format import _attrs_digest
-from kdcache.items import fetch_batch
+from kdcache.format.attrs import codec_from_params
+from kdcache.format.draws import counter_uniforms
+from kdcache.format.sparse import HybridCodec, SampledCodec, TopKCodec, pack_ids, unpack_ids
+from kdcache.format.attrs import _attrs_digest
+from kdcache.data.items import fetch_batch
 from kdcache.losses import HybridKLDivLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
 
 VOCAB, PADDED = 40, 48

@@ -40,7 +40,7 @@ def _rewrite_attrs(cache: Path, edit) -> None:
     attrs = doc["attributes"]["kdcache"]
     edit(attrs)
     if "attrs_digest" in attrs:
-        from kdcache.format import _attrs_digest
+        from kdcache.format.attrs import _attrs_digest
         attrs["attrs_digest"] = _attrs_digest(attrs)
     (cache / "zarr.json").write_text(json.dumps(doc))
 

@@ -10,9 +10,9 @@ import torch
 
 from conftest import run_cli, store_files
 from kdcache import CachedTeacherDataset, KdcacheError, TeacherCache, dump_teacher, train_student
-from kdcache.dataset import replay_mismatches
+from kdcache.read import replay_mismatches
 from kdcache.store.identity import DIGEST_SAMPLE_ROWS
-from kdcache.views import ViewedDataset, seeded, view_seed
+from kdcache.data.views import ViewedDataset, seeded, view_seed
 
 K = 4
 

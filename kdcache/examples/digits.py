@@ -143,7 +143,7 @@ def trained_teacher(checkpoint: str | Path | None = DEMO_TEACHER, epochs: int = 
     labels, ``epochs`` epochs, AdamW lr 1e-3, batch 64, seed 0, CPU; ~2 s). Training is seeded,
     so both give the same weights on one machine, and a dump of it is a cache hit next time."""
     from ..spec import load_checkpoint
-    from ..train import train_student
+    from ..train.loop import train_student
 
     if checkpoint is not None and Path(checkpoint).is_file():
         model = teacher()

@@ -10,8 +10,8 @@
 ``train_dataset`` is the dataset the cache was dumped from (the same rows, prepared the same
 way). Each item gets its row index (``kd_row``, kept through ``remove_unused_columns=True``),
 and :class:`KDCollator` attaches the cached teacher targets of the batch's rows — dense, top-k,
-sampled or hybrid logits, hidden states and the token mask, as :class:`~kdcache.targets.TeacherTargets` —
-read through :class:`~kdcache.dataset.CachedTeacherDataset`, which checks every row's input
+sampled or hybrid logits, hidden states and the token mask, as :class:`~kdcache.losses.targets.TeacherTargets` —
+read through :class:`~kdcache.read.dataset.CachedTeacherDataset`, which checks every row's input
 digest. The teacher is never loaded. The loss is ``alpha * KD + (1 - alpha) * the model's own
 loss`` (its ``labels`` loss, shifted for causal LMs), a per-batch mean that ``Trainer`` divides
 over gradient-accumulation steps; it works under ``torchrun``/accelerate and bf16/fp16 like any
@@ -35,17 +35,18 @@ from torch import nn
 from transformers import Trainer
 from transformers.data.data_collator import default_data_collator
 
-from ..capture import HiddenCapture
 from ..config import Hint
-from ..dataset import CachedTeacherDataset, collate
 from ..errors import KdcacheError
-from ..format import CacheMeta
-from ..hfmodels import check_tokenizer
-from ..items import call_model, select_output
-from ..kdterm import KDTerm, check_student_logits
+from ..format.meta import CacheMeta
 from ..losses import HiddenStateLoss
+from ..losses.targets import TeacherTargets
+from ..models.capture import HiddenCapture
+from ..models.forward import call_model, select_output
+from ..models.hf import check_tokenizer
+from ..read.batch import collate
+from ..read.dataset import CachedTeacherDataset
 from ..store import TeacherCache
-from ..targets import TeacherTargets
+from ..train.kdterm import KDTerm, check_student_logits
 
 __all__ = ["KDTrainer", "KDTrainerMixin", "KDCollator", "IndexedRows", "ROW_KEY", "TEACHER_KEY"]
 

@@ -9,8 +9,8 @@ and a mix-in that computes the KD terms.
 
 ``prepare_data`` (rank 0 of each node, as Lightning calls it) runs :func:`~kdcache.dump_teacher`
 — a cache hit after the first run — and ``setup`` opens the cache in every process as a
-:class:`~kdcache.dataset.CachedTeacherDataset`. Training batches are ``(inputs, labels, teacher)``
-with ``teacher`` a :class:`~kdcache.targets.TeacherTargets`; under DDP each rank reads its share
+:class:`~kdcache.read.dataset.CachedTeacherDataset`. Training batches are ``(inputs, labels, teacher)``
+with ``teacher`` a :class:`~kdcache.losses.targets.TeacherTargets`; under DDP each rank reads its share
 of the batches (the loader's own batch sampler: pass ``use_distributed_sampler=False``).
 """
 
@@ -25,12 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import DumpConfig
-from ..dataset import CachedTeacherDataset, TeacherBatch, collate
-from ..dump import dump_teacher
+from ..data.items import as_rows, fetch_batch
+from ..dump.teacher import dump_teacher
 from ..errors import KdcacheError
-from ..format import CacheMeta
-from ..items import as_rows, call_model, fetch_batch, select_output
-from ..kdterm import KDTerm, check_student_logits, labelled_cross_entropy
+from ..format.meta import CacheMeta
+from ..models.forward import call_model, select_output
+from ..read.batch import TeacherBatch, collate
+from ..read.dataset import CachedTeacherDataset
+from ..train.kdterm import KDTerm, check_student_logits, labelled_cross_entropy
 
 __all__ = ["KDDataModule", "KDLossMixin", "KDStudent"]
 

@@ -17,11 +17,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..dataset import CachedTeacherDataset, collate
 from ..errors import KdcacheError
-from ..format import ROW_DIGEST, VIEW_PARAMS
+from ..format.meta import ROW_DIGEST, VIEW_PARAMS
+from ..losses.targets import HybridTargets, SampledTargets, TopKTargets
+from ..read.batch import collate
+from ..read.dataset import CachedTeacherDataset
 from ..store import TeacherCache
-from ..targets import HybridTargets, SampledTargets, TopKTargets
 
 __all__ = ["CacheStats", "cache_stats"]
 

@@ -12,7 +12,7 @@
 The description a cache records about itself is :class:`kdcache.format.CacheMeta`.
 """
 
-from ..format import BLOCKS, FORMAT_VERSION, ROW_DIGEST, VIEW_PARAMS, ArrayInfo, CacheMeta, OutputSpec
+from ..format.meta import BLOCKS, FORMAT_VERSION, ROW_DIGEST, VIEW_PARAMS, ArrayInfo, CacheMeta, OutputSpec
 from .cache import TeacherCache
 from .faults import fault_point
 from .identity import block_digest, dataset_digest, fingerprint, weights_digest

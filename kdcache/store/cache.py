@@ -11,35 +11,26 @@ store refers to the teacher's code.
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ..errors import KdcacheError
-from ..format import BLOCKS, ROW_DIGEST, TOKEN_BLOCKS, ArrayInfo, CacheMeta, DumpStats, OutputSpec, TeacherAccuracy, read_meta, \
-    write_meta
+from ..format.attrs import read_meta, write_meta
+from ..format.meta import BLOCKS, ROW_DIGEST, TOKEN_BLOCKS, ArrayInfo, CacheMeta, DumpStats, OutputSpec, TeacherAccuracy
 from . import verify as _verify
-from .chunkfile import ChunkError, ChunkFileWriter, io_pool, read_chunk
+from .arrays import create_array, layout_problem, restore_metadata
+from .chunkfile import ChunkError, ChunkFileWriter, read_rows
 from .faults import fault_point
 from .identity import block_digest
-from .layout import chunk_key
-from .location import exists, is_remote, open_store, refuse_file, remote_fs
+from .location import exists, is_remote, open_store, refuse_file, size_on_disk
 
 __all__ = ["TeacherCache"]
-
-# the parts of an array's zarr metadata that decide what its bytes mean
-_LAYOUT_KEYS = ("shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value", "codecs",
-                "storage_transformers", "zarr_format", "node_type")
-
 
 def _damaged(path: str, what: str) -> KdcacheError:
     return KdcacheError(f"cache {path} is damaged: {what}; run kdcache verify {path}, then repair it with the "
@@ -113,39 +104,21 @@ class TeacherCache:
         rest of an interrupted creation on resume). An array present but different is damage."""
         for path, (shape, dtype, chunk_rows, shard) in self._layout().items():
             if not self._has_metadata(path):
-                self._create_array(self.group, path, shape, dtype, chunk_rows, shard)
+                create_array(self.group, path, shape, dtype, chunk_rows, shard)
                 fault_point("created-array")
         self.check_layout()
 
     def _has_metadata(self, path: str) -> bool:
         return bool(sync(self.group.store.exists(f"{path}/zarr.json")))
 
-    @staticmethod
-    def _create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int,
-                      shard_rows: int | None = None) -> zarr.Array:
-        shards = (shard_rows, *shape[1:]) if shard_rows and shard_rows > chunk_rows else None
-        return group.create_array(name, shape=shape, chunks=(chunk_rows, *shape[1:]), shards=shards, dtype=dtype,
-                                  fill_value=0, compressors=[Crc32cCodec()], config={"write_empty_chunks": True},
-                                  overwrite=True)
-
-    def _layout_problem(self, path: str, spec: tuple[Any, ...]) -> str | None:
-        try:
-            found = self.group[path].metadata.to_dict()
-        except Exception as err:  # untrusted JSON parsed by zarr: any failure is damage
-            return f"the metadata of array {path} is missing or unreadable ({type(err).__name__})"
-        expected = _reference(*spec).metadata.to_dict()
-        bad = [k for k in _LAYOUT_KEYS if found.get(k) != expected.get(k)]
-        if bad:
-            return (f"array {path}'s {bad[0]} is {found.get(bad[0])!r:.80}, its description says "
-                    f"{expected.get(bad[0])!r:.80}")
-        return None
+    _create_array = staticmethod(create_array)
 
     def check_layout(self) -> None:
         """Every array's zarr metadata (shape, dtype, endianness, codecs, chunking) must be what
         the cache's description says: one edited word in an array's ``zarr.json`` would
         otherwise reinterpret its bytes."""
         for path, spec in self._layout().items():
-            problem = self._layout_problem(path, spec)
+            problem = layout_problem(self.group, path, spec)
             if problem:
                 raise _damaged(self.path, problem)
 
@@ -154,10 +127,8 @@ class TeacherCache:
         what the description says (its chunks are kept); the paths restored (``--repair``)."""
         restored = []
         for path, spec in self._layout().items():
-            if self._layout_problem(path, spec):
-                reference = _reference(*spec)
-                document = sync(reference.store.get("a/zarr.json", prototype=default_buffer_prototype()))
-                sync(self.group.store.set(f"{path}/zarr.json", document))
+            if layout_problem(self.group, path, spec):
+                restore_metadata(self.group, path, spec)
                 restored.append(path)
         if restored:
             self.group = zarr.open_group(store=self.group.store, mode="r+", zarr_format=3)  # forget cached arrays
@@ -303,15 +274,7 @@ class TeacherCache:
             return
         if self._files is None:
             self._files = ChunkFileWriter()
-        chunk_rows = array.chunks[0]
-        jobs = []
-        for lo in range(0, len(data), chunk_rows):
-            rows = data[lo:lo + chunk_rows]
-            if len(rows) < chunk_rows:  # the edge chunk is stored at full size, zero-padded
-                rows = np.concatenate([rows, np.zeros((chunk_rows - len(rows), *rows.shape[1:]), rows.dtype)])
-            jobs.append((Path(self.path) / chunk_key(path, array.ndim, (start + lo) // chunk_rows), rows))
-        for future in [io_pool().submit(self._files.write, file, rows) for file, rows in jobs]:
-            future.result()
+        self._files.write_rows(Path(self.path), path, array.ndim, array.chunks[0], start, data)
 
     def finalize(self, dump: DumpStats) -> None:
         """Mark the cache complete once every block's record is on disk."""
@@ -341,8 +304,11 @@ class TeacherCache:
         rows. ``record`` is the block's ``_blocks`` row when the caller has it."""
         a = self.array_info(path)
         start, stop = self.array_range(a, block)
-        if isinstance(self.group.store, zarr.storage.LocalStore):
-            data = self._read_local(a, start, stop)
+        if isinstance(self.group.store, zarr.storage.LocalStore):  # the chunk files themselves, never a fill value
+            try:
+                data = read_rows(Path(self.path), path, (a.chunk_rows, *a.shape), a.dtype, self.length(a), start, stop)
+            except ChunkError as err:
+                raise _damaged(self.path, str(err)) from None
         else:
             try:
                 data = self.group[path][start:stop]
@@ -357,26 +323,6 @@ class TeacherCache:
                 raise _damaged(self.path, f"{path} rows {start}..{stop - 1} are not the rows this cache wrote there "
                                           "(damaged, missing, or copied from another cache or position)")
         return data
-
-    def _read_local(self, a: ArrayInfo, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` read from the chunk files themselves, crc32c checked (never a fill
-        value): one ``readinto`` per file (:func:`.chunkfile.read_chunk`); one whole chunk is
-        returned as read."""
-        first, last = start // a.chunk_rows, -(-stop // a.chunk_rows)
-        chunks = []
-        for c in range(first, last):
-            lo, hi = c * a.chunk_rows, min((c + 1) * a.chunk_rows, self.length(a))
-            try:
-                chunks.append(read_chunk(Path(self.path) / chunk_key(a.path, 1 + len(a.shape), c),
-                                         (a.chunk_rows, *a.shape), a.dtype))
-            except FileNotFoundError:
-                raise _damaged(self.path, f"{a.path} rows {lo}..{hi - 1}: the chunk file is missing") from None
-            except ChunkError as err:
-                raise _damaged(self.path, f"{a.path} rows {lo}..{hi - 1}: {err}") from None
-        if len(chunks) == 1 and start == first * a.chunk_rows and stop - start == a.chunk_rows:
-            return chunks[0]
-        whole = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-        return whole[start - first * a.chunk_rows:stop - first * a.chunk_rows]
 
     def _record(self) -> np.ndarray:
         """The completion record as of the first read (a reader's cache is finished: it does not
@@ -448,17 +394,4 @@ class TeacherCache:
 
     def nbytes_on_disk(self) -> dict[str, int]:
         """Bytes on disk (or in the bucket) per array."""
-        if is_remote(self.path):
-            fs, root = remote_fs(self.path)
-            return {path: int(fs.du(f"{root}/{path}")) for path in self.array_paths()}
-        return {path: sum(f.stat().st_size for f in (Path(self.path) / path).rglob("*") if f.is_file())
-                for path in self.array_paths()}
-
-
-@functools.lru_cache(maxsize=256)
-def _reference(shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard: int | None) -> zarr.Array:
-    """An empty array named ``a`` made in memory exactly as kdcache makes such an array: its
-    metadata is what the cache's must be."""
-    group = zarr.open_group(store=zarr.storage.MemoryStore(), mode="w", zarr_format=3)
-    return TeacherCache._create_array(group, "a", shape, dtype, chunk_rows, shard)
-
+        return {path: size_on_disk(self.path, path) for path in self.array_paths()}

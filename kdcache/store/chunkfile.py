@@ -21,7 +21,9 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-__all__ = ["ChunkFileWriter", "io_pool", "aligned_empty", "read_chunk", "ChunkError", "crc32c"]
+from .layout import chunk_key
+
+__all__ = ["ChunkFileWriter", "io_pool", "aligned_empty", "read_chunk", "read_rows", "ChunkError", "crc32c"]
 
 _IO_POOL: tuple[int, ThreadPoolExecutor] | None = None
 _DIRECT_ALIGN = 4096
@@ -75,6 +77,29 @@ def read_chunk(file: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarra
     return out[:nbytes].view(dtype).reshape(shape)
 
 
+def read_rows(root: Path, path: str, chunk_shape: tuple[int, ...], dtype: np.dtype, length: int, start: int,
+              stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the array ``path`` of the local cache at ``root`` (``length`` rows in
+    chunks of ``chunk_shape``), read from the chunk files themselves, crc32c checked, never a fill
+    value; one whole chunk is returned as read. A missing or bad file is a :class:`ChunkError`
+    naming its rows."""
+    chunk_rows = chunk_shape[0]
+    first, last = start // chunk_rows, -(-stop // chunk_rows)
+    chunks = []
+    for c in range(first, last):
+        lo, hi = c * chunk_rows, min((c + 1) * chunk_rows, length)
+        try:
+            chunks.append(read_chunk(root / chunk_key(path, len(chunk_shape), c), chunk_shape, dtype))
+        except FileNotFoundError:
+            raise ChunkError(f"{path} rows {lo}..{hi - 1}: the chunk file is missing") from None
+        except ChunkError as err:
+            raise ChunkError(f"{path} rows {lo}..{hi - 1}: {err}") from None
+    if len(chunks) == 1 and start == first * chunk_rows and stop - start == chunk_rows:
+        return chunks[0]
+    whole = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    return whole[start - first * chunk_rows:stop - first * chunk_rows]
+
+
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised array on page-aligned anonymous memory: chunks of it whose offsets are
     multiples of 4 KiB go to O_DIRECT writes as they are, without a staging copy."""
@@ -110,6 +135,19 @@ class ChunkFileWriter:
                 f.write(raw.data)
                 f.write(checksum)
         os.replace(tmp, file)
+
+    def write_rows(self, root: Path, path: str, ndim: int, chunk_rows: int, start: int, data: np.ndarray) -> None:
+        """Write rows ``start:start+len(data)`` (``start`` chunk-aligned) of the ``ndim``-dimensional
+        array ``path`` of the local cache at ``root`` as whole chunk files, in parallel; the edge
+        chunk is stored at full size, zero-padded (zarr's fill value)."""
+        jobs = []
+        for lo in range(0, len(data), chunk_rows):
+            rows = data[lo:lo + chunk_rows]
+            if len(rows) < chunk_rows:
+                rows = np.concatenate([rows, np.zeros((chunk_rows - len(rows), *rows.shape[1:]), rows.dtype)])
+            jobs.append((root / chunk_key(path, ndim, (start + lo) // chunk_rows), rows))
+        for future in [io_pool().submit(self.write, file, rows) for file, rows in jobs]:
+            future.result()
 
     def _write_direct(self, path: Path, raw: np.ndarray, checksum: bytes) -> bool:
         """Write ``raw + checksum`` to a new file with O_DIRECT, in whole 4 KiB blocks, then cut

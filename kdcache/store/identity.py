@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..items import fetch_batch, input_mask, row_digests
+from ..data.digests import row_digests
+from ..data.items import fetch_batch, input_mask
 from .chunkfile import crc32c
 
 __all__ = ["fingerprint", "weights_digest", "dataset_digest", "block_digest", "DIGEST_SAMPLE_ROWS",

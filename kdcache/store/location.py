@@ -14,7 +14,7 @@ from zarr.core.sync import sync
 
 from ..errors import KdcacheError
 
-__all__ = ["is_remote", "open_store", "remote_fs", "exists", "refuse_file", "list_dir", "remove_cache",
+__all__ = ["is_remote", "open_store", "remote_fs", "exists", "refuse_file", "size_on_disk", "list_dir", "remove_cache",
            "why_not_removable", "is_disk_full", "CACHE_ENTRIES"]
 
 
@@ -51,6 +51,14 @@ def exists(path: str | Path) -> bool:
         except OSError as err:
             raise KdcacheError(f"cannot reach {path}: {err}; check the URL, credentials and endpoint") from None
     return (Path(path) / "zarr.json").exists()
+
+
+def size_on_disk(path: str | Path, key: str) -> int:
+    """Bytes under ``key`` (an array) of the cache at ``path``, on disk or in the bucket."""
+    if is_remote(path):
+        fs, root = remote_fs(path)
+        return int(fs.du(f"{root}/{key}"))
+    return sum(f.stat().st_size for f in (Path(path) / key).rglob("*") if f.is_file())
 
 
 def refuse_file(path: str | Path, advice: str = "give the cache's directory") -> None:

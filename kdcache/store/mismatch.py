@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..codecs import Codec, DenseCodec, HybridCodec, SampledCodec, TopKCodec
-from ..format import CacheMeta
+from ..format.codecs import Codec, DenseCodec
+from ..format.meta import CacheMeta
+from ..format.sparse import HybridCodec, SampledCodec, TopKCodec
 
 if TYPE_CHECKING:
     from ..config import DumpConfig

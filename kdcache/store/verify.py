@@ -16,7 +16,7 @@ import zarr
 from zarr.core.sync import sync
 
 from ..errors import KdcacheError
-from ..format import BLOCKS, ArrayInfo
+from ..format.meta import BLOCKS, ArrayInfo
 from .chunkfile import ChunkError, read_chunk
 from .layout import chunk_key
 

@@ -1,0 +1,51 @@
+"""The ``kdcache report`` and ``kdcache plot`` commands (registered by :mod:`kdcache.cli`):
+parse, call :mod:`kdcache.report`, print what was written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["report_cmd", "plot_cmd"]
+
+
+def report_cmd(
+    path: str = typer.Argument(..., help="A cache directory or URL."),
+    out: Optional[Path] = typer.Option(None, help="Where the PNGs and report.html go "
+                                       "[report-<fingerprint>]."),
+    dataset: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from: adds "
+                                          "calibration and per-class accuracy from its labels (the spec recorded in "
+                                          "the cache is never imported)."),
+    dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset."),
+    positions: int = typer.Option(200_000, help="Summarise at most about N positions (rows x tokens), "
+                                  "whole chunks chosen at random."),
+) -> None:
+    """Figures of what a cache holds (teacher confidence and entropy, calibration and per-class
+    accuracy on labelled rows, top-k probability mass, bytes per row) and one HTML page."""
+    from ..errors import KdcacheError
+    from ..report import write_report
+    from ..spec import load_dataset, parse_kwargs
+    from ..store import TeacherCache
+
+    if positions < 1:
+        raise KdcacheError(f"--positions must be >= 1, got {positions}")
+    cache = TeacherCache.open(path)
+    data = load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs")) if dataset else None
+    report = write_report(cache, out or Path(f"report-{cache.fingerprint}"), data, max_positions=positions)
+    for figure in report.figures:
+        typer.echo(f"{figure.path}  {'; '.join(figure.panels)}")
+    typer.echo(str(report.page))
+
+
+def plot_cmd(
+    runs: list[Path] = typer.Argument(..., help="train-student --out directories."),
+    out: Path = typer.Option(Path("runs.png"), help="The PNG to write."),
+) -> None:
+    """Runs side by side from their metrics.jsonl: eval accuracy and loss, KD and CE terms,
+    top-1 agreement with the teacher, samples/s, and train vs held-out KL when recorded."""
+    from ..report import plot_runs
+
+    figure = plot_runs(runs, out)
+    typer.echo(f"{figure.path}  {'; '.join(figure.panels)}")

@@ -1,0 +1,150 @@
+"""The teacher over a dump's blocks: batches that never straddle a block, prepared and digested by a
+DataLoader, the forward under ``inference_mode`` (autocast on CUDA), each output encoded on the
+device by its codec and copied to pinned host memory without blocking, and the
+:class:`~kdcache.dump.writer.BlockWriter` assembling and writing whole blocks on other threads."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import DumpConfig
+from ..data.digests import row_digests
+from ..data.items import collate_items, fetch_batch, input_mask
+from ..data.views import ViewedDataset
+from ..errors import KdcacheError
+from ..format.meta import SPANS
+from ..models.capture import HiddenCapture
+from ..models.forward import autocast, call_model, move_inputs, select_output
+from ..store import TeacherCache, fault_point
+from .writer import BlockWriter, EncodedBatch
+
+__all__ = ["run_blocks", "forward", "digest_mask"]
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item i is batch i of the dump: (first row, inputs, labels, input digests, explicit view
+    parameters or None)."""
+
+    def __init__(self, dataset: Any, batches: Sequence[tuple[int, int]], mask_key: str | None) -> None:
+        self.dataset, self.batches, self.mask_key = dataset, list(batches), mask_key
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, torch.Tensor, np.ndarray, torch.Tensor | None]:
+        start, stop = self.batches[i]
+        params = None
+        if isinstance(self.dataset, ViewedDataset) and self.dataset.explicit:  # parameters drawn once, kept
+            items, params = self.dataset.drawn_items(range(start, stop))
+            inputs, labels = collate_items(items, range(start, stop))
+        else:
+            inputs, labels = fetch_batch(self.dataset, range(start, stop))
+        return start, inputs, labels, row_digests(inputs, input_mask(inputs, self.mask_key)), params
+
+
+def plan_batches(cache: TeacherCache, blocks: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
+    """Batches of rows that never straddle a block, so each block fills from its own batches."""
+    batches = []
+    for block in blocks:
+        start, stop = cache.block_range(block)
+        batches += [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
+    return batches
+
+
+def forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key: str | None, amp: str,
+            dev: torch.device) -> dict[str, torch.Tensor]:
+    with torch.inference_mode(), autocast(amp, dev):
+        try:
+            output = call_model(teacher, inputs)
+        except KdcacheError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise KdcacheError(f"the teacher failed on a batch of the dataset ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0]}); do the dataset's inputs fit the teacher?") from None
+        return {"logits": select_output(output, output_key), **capture.take()}
+
+
+def zero_padding(arrays: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Store padding positions (mask 0) as zeros: never as real tokens."""
+    if mask is None:
+        return arrays
+    return {k: (v.masked_fill(~mask.view(*mask.shape, *([1] * (v.ndim - 2))), 0)
+                if v.ndim >= 2 and tuple(v.shape[:2]) == tuple(mask.shape) else v) for k, v in arrays.items()}
+
+
+def run_blocks(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list[int], cfg: DumpConfig, amp: str,
+               dev: torch.device, progress: bool, every_rank: Sequence[int] = ()) -> dict[str, Any]:
+    """Run the teacher over blocks ``todo`` and write them; this process's share of the stats.
+    The progress bar counts the rows of ``every_rank``'s blocks (all processes'), advancing by
+    this process's rows scaled to that total: ranks run in step, and only one prints."""
+    batches = plan_batches(cache, todo, cfg.batch_size)
+    cuda = dev.type == "cuda"
+    loader = DataLoader(_Batches(dataset, batches, digest_mask(cfg)), batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                        pin_memory=cuda, prefetch_factor=4 if cfg.num_workers else None)
+    writer = BlockWriter(cache, cfg.writer_threads, cfg.allow_nonfinite)
+    mask_key, packed = cache.meta.mask_key, cache.meta.packed
+    logits_spec = cache.outputs["logits"]
+    positions = int(np.prod(logits_spec.shape[:-1], dtype=np.int64)) if len(logits_spec.shape) > 1 else 1
+    total = sum(b - a for a, b in batches)
+    everyone = sum(stop - start for start, stop in map(cache.block_range, every_rank)) or total
+    bar = tqdm(total=everyone, unit="rows", unit_scale=True, desc="dump-teacher", disable=not progress,
+               dynamic_ncols=True)
+    scale = everyone / max(total, 1)
+    t0 = time.perf_counter()
+    tokens_done = 0
+    try:
+        with HiddenCapture(teacher, cfg.hidden) as capture:
+            for start, inputs, labels, digests, params in loader:
+                n = len(digests)
+                mask = input_mask(inputs, mask_key)
+                tokens = int(mask.sum()) if mask is not None else n * positions
+                outputs = forward(teacher, capture, move_inputs(inputs, dev, non_blocking=cuda), cfg.output_key, amp,
+                                   dev)
+                rows = torch.arange(start, start + n, device=dev)
+                dev_mask = mask.to(dev, non_blocking=cuda) if mask is not None else None
+                host = {}
+                for name, t in outputs.items():
+                    spec = cache.outputs[name]
+                    per_token = packed is not None and name in packed.outputs
+                    # a packed output's token axis may differ from batch to batch: only real tokens are kept
+                    expected = (n, *(t.shape[1:2] if per_token else ()), *spec.shape[1 if per_token else 0:])
+                    if tuple(t.shape) != expected:
+                        raise KdcacheError(f"teacher output {name!r} for rows {start}.. has shape {tuple(t.shape[1:])}, "
+                                           f"earlier rows {spec.shape}: dataset items must all have one shape")
+                    # narrow on the device, then copy to pinned memory without blocking the next forward
+                    encoded = spec.codec.encode(t, rows)
+                    encoded = ({k: v[dev_mask] for k, v in encoded.items()} if per_token
+                               else zero_padding(encoded, dev_mask))
+                    host.update({spec.arrays[key].path: v.to("cpu", non_blocking=cuda) for key, v in encoded.items()})
+                if packed is not None:  # every real position of a dumped row has a target
+                    host[SPANS] = torch.stack([torch.zeros_like(mask[:, 0], dtype=torch.int32),
+                                               mask.sum(1, dtype=torch.int32)], 1)
+                logits = outputs["logits"]
+                predicted = (logits.argmax(dim=-1).to("cpu", non_blocking=cuda)
+                             if logits.ndim >= 2 and tuple(logits.shape[:-1]) == tuple(labels.shape) else None)
+                copied = torch.cuda.Event() if cuda else None
+                if copied is not None:
+                    copied.record()
+                if params is not None:
+                    host[cache.view_params.path] = params
+                writer.put(EncodedBatch(start, host, predicted, labels, digests, tokens, copied))
+                fault_point("batch")
+                tokens_done += tokens
+                bar.update(n * scale)
+    finally:
+        bar.close()
+        writer.close()
+    return {"seconds": time.perf_counter() - t0, "rows": total, "tokens": tokens_done,
+            "bytes": writer.bytes_written}
+
+
+def digest_mask(cfg: DumpConfig) -> str | None:
+    """The mask key row digests see: a packed cache digests real tokens only."""
+    return cfg.mask_key if cfg.layout == "packed" else None
