@@ -9,26 +9,9 @@
 - :mod:`.packing`       the packed token layout: real tokens only, on one token axis
 """
 
-from .meta import (
-                   ATTR,
-                   BLOCK_STATS,
-                   BLOCKS,
-                   FORMAT_VERSION,
-                   ROW_DIGEST,
-                   SPANS,
-                   TOKEN_BLOCKS,
-                   VIEW_PARAMS,
-                   ArrayInfo,
-                   CacheMeta,
-                   DatasetInfo,
-                   DumpStats,
-                   OutputSpec,
-                   PackedTokens,
-                   TeacherAccuracy,
-                   TeacherInfo,
-                   TokenizerInfo,
-                   Vocab,
-)
+from .meta import (ATTR, BLOCK_STATS, BLOCKS, FORMAT_VERSION, ROW_DIGEST, SPANS, TOKEN_BLOCKS, VIEW_PARAMS, ArrayInfo,
+                   CacheMeta, DatasetInfo, DumpStats, OutputSpec, PackedTokens, TeacherAccuracy, TeacherInfo,
+                   TokenizerInfo, Vocab)
 
 __all__ = ["FORMAT_VERSION", "ATTR", "BLOCKS", "BLOCK_STATS", "ROW_DIGEST", "VIEW_PARAMS", "SPANS", "TOKEN_BLOCKS",
            "PackedTokens", "ArrayInfo", "OutputSpec", "TokenizerInfo", "TeacherInfo", "DatasetInfo", "Vocab",

@@ -15,21 +15,8 @@ from ..errors import KdcacheError
 from .checked_json import MAX_DIM, JsonReader, malformed
 from .codecs import Codec, DenseCodec
 from .draws import DRAWS
-from .meta import (
-    ATTR,
-    BLOCK_STATS,
-    FORMAT_VERSION,
-    ArrayInfo,
-    CacheMeta,
-    DatasetInfo,
-    DumpStats,
-    OutputSpec,
-    PackedTokens,
-    TeacherAccuracy,
-    TeacherInfo,
-    TokenizerInfo,
-    Vocab,
-)
+from .meta import (ATTR, BLOCK_STATS, FORMAT_VERSION, ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec,
+                   PackedTokens, TeacherAccuracy, TeacherInfo, TokenizerInfo, Vocab)
 from .sparse import HybridCodec, SampledCodec, TopKCodec
 
 __all__ = ["meta_to_attrs", "meta_from_attrs", "read_meta", "write_meta", "MAX_ROW_BYTES", "MAX_OBJECTS", "MAX_RECORD",

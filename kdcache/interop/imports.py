@@ -18,17 +18,8 @@ from ..data.digests import row_digests
 from ..data.items import fetch_batch, input_mask
 from ..dump.writer import BlockWriter, EncodedBatch, software_versions
 from ..errors import KdcacheError
-from ..format.meta import (
-    SPANS,
-    ArrayInfo,
-    CacheMeta,
-    DatasetInfo,
-    DumpStats,
-    OutputSpec,
-    PackedTokens,
-    TeacherInfo,
-    Vocab,
-)
+from ..format.meta import (SPANS, ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec, PackedTokens, TeacherInfo,
+                           Vocab)
 from ..format.packing import place_blocks
 from ..format.sparse import TopKCodec, pack_ids
 from ..store import DumpLock, TeacherCache, dataset_digest, fingerprint, plan_blocks
