@@ -396,3 +396,26 @@ def test_cli_hybrid_systematic_dump_trains_in_another_process_and_a_bad_scheme_i
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("kdcache: error:"), bad.stderr
     assert "sample_draws must be one of iid, systematic" in lines[0] and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("bits", [1, 3, 7, 8, 13, 15, 16, 17, 24, 31])
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_packed_ids_are_the_little_endian_bit_string_of_the_ids(bits, k):
+    ids = torch.randint(0, 2**bits, (4, 3, k), generator=torch.Generator().manual_seed(bits * 100 + k))
+    bit_string = ((ids.numpy()[..., None] >> np.arange(bits)) & 1).reshape(4, 3, k * bits).astype(np.uint8)
+    np.testing.assert_array_equal(pack_ids(ids, bits).numpy(), np.packbits(bit_string, axis=-1, bitorder="little"))
+
+
+@pytest.mark.parametrize("codec", [TopKCodec(5, 37), SampledCodec(9, 37, 0.8, 4), SampledCodec(300, 37, 1.0, 1),
+                                   HybridCodec(3, 11, 37, 1.5, 2, "systematic"), HybridCodec(2, 7, 37)],
+                         ids=lambda c: type(c).__name__)
+def test_encoding_the_real_tokens_alone_stores_what_encoding_the_whole_batch_stores_there(codec):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, 40, generator=g) * 3  # padded vocabulary 40, real 37
+    rows = torch.tensor([7, 8, 9])
+    real = (torch.rand(3, 50, generator=g) < 0.6).reshape(-1).nonzero().squeeze(1)
+    whole = codec.encode(logits, rows)
+    tokens = codec.encode_tokens(logits.reshape(-1, 40)[real], rows.repeat_interleave(50)[real], real % 50)
+    assert whole.keys() == tokens.keys()
+    for key, stored in whole.items():
+        assert torch.equal(stored.reshape(150, *stored.shape[2:])[real], tokens[key]), key

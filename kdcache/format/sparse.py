@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from ..errors import KdcacheError, option
 from ..losses.targets import HybridTargets, SampledTargets, TopKTargets
-from .codecs import _as_tensor, _nonfinite, _to_numpy
+from .codecs import _as_tensor, _nonfinite, _to_numpy, by_pieces
 from .draws import DRAWS, draw_ids, draw_uniforms
 
 __all__ = ["TopKCodec", "SampledCodec", "HybridCodec", "pack_ids", "unpack_ids", "index_bits"]
@@ -31,15 +32,37 @@ def index_bits(vocab: int) -> int:
     return max(1, (vocab - 1).bit_length())
 
 
+@lru_cache(maxsize=64)
+def _pack_plan(k: int, bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Where each of the 32-bit words of ``k`` packed ids takes its bits from: ``(id index per
+    (word, slot) flattened, left shifts, right shifts, masks)`` as (words, slots) int64 on
+    ``device``. A word holds pieces of at most ``ceil(32 / bits) + 1`` ids; an id lands in its
+    word shifted left (it starts inside the word) or right (it started in the word before)."""
+    words, slots = -(-k * bits // 32), -(-32 // bits) + 1
+    word = torch.arange(words).view(-1, 1)
+    index = (32 * word) // bits + torch.arange(slots).view(1, -1)
+    shift = index * bits - 32 * word  # where the id's bit 0 lands in the word (negative: before it)
+    used = (index < k) & (shift < 32) & (shift + bits > 0)
+    mask = torch.where(used, torch.tensor(0xFFFFFFFF), torch.tensor(0))
+    plan = (index.clamp_max(k - 1).reshape(-1), shift.clamp_min(0), (-shift).clamp_min(0), mask)
+    return tuple(t.to(device) for t in plan)
+
+
 def pack_ids(ids: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., K) integer ids < 2**bits -> (..., ceil(K*bits/8)) uint8, little-endian bit order."""
-    shifts = torch.arange(bits, device=ids.device, dtype=torch.int64)
-    flat = ((ids.long().unsqueeze(-1) >> shifts) & 1).to(torch.uint8).flatten(-2)
-    pad = (-flat.shape[-1]) % 8
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=ids.device)
-    return (flat.view(*flat.shape[:-1], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+    """(..., K) integer ids < 2**bits -> (..., ceil(K*bits/8)) uint8, little-endian bit order:
+    id i holds bits ``i*bits .. (i+1)*bits - 1`` of the row's bit string, bit j of the string is
+    bit ``j % 8`` of byte ``j // 8``.
+
+    Built as 32-bit words in int64 (no value reaches the sign bit), on the ids' device, with no
+    host data sent there: each word gathers the ids it holds pieces of and shifts them into place;
+    the words' little-endian bytes are the packed bytes (every platform torch runs on is
+    little-endian)."""
+    k = ids.shape[-1]
+    index, left, right, mask = _pack_plan(k, bits, ids.device)
+    words = ids.long().index_select(-1, index).view(*ids.shape[:-1], *left.shape)
+    packed = (((words << left) >> right) & mask).sum(-1)  # (..., words): one 32-bit word each
+    nbytes = -(-k * bits // 8)
+    return packed.view(torch.uint8).view(*packed.shape, 8)[..., :4].flatten(-2)[..., :nbytes]
 
 
 def unpack_ids(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
@@ -99,7 +122,17 @@ class TopKCodec:
                 "logsumexp": (prefix, np.dtype("float32"))}
 
     def encode(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        z = output.detach()[..., :self.vocab].float()
+        prefix = output.shape[:-1]
+        flat = by_pieces(self._encode, output.detach().reshape(-1, output.shape[-1]))
+        return {key: v.view(*prefix, *v.shape[1:]) for key, v in flat.items()}
+
+    def encode_tokens(self, output: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                      ) -> dict[str, torch.Tensor]:
+        """Logits of N tokens (N, V) -> their arrays (N, ...), as :meth:`encode` stores them."""
+        return by_pieces(self._encode, output.detach())
+
+    def _encode(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = logits[:, :self.vocab].float()
         values, ids = z.topk(self.k, dim=-1)
         return {"values": values.half(), "indices": pack_ids(ids, self.bits), "logsumexp": z.logsumexp(-1)}
 
@@ -164,20 +197,29 @@ class SampledCodec:
     def encode(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if rows is None:
             raise ValueError("SampledCodec.encode needs the cache rows of the batch (its seeds)")
-        b = output.shape[0]
-        z = output.detach()[..., :self.vocab].reshape(b, -1, min(self.vocab, output.shape[-1]))
-        positions = z.shape[1]
-        u = draw_uniforms(self.draws, self.seed, rows.to(z.device), positions, self.n)
-        ids = draw_ids(z.reshape(-1, z.shape[-1]), u.reshape(-1, self.n), self.temperature).view(b, positions, self.n)
+        b, prefix = output.shape[0], output.shape[:-1]
+        z = output.detach().reshape(b, -1, output.shape[-1])
+        u = draw_uniforms(self.draws, self.seed, rows.to(z.device), z.shape[1], self.n)
+        flat = self._encode(z.reshape(-1, z.shape[-1]), u.reshape(-1, self.n))
+        return {key: v.view(*prefix, -1) for key, v in flat.items()}
+
+    def encode_tokens(self, output: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                      ) -> dict[str, torch.Tensor]:
+        """Logits of N tokens (N, V) at cache rows ``rows`` and positions ``positions`` (N,) ->
+        their arrays (N, ...): the draws :meth:`encode` makes at those positions."""
+        z = output.detach()
+        return self._encode(z, draw_uniforms(self.draws, self.seed, rows.to(z.device), positions.to(z.device), self.n))
+
+    def _encode(self, logits: torch.Tensor, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(M, V) logits and (M, N) uniforms -> unique drawn ids (packed) and their counts."""
+        ids = draw_ids(logits[:, :self.vocab], u, self.temperature)
         ordered = ids.sort(dim=-1).values
         new = torch.ones_like(ordered, dtype=torch.bool)
         new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
         slot = new.long().cumsum(-1) - 1
         unique = torch.zeros_like(ordered).scatter_(-1, slot, ordered)
         counts = torch.zeros_like(ordered).scatter_add_(-1, slot, torch.ones_like(ordered))
-        prefix = output.shape[:-1]
-        return {"ids": pack_ids(unique, self.bits).view(*prefix, -1),
-                "counts": counts.to(torch.uint8 if self.n <= 255 else torch.int32).view(*prefix, self.n)}
+        return {"ids": pack_ids(unique, self.bits), "counts": counts.to(torch.uint8 if self.n <= 255 else torch.int32)}
 
     def to_numpy(self, host: torch.Tensor) -> np.ndarray:
         array = host.numpy()
@@ -246,16 +288,28 @@ class HybridCodec:
     def encode(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if rows is None:
             raise ValueError("HybridCodec.encode needs the cache rows of the batch (its seeds)")
-        z = output.detach()[..., :self.vocab].float()
+        b, prefix = output.shape[0], output.shape[:-1]
+        z = output.detach().reshape(b, -1, output.shape[-1])
+        u = draw_uniforms(self.draws, self.seed, rows.to(z.device), z.shape[1], self.n)
+        flat = by_pieces(self._encode, z.reshape(-1, z.shape[-1]), u.reshape(-1, self.n))
+        return {key: v.view(*prefix, -1) for key, v in flat.items()}
+
+    def encode_tokens(self, output: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                      ) -> dict[str, torch.Tensor]:
+        """Logits of N tokens (N, V) at cache rows ``rows`` and positions ``positions`` (N,) ->
+        their arrays (N, ...): the head and the tail draws :meth:`encode` makes there."""
+        z = output.detach()
+        u = draw_uniforms(self.draws, self.seed, rows.to(z.device), positions.to(z.device), self.n)
+        return by_pieces(self._encode, z, u)
+
+    def _encode(self, logits: torch.Tensor, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(M, V) logits and (M, N) uniforms -> head log-probabilities, head ids and tail draws."""
+        z = logits[:, :self.vocab].float()
         values, head = z.topk(self.k, dim=-1)
         # float16's finite range: a head class of probability 0 (exp underflow) is stored as -1e4, not -inf
         logprobs = (values / self.temperature - (z / self.temperature).logsumexp(-1, keepdim=True)).clamp_min(-1e4)
-        flat = z.reshape(output.shape[0], -1, z.shape[-1])
-        u = draw_uniforms(self.draws, self.seed, rows.to(z.device), flat.shape[1], self.n)
-        tail = draw_ids(flat.reshape(-1, z.shape[-1]), u.reshape(-1, self.n), self.temperature,
-                        exclude=head.reshape(-1, self.k)).sort(dim=-1).values
-        return {"logprobs": logprobs.half(), "indices": pack_ids(head, self.bits),
-                "tail": pack_ids(tail, self.bits).view(*z.shape[:-1], -1)}
+        tail = draw_ids(z, u, self.temperature, exclude=head).sort(dim=-1).values
+        return {"logprobs": logprobs.half(), "indices": pack_ids(head, self.bits), "tail": pack_ids(tail, self.bits)}
 
     def to_numpy(self, host: torch.Tensor) -> np.ndarray:
         return _to_numpy(host)
