@@ -4,6 +4,8 @@ and the fingerprint), a cache hit, a cache created, resumed or repaired, under t
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,13 +16,17 @@ from ..config import DumpConfig
 from ..errors import KdcacheError, option
 from ..format.meta import CacheMeta
 from ..format.packing import place_blocks, token_counts
-from ..store import DumpLock, TeacherCache, fault_point, is_remote, remove_cache
+from ..models.placement import place
+from ..store import DumpLock, TeacherCache, fault_point, fingerprint, is_remote, list_dir, remove_cache
+from ..store.identity import digest_scheme
 from ..store.location import exists, refuse_file
 from ..store.mismatch import identity_differences
 from ..store.verify import damaged_blocks
 from .create import create_cache
 
-__all__ = ["default_cache_root", "target_path", "prepare"]
+__all__ = ["default_cache_root", "target_path", "earlier_cache", "prepare"]
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 def default_cache_root() -> Path:
@@ -33,6 +39,49 @@ def target_path(out: str | Path | None, cache_root: str | None, fp: str) -> Any:
     where = str(out) if out is not None else (f"{root.rstrip('/')}/{fp}" if is_remote(root) else str(Path(root) / fp))
     refuse_file(where, f"choose another {option('out')}")
     return where if is_remote(where) else Path(where)
+
+
+def earlier_cache(out: str | Path | None, path: Any, cfg: DumpConfig, meta: CacheMeta, choices: dict[str, Any],
+                  blake2b_digest: Callable[[], str]) -> tuple[CacheMeta, Any]:
+    """This dump's description and path, or those of the cache written before weights digests
+    were crc32c (their ``blake2b`` digest named them) that is this dump's cache, so that it stays
+    a cache hit, resumes or is repaired instead of being "another cache".
+
+    Looked for at ``out`` (any cache there with a blake2b digest), or without ``out``, when the
+    cache root holds no cache of this fingerprint, among its fingerprint-named caches with a
+    blake2b digest that differ from this dump in nothing but the digest. Only then is the
+    blake2b digest computed (``blake2b_digest``, ~0.5 GB/s), and the fingerprint it gives
+    compared. At ``out``, a cache with another blake2b fingerprint is compared with this dump's
+    blake2b digest, so that the refusal says truly whether the weights differ.
+    """
+    if cfg.overwrite:
+        return meta, path
+    if out is not None:
+        candidates = [path]
+    elif exists(path):
+        return meta, path
+    else:
+        root = str(cfg.cache_root or default_cache_root())
+        candidates = [e for e in list_dir(root) or [] if _FINGERPRINT.fullmatch(str(e).rstrip("/").rsplit("/", 1)[-1])]
+    earlier = []
+    for candidate in candidates:
+        try:
+            stored = TeacherCache.open(candidate).meta if TeacherCache.exists(candidate) else None
+        except KdcacheError:  # damaged, or being created this instant: not this dump's to rename to
+            continue
+        if stored is None or digest_scheme(stored.teacher.weights_digest) != "blake2b":
+            continue
+        if out is not None or all(d.startswith("teacher weights:") for d in identity_differences(stored, meta, cfg)):
+            earlier.append((candidate, stored))
+    if not earlier:
+        return meta, path
+    digest = blake2b_digest()
+    fp = fingerprint(digest, meta.dataset.digest, choices)
+    renamed = replace(meta, teacher=replace(meta.teacher, weights_digest=digest))
+    for candidate, stored in earlier:
+        if stored.fingerprint == fp:
+            return replace(renamed, fingerprint=fp), candidate
+    return (renamed, path) if out is not None else (meta, path)
 
 
 def existing_cache(path: Any, fp: str, overwrite: bool, asked: tuple[CacheMeta, DumpConfig] | None = None,
@@ -81,7 +130,7 @@ def prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: D
             cache.check_layout()
             return None, lock
         if cache is None:
-            cache = create_cache(teacher.to(dev).eval(), dataset, path, meta, cfg, dev)
+            cache = create_cache(place(teacher, dev), dataset, path, meta, cfg, dev)
             fault_point("created")
         else:
             cache.create_missing_arrays()  # a creation that was interrupted

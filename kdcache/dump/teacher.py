@@ -13,21 +13,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from .. import distributed
 from ..config import DumpConfig
 from ..data.items import as_rows
 from ..data.views import ViewedDataset
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 from ..format.meta import CacheMeta, DatasetInfo, DumpStats, TeacherInfo, Vocab
 from ..models.capture import check_module_names
 from ..models.forward import resolve_amp, resolve_device
+from ..models.placement import input_device, is_dispatched, offloaded_weights, place
 from ..models.hf import tokenizer_info
 from ..store import DumpLock, TeacherCache, dataset_digest, fingerprint, weights_digest
 from .create import choose_layout
 from .loop import digest_mask, run_blocks
-from .prepare import default_cache_root, prepare, target_path
+from .prepare import default_cache_root, earlier_cache, prepare, target_path
 from .writer import software_versions
 
 __all__ = ["dump_teacher", "default_cache_root", "DumpConfig"]
@@ -68,7 +70,8 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
     """
     cfg = (config or DumpConfig()).updated(**overrides) if overrides else (config or DumpConfig())
     check_module_names(teacher, cfg.hidden)
-    dev = resolve_device(distributed.local_device(cfg.device))
+    rank, world = distributed.world()
+    dev = teacher_device(teacher, cfg, world)
     amp = resolve_amp(cfg.amp, dev)
     dataset = as_rows(dataset)
     samples = len(dataset)
@@ -80,10 +83,11 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
     cfg = cfg.updated(layout=choose_layout(dataset, cfg))
 
     # resolve the target: the fingerprint names the cache
-    data_digest, w_digest = dataset_digest(dataset, digest_mask(cfg)), weights_digest(teacher)
-    fp = fingerprint(w_digest, data_digest, cfg.fingerprint_inputs(amp, viewed and dataset.explicit))
+    offloaded = offloaded_weights(teacher)
+    data_digest, w_digest = dataset_digest(dataset, digest_mask(cfg)), weights_digest(teacher, offloaded=offloaded)
+    choices = cfg.fingerprint_inputs(amp, viewed and dataset.explicit)
+    fp = fingerprint(w_digest, data_digest, choices)
     path = target_path(out, cfg.cache_root, fp)
-    rank, world = distributed.world()
     if distributed.broadcast(fp) != fp:
         raise KdcacheError(f"rank {rank} sees another teacher or dataset than rank 0 (fingerprint {fp}): give every "
                            "rank the same checkpoint and data")
@@ -97,6 +101,10 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         dataset=DatasetInfo(length=samples, digest=data_digest, spec=(dataset_info or {}).get("spec"),
                             kwargs=(dataset_info or {}).get("kwargs") or {}),
         outputs={}, output_key=cfg.output_key, views=cfg.views or 1, seed=(cfg.seed or 0) if viewed else None)
+    if rank == 0:  # a cache named by the weights digest of earlier releases may be this dump's
+        meta, path = earlier_cache(out, path, cfg, meta, choices,
+                                   lambda: weights_digest(teacher, "blake2b", offloaded=offloaded))
+    path = distributed.broadcast(path)
 
     lock: DumpLock | None = None
     try:
@@ -125,7 +133,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
         todo = np.flatnonzero(cache.blocks_record()[:, 0] == 0).tolist()
         if rank == 0 and len(todo) < cache.n_blocks:
             log(f"resuming {path}: {cache.n_blocks - len(todo)} of {cache.n_blocks} blocks already written")
-        stats = run_blocks(teacher.to(dev).eval(), dataset, cache, [b for b in todo if b % world == rank], cfg, amp, dev,
+        stats = run_blocks(place(teacher, dev), dataset, cache, [b for b in todo if b % world == rank], cfg, amp, dev,
                      cfg.progress and rank == 0, every_rank=todo)
 
         # finalise: every rank's blocks are on disk once gathered
@@ -138,6 +146,21 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
     finally:
         if lock is not None:
             lock.release()
+
+
+def teacher_device(teacher: nn.Module, cfg: DumpConfig, world: int) -> torch.device:
+    """Where the dump runs: ``cfg.device`` (this process's GPU under torchrun); for a teacher
+    that accelerate spread over devices (a device map), where it takes its inputs."""
+    if not is_dispatched(teacher):
+        return resolve_device(distributed.local_device(cfg.device))
+    if world > 1:
+        raise KdcacheError("the teacher is spread over devices by a device map: run its dump as one process (not "
+                           "under torchrun); several processes need a teacher that fits one GPU each")
+    dev = input_device(teacher)
+    if cfg.device != "auto" and resolve_device(cfg.device) != dev:
+        raise KdcacheError(f"the teacher's device map takes its inputs on {dev}, not {option('device', cfg.device)}: "
+                           f"leave {option('device')} at auto")
+    return dev
 
 
 def _total(every: list[dict[str, Any]], device: str, cfg: DumpConfig) -> DumpStats:

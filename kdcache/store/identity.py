@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Callable
 
 import google_crc32c
 import numpy as np
@@ -20,8 +20,8 @@ from ..data.digests import row_digests
 from ..data.items import fetch_batch, input_mask
 from .chunkfile import crc32c
 
-__all__ = ["fingerprint", "weights_digest", "dataset_digest", "block_digest", "DIGEST_SAMPLE_ROWS",
-           "FINGERPRINT_VERSION"]
+__all__ = ["fingerprint", "weights_digest", "dataset_digest", "block_digest", "digest_scheme", "same_teacher",
+           "DIGEST_SAMPLE_ROWS", "FINGERPRINT_VERSION", "WEIGHTS_SCHEME"]
 
 DIGEST_SAMPLE_ROWS = 64
 # Changes only when the same choices would store different outputs, not with the cache format:
@@ -47,15 +47,81 @@ def block_digest(fingerprint: str, path: str, block: int, rows: np.ndarray) -> i
     return crc32c(np.ascontiguousarray(rows).reshape(-1).view(np.uint8), crc)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """blake2b over the teacher's state dict (names, dtypes, shapes and bytes), without copies."""
-    h = hashlib.blake2b(digest_size=16)
+WEIGHTS_SCHEME = "crc32c"  # the scheme new caches are named with; caches written before it used "blake2b"
+WEIGHTS_SCHEMES = ("crc32c", "blake2b")
+_PIECE = 256 << 10
+
+
+def weights_digest(model: nn.Module, scheme: str = WEIGHTS_SCHEME,
+                   offloaded: Callable[[str], torch.Tensor] | None = None) -> str:
+    """The teacher's weights as one string: every state-dict entry's name, dtype, shape and bytes.
+
+    ``scheme``:
+
+    - ``crc32c`` (``"crc32c:"`` and 32 hex digits): the crc32c of every 256 KiB piece of each
+      tensor's bytes (hardware crc32c, ~12 GB/s on one core of the 2-core box), then sha256 over
+      names, dtypes, shapes and those crcs. Two teachers that differ inside one piece collide with
+      probability 2**-32, in n pieces 2**-32n: an accidental match is out of reach, and a cache's
+      name was never a defence against a forged cache (docs/design.md).
+    - ``blake2b`` (32 hex digits, no prefix): blake2b-128 over the same records and bytes, which
+      caches written before crc32c are named by (0.5-0.8 GB/s): computed only to find them.
+
+    A tensor the model holds under two names (tied weights) is read once. Entries on the meta
+    device (weights accelerate offloaded to the CPU or disk) are read through ``offloaded``
+    (state-dict name -> host tensor; :func:`kdcache.models.placement.offloaded_weights`): the
+    digest of a dispatched model is the digest of the same model loaded whole.
+    """
+    if scheme not in WEIGHTS_SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(WEIGHTS_SCHEMES)}, got {scheme!r:.40}")
+    legacy = hashlib.blake2b(digest_size=16) if scheme == "blake2b" else None
+    h = hashlib.sha256(b"kdcache-weights:crc32c:")
+    seen: dict[tuple[Any, ...], bytes] = {}  # tensors the model holds, so no address is reused meanwhile
     for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+        t = tensor.detach()
+        held = t.device.type != "meta"
+        if not held:
+            if offloaded is None:
+                raise ValueError(f"state entry {name!r} is on the meta device (offloaded): pass offloaded=")
+            t = offloaded(name)
+        record = f"{name}:{t.dtype}:{tuple(t.shape)};".encode()
+        if legacy is not None:
+            legacy.update(record)
+            if t.numel():
+                legacy.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        crcs = seen.get(key) if held else None
+        if crcs is None:
+            crcs = _piece_crcs(t)
+            if held:
+                seen[key] = crcs
+        h.update(record)
+        h.update(crcs)
+    if legacy is not None:
+        return legacy.hexdigest()
+    return f"{WEIGHTS_SCHEME}:{h.hexdigest()[:32]}"
+
+
+def _piece_crcs(tensor: torch.Tensor) -> bytes:
+    """The crc32c of every 256 KiB piece of a tensor's bytes, little-endian uint32s."""
+    if not tensor.numel():
+        return b""
+    raw = tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    crcs = np.fromiter((google_crc32c.value(raw[s:s + _PIECE]) for s in range(0, raw.nbytes, _PIECE)),
+                       dtype="<u4", count=-(-raw.nbytes // _PIECE))
+    return crcs.tobytes()
+
+
+def digest_scheme(digest: str) -> str:
+    """The scheme a recorded weights digest was made with (see :func:`weights_digest`)."""
+    scheme, sep, _ = digest.partition(":")
+    return scheme if sep else "blake2b"
+
+
+def same_teacher(a: str, b: str) -> bool | None:
+    """Whether two recorded weights digests name the same weights; None when they were made
+    with different schemes and so cannot tell."""
+    return a == b if digest_scheme(a) == digest_scheme(b) else None
 
 
 def dataset_digest(dataset: Any, mask_key: str | None = None) -> str:
