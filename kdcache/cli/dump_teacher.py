@@ -3,6 +3,8 @@ the cache's path."""
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,11 @@ from .options import HFOptions, Option, command, config_option, hf_options, kwar
 from .output import echo
 
 __all__ = ["dump_teacher_cmd", "OPTIONS"]
+
+_HF = hf_options("teacher", ", e.g. AutoModelForCausalLM", " (as stored)", " with the teacher's tokenizer", "")
+DEVICE_MAP = Option("device_map", str, "hf:PATH teacher larger than one GPU: spread it over the GPUs, the CPU and disk "
+                    "with accelerate: auto, balanced, or a JSON object {module: GPU index, 'cpu' or 'disk'} "
+                    "(one process).", metavar="MAP")
 
 # the options in the order --help shows them; a string is a DumpConfig setting, declared there
 OPTIONS: list[Option | str] = [
@@ -27,7 +34,7 @@ OPTIONS: list[Option | str] = [
     Option("out", str, "Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>).",
            metavar="PATH"),
     "cache_root", "overwrite", "repair", "block_rows", "allow_nonfinite", "writer_threads",
-    *hf_options("teacher", ", e.g. AutoModelForCausalLM", " (as stored)", " with the teacher's tokenizer", ""),
+    *_HF[:2], DEVICE_MAP, *_HF[2:],
     config_option(),
     "progress",
 ]
@@ -43,16 +50,33 @@ def _dump_teacher(flags: dict[str, Any]) -> None:
         raise KdcacheError("--teacher and --dataset are required (as flags or in --config)")
     ckpt, out_path = text(values, "checkpoint"), text(values, "out")
     hf = HFOptions.pop_from(values)
+    device_map = values.pop("device_map", None)
     settings = DumpConfig.from_mapping(values)
 
     tokenizer = hf.tokenizer_for(teacher_spec, "teacher")
-    model = hf.model(teacher_spec, t_kwargs, ckpt, "teacher")
-    data = hf.dataset(dataset_spec, d_kwargs, tokenizer)
-    cache = dump_teacher(model, data, out_path, config=settings, tokenizer=tokenizer,
-                         teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
-                                       "checkpoint": str(ckpt) if ckpt else None},
-                         dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
+    # weights a device map offloads to disk (those not in safetensors files) live here until the dump ends
+    with tempfile.TemporaryDirectory(prefix="kdcache-offload-") if device_map is not None else nullcontext() as offload:
+        model = (_placed_teacher(teacher_spec, t_kwargs, ckpt, hf, device_map, offload) if device_map is not None
+                 else hf.model(teacher_spec, t_kwargs, ckpt, "teacher"))
+        data = hf.dataset(dataset_spec, d_kwargs, tokenizer)
+        cache = dump_teacher(model, data, out_path, config=settings, tokenizer=tokenizer,
+                             teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
+                                           "checkpoint": str(ckpt) if ckpt else None},
+                             dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
     echo(cache.path)
+
+
+def _placed_teacher(spec: str, kwargs: dict[str, Any], checkpoint: str | None, hf: HFOptions, device_map: Any,
+                    offload: str) -> Any:
+    """An hf: teacher loaded by its device map (weights offloaded to disk kept in ``offload``)."""
+    from ..models.hf import is_hf_spec, load_pretrained
+
+    if not is_hf_spec(spec) or kwargs or checkpoint:
+        raise KdcacheError("--device-map loads an hf:PATH teacher as it is saved (no --teacher-kwargs, no "
+                           "--checkpoint: save the weights into its directory)")
+    if not isinstance(device_map, str):
+        raise KdcacheError(f"--device-map must be a string (auto, balanced or JSON), got {device_map!r:.60}")
+    return load_pretrained(spec, hf_class=hf.hf_class, dtype=hf.hf_dtype, device_map=device_map, offload_folder=offload)
 
 
 dump_teacher_cmd = command(DumpConfig, OPTIONS, _dump_teacher,

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from torch import nn
 
 from ..errors import KdcacheError
 from ..format.meta import TokenizerInfo
+from .placement import device_map_value
 
 __all__ = ["HF_PREFIX", "HF_DTYPES", "is_hf_spec", "offline", "hf_directory", "load_pretrained", "load_tokenizer",
            "tokenizer_info", "check_tokenizer"]
@@ -88,31 +92,65 @@ def _model_class(transformers: Any, config: Any, hf_class: str | None, where: st
 
 
 def load_pretrained(spec: str | Path, *, hf_class: str | None = None, dtype: str | None = None,
-                    role: str = "teacher") -> nn.Module:
+                    role: str = "teacher", device_map: str | dict[str, Any] | None = None,
+                    max_memory: dict[int | str, int | str] | None = None,
+                    offload_folder: str | Path | None = None) -> nn.Module:
     """The model saved in a local directory (``hf:PATH`` or a path), in eval-ready float32 by
     default (``dtype``: float32, float16, bfloat16 or auto = as stored).
 
+    ``device_map`` (``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a dict / JSON
+    object of module name -> GPU index, ``cuda:N``, ``cpu`` or ``disk``) loads a model larger than
+    one GPU with accelerate's big-model loading: its layers spread over the GPUs, then the CPU,
+    then disk, within ``max_memory`` (device -> bytes or ``"10GiB"``; accelerate's default: what is
+    free). Weights offloaded to disk that are not already in safetensors files are written to
+    ``offload_folder`` (default: a temporary directory removed with the model). Hand the model to
+    :func:`kdcache.dump_teacher` as it is: it is not moved, and its weights digest (so its cache)
+    is that of the same model loaded whole.
+
     Raises:
         KdcacheError: the directory is missing or not a model directory, the class is not a
-            transformers model class, or the weights cannot be loaded.
+            transformers model class, the device map is not one, or the weights cannot be loaded.
     """
     path = hf_directory(spec, role)
     dtype = dtype or "float32"
     if dtype not in HF_DTYPES:
         raise KdcacheError(f"--hf-dtype must be one of {', '.join(HF_DTYPES)}, got {dtype!r}")
+    placing: dict[str, Any] = {}
+    if device_map is not None:
+        placing = {"device_map": device_map_value(device_map), "max_memory": max_memory,
+                   "offload_folder": str(offload_folder or tempfile.mkdtemp(prefix="kdcache-offload-"))}
+    elif max_memory is not None or offload_folder is not None:
+        raise KdcacheError("max_memory and offload_folder place a model by its device_map: give device_map too")
+    made = placing.get("offload_folder") if placing and offload_folder is None else None  # kdcache's to remove
+    try:
+        model = _from_pretrained(path, hf_class, HF_DTYPES[dtype], role, placing)
+    except BaseException:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    if made and any(Path(made).iterdir()):
+        weakref.finalize(model, shutil.rmtree, made, True)  # offloaded weights: gone with the model
+    elif made:
+        os.rmdir(made)  # nothing was offloaded there
+    if hasattr(model, "config") and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no key/value cache: one forward per batch, never generation
+    return model
+
+
+def _from_pretrained(path: Path, hf_class: str | None, dtype: Any, role: str, placing: dict[str, Any]) -> nn.Module:
     transformers = _transformers()
     where = f"{role} {HF_PREFIX}{path}"
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         cls = _model_class(transformers, config, hf_class, where)
-        model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=HF_DTYPES[dtype])
+        return cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype, **placing)
     except KdcacheError:
         raise
+    except ImportError as err:  # a device map needs accelerate
+        raise KdcacheError(f"{where} cannot be loaded with a device map: {str(err).splitlines()[0]}; pip install "
+                           "'kdcache[hf]'") from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise KdcacheError(f"{where} cannot be loaded: {str(err).splitlines()[0]}") from None
-    if hasattr(model, "config") and hasattr(model.config, "use_cache"):
-        model.config.use_cache = False  # no key/value cache: one forward per batch, never generation
-    return model
 
 
 def load_tokenizer(spec: str | Path, *, role: str = "teacher", required: bool = False) -> Any:
