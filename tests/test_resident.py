@@ -70,6 +70,28 @@ def test_precomputed_probabilities_are_the_teachers_softmax_at_t(tmp_path, model
         data.precompute(4.0)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_precomputed_probabilities_take_the_logits_memory_not_memory_beside_them(tmp_path, models, dtype):
+    ds = models.dataset(200)
+    cache = kdcache.dump_teacher(models.teacher(), ds, tmp_path / dtype, logits_dtype=dtype, progress=False)
+    data = CachedTeacherDataset(ds, cache, dtype=None)
+    held, where = data.resident.nbytes, data.resident.arrays["logits"].data_ptr()
+    data.precompute(2.0)
+    assert data.resident.soft.probs.data_ptr() == where
+    assert data.resident.nbytes == held + 4 * 200  # sum p log p: 4 bytes a row
+
+
+def test_a_pinning_loader_gives_the_targets_it_gathers_as_it_gives_the_inputs(tmp_path, models):
+    ds = models.dataset(100)
+    cache = kdcache.dump_teacher(models.teacher(), ds, tmp_path / "c", hidden=["body"], progress=False)
+    data = CachedTeacherDataset(ds, cache, dtype=None)
+    pinned = list(data.loader(32, shuffle=False, pin_memory=True))  # pinned where a GPU is (tests/test_cuda.py)
+    plain = list(data.loader(32, shuffle=False))
+    for (x, _, a), (y, _, b) in zip(pinned, plain):
+        assert torch.equal(x, y) and torch.equal(a.logits, b.logits) and torch.equal(a.hidden["body"], b.hidden["body"])
+        assert a.logits.is_pinned() == x.is_pinned()
+
+
 def test_precomputed_targets_cover_the_real_vocabulary_only(tmp_path, models):
     ds = models.tokens(n=24)
     cache = kdcache.dump_teacher(models.tiny_lm(), ds, tmp_path / "lm", vocab_size=40, progress=False)

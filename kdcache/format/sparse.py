@@ -39,13 +39,12 @@ def _pack_plan(k: int, bits: int, device: torch.device) -> tuple[torch.Tensor, .
     ``device``. A word holds pieces of at most ``ceil(32 / bits) + 1`` ids; an id lands in its
     word shifted left (it starts inside the word) or right (it started in the word before)."""
     words, slots = -(-k * bits // 32), -(-32 // bits) + 1
-    word = torch.arange(words).view(-1, 1)
-    index = (32 * word) // bits + torch.arange(slots).view(1, -1)
+    # made on the device itself: a tensor sent there from the host would make the host wait
+    word = torch.arange(words, device=device).view(-1, 1)
+    index = (32 * word) // bits + torch.arange(slots, device=device).view(1, -1)
     shift = index * bits - 32 * word  # where the id's bit 0 lands in the word (negative: before it)
     used = (index < k) & (shift < 32) & (shift + bits > 0)
-    mask = torch.where(used, torch.tensor(0xFFFFFFFF), torch.tensor(0))
-    plan = (index.clamp_max(k - 1).reshape(-1), shift.clamp_min(0), (-shift).clamp_min(0), mask)
-    return tuple(t.to(device) for t in plan)
+    return index.clamp_max(k - 1).reshape(-1), shift.clamp_min(0), (-shift).clamp_min(0), used.long() * 0xFFFFFFFF
 
 
 def pack_ids(ids: torch.Tensor, bits: int) -> torch.Tensor:

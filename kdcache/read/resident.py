@@ -211,9 +211,19 @@ class GatheringLoader:
 
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, TeacherTargets]]:
         wired = self.loader.num_workers > 0
+        # the DataLoader pins what its workers send; the targets are gathered here, after it: pin
+        # them too when it pins (and a GPU is there to copy them to), so .to(cuda, non_blocking=True)
+        # does not wait for the copy
+        pin = self.loader.pin_memory and torch.cuda.is_available()
         for batch in self.loader:
             inputs, labels, rows = _from_wire(batch) if wired else batch
-            yield inputs, labels, self.dataset.gather(rows)
+            targets = self.dataset.gather(rows)
+            yield inputs, labels, map_tensors(targets, _pinned) if pin else targets
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """A host tensor in pinned memory (a copy); a tensor on a device as it is."""
+    return tensor.pin_memory() if tensor.device.type == "cpu" and not tensor.is_pinned() else tensor
 
 
 def holding_device(device: str | torch.device, budget: float | None, need: int, in_memory: str) -> torch.device:
