@@ -9,7 +9,8 @@ the measured ones (all but the first) take --min-seconds (10 s full, 1 s quick) 
     python scripts/bench.py --quick     # CPU, small models, a few minutes
     python scripts/bench.py             # full size, on the GPU when present
 Prints a table and writes bench.json (cached_over_plain, online_over_cached,
-ideal_online_over_cached, dump_over_infer, dump_over_infer_hidden, peak_mem_cached_over_plain,
+ideal_online_over_cached, dump_over_infer, dump_over_infer_hidden (the dump loop's seconds),
+dump_wall_over_infer, dump_wall_over_infer_hidden (the whole dump_teacher call), peak_mem_cached_over_plain,
 bytes_per_row, machine, load, and the same per model pair with every repeat's ratios).
 """
 
@@ -337,15 +338,19 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
     teacher = pair["teacher"]().to(dev).eval()
     quiet = {"progress": False, "log": lambda m: None, "device": str(dev), "batch_size": pair["batch"], "num_workers": WORKERS}
     # 2. dump vs inference, interleaved
-    infer, dump, dump_h = [], [], []
+    infer, dump, dump_h, wall, wall_h = [], [], [], [], []
     caches: dict[str, Any] = {}
     infer_seconds(teacher, ds, pair["batch"], dev)  # warm-up: lazy init, autotuning, thread pools
     for r in range(repeats):
         infer.append(infer_seconds(teacher, ds, pair["batch"], dev))
+        t0 = time.perf_counter()  # the whole call (digests, creation, the loop, the finish): wall
         caches["logits"] = kdcache.dump_teacher(teacher, ds, tmp / f"{name}-logits", overwrite=True, **quiet)
-        dump.append(caches["logits"].meta.dump.seconds)
+        wall.append(time.perf_counter() - t0)
+        dump.append(caches["logits"].meta.dump.seconds)  # the dump loop alone
+        t0 = time.perf_counter()
         caches["hidden"] = kdcache.dump_teacher(teacher, ds, tmp / f"{name}-hidden", hidden=pair["hidden"],
                                                 overwrite=True, **quiet)
+        wall_h.append(time.perf_counter() - t0)
         dump_h.append(caches["hidden"].meta.dump.seconds)
     # 1. epochs: every mode, interleaved; the teacher forward alone for the ideal. Enough epochs that
     # the measured ones take min_seconds in plain mode (the fastest)
@@ -374,6 +379,8 @@ def bench_pair(name: str, pair: dict[str, Any], quick: bool, dev: torch.device, 
         "cached_pre_over_cached": [c / k for c, k in zip(times["cached_pre"], times["cached"])],
         "dump_over_infer": [i / d for i, d in zip(infer, dump)],
         "dump_over_infer_hidden": [i / d for i, d in zip(infer, dump_h)],
+        "dump_wall_over_infer": [i / d for i, d in zip(infer, wall)],
+        "dump_wall_over_infer_hidden": [i / d for i, d in zip(infer, wall_h)],
     }
     if HAVE_MODELOPT:
         paired["modelopt_over_cached"] = [m / c for m, c in zip(times["modelopt"], times["cached_pre"])]
