@@ -306,7 +306,9 @@ class HybridCodec:
         z = logits[:, :self.vocab].float()
         values, head = z.topk(self.k, dim=-1)
         # float16's finite range: a head class of probability 0 (exp underflow) is stored as -1e4, not -inf
-        logprobs = (values / self.temperature - (z / self.temperature).logsumexp(-1, keepdim=True)).clamp_min(-1e4)
+        t = self.temperature  # x / 1.0 is x: at T = 1 no scaled copy of the logits is made
+        scaled, top = (z, values) if t == 1.0 else (z / t, values / t)
+        logprobs = (top - scaled.logsumexp(-1, keepdim=True)).clamp_min(-1e4)
         tail = draw_ids(z, u, self.temperature, exclude=head).sort(dim=-1).values
         return {"logprobs": logprobs.half(), "indices": pack_ids(head, self.bits), "tail": pack_ids(tail, self.bits)}
 
