@@ -23,6 +23,7 @@ from ..format.meta import SPANS
 from ..models.capture import HiddenCapture
 from ..models.forward import autocast, call_model, move_inputs, select_output
 from ..store import TeacherCache, fault_point
+from .head import HeadInput
 from .writer import BlockWriter, EncodedBatch
 
 __all__ = ["run_blocks", "forward", "digest_mask"]
@@ -59,7 +60,9 @@ def plan_batches(cache: TeacherCache, blocks: Sequence[int], batch_size: int) ->
 
 
 def forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key: str | None, amp: str,
-            dev: torch.device) -> dict[str, torch.Tensor]:
+            dev: torch.device, head: HeadInput | None = None) -> dict[str, torch.Tensor]:
+    """The teacher's logits and captured outputs for ``inputs``; with ``head``, the logits are
+    checked to be that layer's output on the input it keeps (a head cache stores that input)."""
     with torch.inference_mode(), autocast(amp, dev):
         try:
             output = call_model(teacher, inputs)
@@ -68,7 +71,10 @@ def forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key:
         except (RuntimeError, TypeError, ValueError) as err:
             raise KdcacheError(f"the teacher failed on a batch of the dataset ({type(err).__name__}: "
                                f"{str(err).splitlines()[0]}); do the dataset's inputs fit the teacher?") from None
-        return {"logits": select_output(output, output_key), **capture.take()}
+        outputs = {"logits": select_output(output, output_key), **capture.take()}
+        if head is not None:
+            head.check(outputs["logits"])
+        return outputs
 
 
 def zero_padding(arrays: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -100,13 +106,13 @@ def run_blocks(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list
     t0 = time.perf_counter()
     tokens_done = 0
     try:
-        with HiddenCapture(teacher, cfg.hidden) as capture:
+        with HiddenCapture(teacher, cfg.hidden) as capture, HeadInput.optional(teacher, cfg.head) as head:
             for start, inputs, labels, digests, params in loader:
                 n = len(digests)
                 mask = input_mask(inputs, mask_key)
                 tokens = int(mask.sum()) if mask is not None else n * positions
                 outputs = forward(teacher, capture, move_inputs(inputs, dev, non_blocking=cuda), cfg.output_key, amp,
-                                   dev)
+                                  dev, head)
                 rows = torch.arange(start, start + n, device=dev)
                 dev_mask = mask.to(dev, non_blocking=cuda) if mask is not None else None
                 host = {}
@@ -119,7 +125,7 @@ def run_blocks(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list
                         raise KdcacheError(f"teacher output {name!r} for rows {start}.. has shape {tuple(t.shape[1:])}, "
                                            f"earlier rows {spec.shape}: dataset items must all have one shape")
                     # narrow on the device, then copy to pinned memory without blocking the next forward
-                    encoded = spec.codec.encode(t, rows)
+                    encoded = spec.codec.encode(head.take() if head is not None and name == "logits" else t, rows)
                     encoded = ({k: v[dev_mask] for k, v in encoded.items()} if per_token
                                else zero_padding(encoded, dev_mask))
                     host.update({spec.arrays[key].path: v.to("cpu", non_blocking=cuda) for key, v in encoded.items()})
