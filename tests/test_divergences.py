@@ -89,3 +89,35 @@ def test_topk_reverse_kl_is_the_divergence_of_the_kept_classes_plus_tail_buckets
     want = (fold(q) * (fold(q).log() - fold(p).log())).sum(-1).mean()
     got = TopKKLDivLoss(1.0, divergence="reverse_kl")(s, values, indices, t.logsumexp(-1))
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_kd_term_refuses_divergences_a_sampled_or_hybrid_cache_cannot_estimate_in_one_line():
+    from kdcache import KdcacheError, TrainConfig
+    from kdcache.format.sparse import HybridCodec, SampledCodec, TopKCodec
+    from kdcache.train.kdterm import KDTerm
+
+    for codec in (SampledCodec(8, 40), HybridCodec(4, 8, 40)):
+        with pytest.raises(KdcacheError, match="estimate the KL's gradient without bias") as err:
+            KDTerm(codec, 40, None, "reverse_kl")
+        assert "\n" not in str(err.value)
+        assert KDTerm(codec, 40, None, "kl").objective == "kl"
+    assert KDTerm(TopKCodec(4, 40), 40, 1.0, "jsd:0.2").loss.divergence == Divergence("jsd", 0.2)
+    with pytest.raises(KdcacheError, match="objective must be kl, reverse_kl, jsd"):
+        TrainConfig(objective="jsd:2")
+    assert TrainConfig(objective="jsd:0.9").objective == "jsd:0.9"
+
+
+def test_train_student_minimises_the_reverse_kl_of_a_dense_cache_held_in_memory(tmp_path, models):
+    from kdcache import dump_teacher, train_student
+
+    data = models.dataset(120)
+    cache = dump_teacher(models.teacher(), data, tmp_path / "c", progress=False, log=lambda m: None)
+    result = train_student(models.student(), data, cache, epochs=4, batch_size=32, lr=1e-2, alpha=1.0,
+                           objective="reverse_kl", temperature=2.0, progress=False)
+    kd = [m["kd"] for m in result.metrics]
+    assert kd[-1] < kd[0]
+    # the recorded KD term is the reverse KL of the trained student, not the forward KL
+    x, _ = data[:]
+    with torch.no_grad():
+        s, t = result.student(x), models.teacher()(x)
+    assert result.final["train_kl"] == pytest.approx(ReverseKLDivLoss(2.0)(s, t).item(), rel=5e-3)
