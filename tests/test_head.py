@@ -210,3 +210,26 @@ def test_train_student_from_head_and_dense_caches_gives_the_same_first_epoch(cac
                           temperature=2.0, objective="reverse_kl", progress=False, seed=0).final for c in (dense, head)]
     assert runs[1]["kd"] == pytest.approx(runs[0]["kd"], rel=5e-3)
     assert runs[1]["train_kl"] == pytest.approx(runs[0]["train_kl"], rel=5e-3)
+
+
+def test_the_layer_crosses_to_dataloader_workers_and_back_as_one_object_per_process(caches, models):
+    import pickle
+
+    ds, _, head = caches
+    layer = CachedTeacherDataset(ds, head).head
+    assert pickle.loads(pickle.dumps(layer)) is layer  # a batch from a worker carries this process's layer
+    assert layer.on("cpu")[0] is layer.weight
+    runs = [train_student(models.tiny_lm(seed=3, sharp=1.0), ds, head, epochs=1, batch_size=8, alpha=1.0,
+                          temperature=2.0, progress=False, seed=0, **kw).final
+            for kw in ({}, {"in_memory": "no", "num_workers": 1})]
+    assert runs[1]["kd"] == pytest.approx(runs[0]["kd"], rel=1e-5)
+
+
+def test_report_summarises_a_head_cache_as_the_dense_logits_it_gives(caches):
+    from kdcache.report.stats import cache_stats
+
+    _, dense, head = caches
+    got, want = cache_stats(head), cache_stats(dense)
+    assert got.codec == "head" and got.positions == want.positions
+    assert np.array_equal(got.predicted, want.predicted)
+    np.testing.assert_allclose(got.entropy, want.entropy, rtol=2e-3, atol=2e-3)
