@@ -19,7 +19,7 @@ def torchrun(*args: str, procs: int = 2, timeout: int = 300) -> subprocess.Compl
                            "-m", "kdcache", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("extra", [[], ["--views", "2", "--hidden", "body"]])
+@pytest.mark.parametrize("extra", [[], ["--views", "2", "--hidden", "body"], ["--head", "head"]])
 def test_two_process_gloo_dump_equals_single_process_dump(tmp_path, models_file, extra):
     spec = f"{models_file}:"
     args = ["dump-teacher", "--teacher", spec + "teacher", "--dataset", spec + "dataset", "--block-rows", "32",

@@ -189,3 +189,22 @@ def test_trl_sft_trainer_takes_the_same_mixin(tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     assert TEACHER_KEY in batch and batch[TEACHER_KEY].logits.shape == (4, LENGTH, len(tok))
     assert np.isfinite(trainer.train().training_loss) and trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("objective", ["kl", "jsd:0.1"])
+def test_head_cache_of_a_gpt2_teacher_gives_the_dense_cache_loss_through_kd_trainer(tmp_path, objective):
+    ds = _fixed_length_rows()
+    teacher = hf_helpers.gpt2(29, seed=0)
+    dense = kdcache.dump_teacher(teacher, ds, tmp_path / "dense", batch_size=8, progress=False)
+    head = kdcache.dump_teacher(teacher, ds, tmp_path / "head", head="lm_head", batch_size=8, progress=False)
+    assert not head.meta.logits.codec.bias and head.meta.logits.arrays["hidden"].row_bytes == 2 * 16
+    losses = []
+    for cache in (dense, head):
+        student = hf_helpers.gpt2(29, seed=1)
+        trainer = KDTrainer(model=student, args=_args(tmp_path / cache.path[-4:]), train_dataset=ds,
+                            kd_cache=cache.path, temperature=2.0, alpha=1.0, objective=objective)
+        batch = next(iter(trainer.get_train_dataloader()))
+        losses.append(float(trainer.compute_loss(student, dict(batch)).detach()))
+    assert losses[1] == pytest.approx(losses[0], rel=5e-3)
+    trainer.args.max_steps = 2
+    assert np.isfinite(trainer.train().training_loss)

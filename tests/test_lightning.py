@@ -49,3 +49,18 @@ def test_data_module_dumps_once_and_the_student_trains_two_epochs(tmp_path, mode
     again = KDDataModule(data, tmp_path / "cache", teacher=teacher, batch_size=32)
     _trainer(tmp_path, 1).fit(KDStudent(models.student()), datamodule=again)
     assert builds == [1, 1] and models.FORWARD_CALLS[0] == calls
+
+
+def test_the_lightning_module_distils_a_head_cache_with_the_objective_it_is_given(tmp_path, models):
+    data = models.dataset(96)
+    module = KDDataModule(data, tmp_path / "head", teacher=models.teacher, batch_size=32, dump={"head": "head"})
+    student = KDStudent(models.student(), temperature=2.0, alpha=1.0, objective="reverse_kl", lr=1e-2)
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(student, datamodule=module)
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["kd"])
+    inputs, labels, targets = next(iter(module.train_dataloader()))
+    with torch.no_grad():
+        _, kd, _ = student.distillation_terms((inputs, labels, targets))
+        teacher_logits = models.teacher()(inputs)
+        want = kdcache.losses.ReverseKLDivLoss(2.0)(student(inputs), teacher_logits)
+    assert float(kd) == pytest.approx(float(want), rel=5e-3)

@@ -94,3 +94,22 @@ def test_packed_token_cache_on_s3_resumes_and_reads_like_a_local_one(tmp_path, m
     got = CachedTeacherDataset(models.tokens(), url, in_memory=False).__getitems__(rows).collated[2]
     want = CachedTeacherDataset(models.tokens(), tmp_path / "local").__getitems__(rows).collated[2]
     assert all(torch.equal(got.logits[k], want.logits[k]) for k in want.logits.keys())
+
+
+def test_head_cache_on_s3_stores_the_layer_once_and_reads_like_a_local_one(tmp_path, models, s3):
+    import s3fs
+    import torch
+    from kdcache import CachedTeacherDataset, dump_teacher
+    url = "s3://kdcache-test/caches/head"
+    kw = dict(head="head", block_rows=8, batch_size=8, progress=False, log=lambda m: None)
+    remote = dump_teacher(models.tiny_lm(sharp=1.0), models.tokens(), url, **kw)
+    local = dump_teacher(models.tiny_lm(sharp=1.0), models.tokens(), tmp_path / "local", **kw)
+    assert remote.verify() == []
+    got = CachedTeacherDataset(models.tokens(), url, in_memory=False).__getitems__(list(range(40))).collated[2]
+    want = CachedTeacherDataset(models.tokens(), local.path).__getitems__(list(range(40))).collated[2]
+    assert torch.equal(got.logits.hidden, want.logits.hidden) and torch.equal(got.logits.weight, want.logits.weight)
+    # a damaged layer in the bucket is found by verify and refused by a reader
+    s3fs.S3FileSystem().pipe("kdcache-test/caches/head/head/bias/c/0", b"\0" * 100)
+    assert [p.array for p in remote.verify()] == ["head/bias"]
+    with pytest.raises(Exception, match="head/bias"):
+        CachedTeacherDataset(models.tokens(), url)

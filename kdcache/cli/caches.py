@@ -48,6 +48,9 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
                    else f"{a.row_bytes} B/row")
             lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  {per}  chunk "
                          f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk")
+        for c in o.constants.values():  # a head cache's output layer: stored once, not per row
+            lines.append(f"    {c.path:<24} {c.shape} {c.dtype}  stored once  chunk {c.chunk_rows} rows  "
+                         f"{_size(sizes[c.path])} on disk")
     if meta.vocab.real != meta.vocab.padded or meta.mask_key:
         lines.append(f"vocabulary   {meta.vocab.real} classes (output layer {meta.vocab.padded})"
                      + (f"; padding masked by inputs[{meta.mask_key!r}], {tokens} real tokens" if meta.mask_key else ""))

@@ -29,7 +29,7 @@ OPTIONS: list[Option | str] = [
            metavar="SPEC"),
     Option("online_teacher_kwargs", str, "JSON keyword arguments for the online teacher.", metavar="JSON"),
     Option("online_teacher_checkpoint", Path, "State dict for the online teacher.", metavar="FILE"),
-    "mask_key", "temperature", "alpha", "hints", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "seed",
+    "mask_key", "temperature", "alpha", "objective", "hints", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "seed",
     "device", "amp", "num_workers", "in_memory", "cache_device", "view", "allow_input_mismatch",
     Option("out", Path, "Directory for metrics.jsonl, student.pt, hints.pt, config.json.", shown="student-out",
            metavar="PATH"),

@@ -41,6 +41,11 @@ class DumpConfig(Settings):
                                              "head, unbiased tail).", metavar="N")  # HybridCodec
     sample_draws: str = setting("iid", "How --sample-k/--tail-samples draw: iid or systematic (evenly spaced "
                                        "quantiles; lower variance).", metavar="HOW")  # kdcache.format.draws
+    head: str | None = setting(None, "Store the input of this output nn.Linear per token and its weights once: the "
+                                     "exact dense logits, computed at training time (docs/head-caches.md).",
+                               metavar="MODULE")  # HeadCodec
+    head_dtype: str = setting("float16", "Stored dtype of --head's input: float16, or int8 with a scale per token.",
+                              metavar="DTYPE")
     vocab_size: int | None = setting(None, "Real vocabulary size when the teacher's output layer is padded.",
                                      metavar="V")
     mask_key: str = setting(DEFAULT_MASK_KEY, "Inputs key of the (B, L) attention mask; padding is stored as zeros "
@@ -70,6 +75,7 @@ class DumpConfig(Settings):
     def _rules(self) -> list[tuple[bool, str]]:
         from ..format.codecs import DTYPES  # torch: imported when a dump is configured, not for --help
         from ..format.draws import DRAWS
+        from ..format.head import HEAD_DTYPES
 
         return [
             ("logits" not in self.hidden and len(set(self.hidden)) == len(self.hidden),
@@ -86,6 +92,11 @@ class DumpConfig(Settings):
             (self.sample_draws in DRAWS, f"sample_draws must be one of {', '.join(DRAWS)}"),
             (self.sample_draws == "iid" or self.sample_k is not None or self.tail_samples is not None,
              "sample_draws chooses how sample_k or tail_samples draw: give one of them"),
+            (self.head is None or not self.sparse, "head and topk/sample_k are ways to store the logits: choose one"),
+            (self.head != "", "head must name the teacher's output module"),
+            (self.head_dtype in HEAD_DTYPES, f"head_dtype must be one of {', '.join(HEAD_DTYPES)}"),
+            (self.head_dtype == "float16" or self.head is not None, "head_dtype is the dtype of --head's input: give "
+                                                                    "head too"),
             (self.vocab_size is None or self.vocab_size >= 1, "vocab_size must be >= 1"),
             (self.views is None or self.views >= 1, "views must be >= 1"),
             (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}"),
@@ -119,11 +130,15 @@ class DumpConfig(Settings):
             choices["tail_samples"] = self.tail_samples
         if self.sample_draws != "iid":
             choices["sample_draws"] = self.sample_draws
+        if self.head is not None:
+            choices.update(head=self.head, head_dtype=self.head_dtype, vocab_size=self.vocab_size)
         return choices
 
-    def codec(self, name: str, classes: int) -> Codec:
-        """The codec of output ``name`` (``logits`` or a hidden module) with ``classes`` columns."""
+    def codec(self, name: str, classes: int, head: Any = None) -> Codec:
+        """The codec of output ``name`` (``logits`` or a hidden module) with ``classes`` columns;
+        ``head`` is the teacher's output layer (an ``nn.Linear``) for a head cache."""
         from ..format.codecs import DenseCodec
+        from ..format.head import HeadCodec
         from ..format.sparse import HybridCodec, SampledCodec, TopKCodec
 
         if name != "logits":
@@ -131,6 +146,9 @@ class DumpConfig(Settings):
         vocab = self.vocab_size or classes
         if vocab > classes:
             raise KdcacheError(f"{option('vocab_size', vocab)} is larger than the teacher's {classes} output classes")
+        if self.head is not None:
+            return HeadCodec(head.in_features, vocab, self.head_dtype, str(head.weight.dtype).removeprefix("torch."),
+                             head.bias is not None)
         if self.topk is not None and self.tail_samples is not None:
             return HybridCodec(self.topk, self.tail_samples, vocab, self.sample_temperature, self.seed or 0,
                                self.sample_draws)

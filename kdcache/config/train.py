@@ -61,6 +61,7 @@ class TrainConfig(Settings):
     temperature: float | None = setting(None, "Softmax temperature T of the KD term.", shown="4.0",
                                         metavar="T")  # 4.0; a sampled cache's own sampling temperature
     alpha: float = setting(0.9, "Weight of the KD term; CE gets 1 - alpha.", metavar="A")
+    objective: str = setting("kl", "KD objective: kl, reverse_kl, jsd:BETA (generalised JSD), or mse / cosine for a regression target such as an embedding.", metavar="NAME")
     hints: tuple[Hint, ...] = setting((), "Hint term (repeatable): student module S, teacher module T, LOSS mse, "
                                           "cosine or attention [mse], WEIGHT [1.0].", flag="hint",
                                       metavar="S=T[:LOSS][@WEIGHT]")
@@ -80,7 +81,14 @@ class TrainConfig(Settings):
                             metavar="KEY")  # a cache records its own
 
     def _rules(self) -> list[tuple[bool, str]]:
+        from ..losses.divergences import Divergence  # torch: imported when training is configured, not for --help
+
+        try:
+            objective_ok = self.objective in ("mse", "cosine") or bool(Divergence.parse(self.objective))
+        except ValueError:
+            objective_ok = False
         return [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
+                (objective_ok, "objective must be kl, reverse_kl, jsd, jsd:BETA (0 < BETA < 1), mse or cosine"),
                 (self.lr > 0, "lr must be > 0"),
                 (self.temperature is None or self.temperature > 0, "temperature must be > 0"),
                 (0.0 <= self.alpha <= 1.0, "alpha must be within [0, 1]"),

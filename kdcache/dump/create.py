@@ -1,6 +1,7 @@
 """A new cache planned from the teacher itself: a forward pass on two rows gives every output's
 shape, the codecs give the stored arrays, the attention masks the packed token layout, and the
-row sizes the write blocks and chunks; then the empty store is created."""
+row sizes the write blocks and chunks; then the empty store is created (with a head cache's
+output layer, the one thing it stores once)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from ..format.packing import place_blocks, token_counts
 from ..models.capture import HiddenCapture
 from ..models.forward import move_inputs
 from ..store import TeacherCache, plan_blocks
+from ..store.constants import planned_constant, write_constants
+from .head import HeadInput, layer_arrays
 from .loop import forward
 
 __all__ = ["create_cache", "choose_layout"]
@@ -43,8 +46,8 @@ def create_cache(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, c
     view_params = None
     if isinstance(dataset, ViewedDataset) and dataset.explicit:
         view_params = tuple(dataset.draw_params(0).shape)
-    with HiddenCapture(teacher, cfg.hidden) as capture:
-        outputs = forward(teacher, capture, move_inputs(inputs, dev), cfg.output_key, meta.amp, dev)
+    with HiddenCapture(teacher, cfg.hidden) as capture, HeadInput.optional(teacher, cfg.head) as head:
+        outputs = forward(teacher, capture, move_inputs(inputs, dev), cfg.output_key, meta.amp, dev, head)
     planned = []
     for name, t in outputs.items():
         if t.ndim == 0 or t.shape[0] != len(probe_rows):
@@ -54,7 +57,7 @@ def create_cache(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, c
             raise KdcacheError(f"teacher output {name!r} is {t.dtype}, not floating point")
         if name == "logits" and t.ndim == 1 and cfg.sparse:
             raise KdcacheError(f"{option('topk')}/{option('sample_k')} need logits with a class axis, (B, C) or (B, L, V)")
-        codec = cfg.codec(name, int(t.shape[-1]) if t.ndim > 1 else 1)
+        codec = cfg.codec(name, int(t.shape[-1]) if t.ndim > 1 else 1, head.layer if head is not None else None)
         shape = tuple(t.shape[1:])
         planned.append((name, shape, codec, OutputSpec.planned(name, codec, shape)))
     mask = input_mask(inputs, cfg.mask_key)
@@ -84,7 +87,15 @@ def create_cache(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, c
                        key: (ArrayInfo(p, s[1:], d, packed.chunk, per_token=True) if name in per_token
                              else ArrayInfo(p, s, d, chunks[p])) for key, (p, s, d) in paths.items()})
                        for name, shape, codec, paths in planned})
+    stored_once = {}
+    if head is not None:  # the output layer, stored once, the digest of each array in the description
+        spec, layer = meta.outputs["logits"], layer_arrays(head.layer)
+        planned_once = OutputSpec.planned_constants("logits", spec.codec, spec.shape)
+        constants = {key: planned_constant(meta.fingerprint, p, layer[key]) for key, (p, _, _) in planned_once.items()}
+        meta = replace(meta, outputs={**meta.outputs, "logits": replace(spec, constants=constants)})
+        stored_once = {c.path: layer[key] for key, c in constants.items()}
     cache = TeacherCache.create(path, replace(meta, bound=tuple(a.path for a in meta.data_arrays())))
     if placed is not None:
         cache.write_token_blocks(placed)
+    write_constants(cache, stored_once)
     return cache

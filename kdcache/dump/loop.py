@@ -25,6 +25,7 @@ from ..format.meta import SPANS
 from ..models.capture import HiddenCapture
 from ..models.forward import autocast, call_model, move_inputs, select_output
 from ..store import TeacherCache, fault_point
+from .head import HeadInput
 from .writer import BlockWriter, EncodedBatch
 
 __all__ = ["run_blocks", "forward", "digest_mask", "encode_output", "RealTokens"]
@@ -66,7 +67,9 @@ def plan_batches(cache: TeacherCache, blocks: Sequence[int], batch_size: int) ->
 
 
 def forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key: str | None, amp: str,
-            dev: torch.device) -> dict[str, torch.Tensor]:
+            dev: torch.device, head: HeadInput | None = None) -> dict[str, torch.Tensor]:
+    """The teacher's logits and captured outputs for ``inputs``; with ``head``, the logits are
+    checked to be that layer's output on the input it keeps (a head cache stores that input)."""
     with torch.inference_mode(), autocast(amp, dev):
         try:
             output = call_model(teacher, inputs)
@@ -75,7 +78,10 @@ def forward(teacher: nn.Module, capture: HiddenCapture, inputs: Any, output_key:
         except (RuntimeError, TypeError, ValueError) as err:
             raise KdcacheError(f"the teacher failed on a batch of the dataset ({type(err).__name__}: "
                                f"{str(err).splitlines()[0]}); do the dataset's inputs fit the teacher?") from None
-        return {"logits": select_output(output, output_key), **capture.take()}
+        outputs = {"logits": select_output(output, output_key), **capture.take()}
+        if head is not None:
+            head.check(outputs["logits"])
+        return outputs
 
 
 def zero_padding(arrays: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -150,13 +156,13 @@ def run_blocks(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list
     t0 = time.perf_counter()
     tokens_done = 0
     try:
-        with HiddenCapture(teacher, cfg.hidden) as capture:
+        with HiddenCapture(teacher, cfg.hidden) as capture, HeadInput.optional(teacher, cfg.head) as head:
             for start, inputs, labels, digests, params, real in loader:
                 n = len(digests)
                 mask = input_mask(inputs, mask_key)
                 tokens = len(real) if real is not None else n * positions
                 on_device = move_inputs(inputs, dev, non_blocking=cuda)
-                outputs = forward(teacher, capture, on_device, cfg.output_key, amp, dev)
+                outputs = forward(teacher, capture, on_device, cfg.output_key, amp, dev, head)
                 rows = torch.arange(start, start + n, device=dev)
                 dev_mask = input_mask(on_device, mask_key)
                 at = RealTokens.of(real, mask, start, dev) if real is not None else None
@@ -171,7 +177,8 @@ def run_blocks(teacher: nn.Module, dataset: Any, cache: TeacherCache, todo: list
                                            f"earlier rows {spec.shape}: dataset items must all have one shape")
                     # encode on the device, then copy to pinned memory (the caching host allocator's,
                     # reused batch after batch) without blocking the next forward
-                    encoded = encode_output(spec.codec, t, rows, at, dev_mask, per_token)
+                    stored = head.take() if head is not None and name == "logits" else t
+                    encoded = encode_output(spec.codec, stored, rows, at, dev_mask, per_token)
                     host.update({spec.arrays[key].path: v.to("cpu", non_blocking=cuda) for key, v in encoded.items()})
                 if packed is not None:  # every real position of a dumped row has a target
                     host[SPANS] = torch.stack([torch.zeros_like(mask[:, 0], dtype=torch.int32),

@@ -20,9 +20,11 @@ from ..models.placement import place
 from ..store import DumpLock, TeacherCache, fault_point, fingerprint, is_remote, list_dir, remove_cache
 from ..store.identity import digest_scheme
 from ..store.location import exists, refuse_file
+from ..store.constants import write_constants
 from ..store.mismatch import identity_differences
 from ..store.verify import damaged_blocks
 from .create import create_cache
+from .head import layer_arrays, output_layer
 
 __all__ = ["default_cache_root", "target_path", "earlier_cache", "prepare"]
 
@@ -125,7 +127,7 @@ def prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: D
             if cache is None:
                 raise KdcacheError(f"{option('repair', True)}: there is no cache of this teacher, data and settings "
                                    f"at {path}; run the dump without it")
-            repair(cache, log)
+            repair(cache, log, teacher, cfg)
         if cache is not None and cache.complete:
             cache.check_layout()
             return None, lock
@@ -135,6 +137,7 @@ def prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: D
         else:
             cache.create_missing_arrays()  # a creation that was interrupted
             ensure_token_blocks(cache, dataset, cfg)
+            mend_constants(cache, teacher, cfg)
         cache.remove_partial_files()  # a killed writer's temp files; we hold the lock
         return cache, lock
     except BaseException:
@@ -158,14 +161,27 @@ def ensure_token_blocks(cache: TeacherCache, dataset: Any, cfg: DumpConfig) -> N
         cache.write_token_blocks(placed)
 
 
-def repair(cache: TeacherCache, log: Callable[[str], None]) -> None:
-    """Restore damaged array metadata and mark the blocks ``verify`` finds damaged as unwritten,
-    so this run writes them again (the teacher is deterministic: the same bytes)."""
+def mend_constants(cache: TeacherCache, teacher: nn.Module, cfg: DumpConfig) -> list[str]:
+    """Write again what a head cache stores once (its output layer) where it is missing or does
+    not match its digest (a creation stopped before writing it, or damage); the paths written."""
+    constants = cache.meta.logits.constants
+    if not constants:
+        return []
+    layer = layer_arrays(output_layer(teacher, cfg.head or ""))
+    return write_constants(cache, {c.path: layer[key] for key, c in constants.items()}, only_bad=True)
+
+
+def repair(cache: TeacherCache, log: Callable[[str], None], teacher: nn.Module, cfg: DumpConfig) -> None:
+    """Restore damaged array metadata, write again a damaged output layer (head caches) and mark
+    the blocks ``verify`` finds damaged as unwritten, so this run writes them again (the teacher
+    is deterministic: the same bytes)."""
     restored = cache.restore_layout()
     blocks = damaged_blocks(cache, cache.verify())
-    if blocks or restored:
-        log(f"repairing {cache.path}: {len(restored)} array descriptions restored, {len(blocks)} of "
-            f"{cache.n_blocks} blocks to write again")
+    rewritten = mend_constants(cache, teacher, cfg)
+    if blocks or restored or rewritten:
+        log(f"repairing {cache.path}: {len(restored)} array descriptions restored, "
+            + (f"{', '.join(rewritten)} written again, " if rewritten else "")
+            + f"{len(blocks)} of {cache.n_blocks} blocks to write again")
         cache.forget_blocks(blocks)
     else:
         log(f"nothing to repair in {cache.path}: every block verifies")

@@ -15,8 +15,9 @@ from ..errors import KdcacheError
 from .checked_json import MAX_DIM, JsonReader, malformed
 from .codecs import Codec, DenseCodec
 from .draws import DRAWS
-from .meta import (ATTR, BLOCK_STATS, FORMAT_VERSION, ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec,
-                   PackedTokens, TeacherAccuracy, TeacherInfo, TokenizerInfo, Vocab)
+from .head import HeadCodec
+from .meta import (ATTR, BLOCK_STATS, FORMAT_VERSION, ArrayInfo, CacheMeta, ConstantArray, DatasetInfo, DumpStats,
+                   OutputSpec, PackedTokens, TeacherAccuracy, TeacherInfo, TokenizerInfo, Vocab)
 from .sparse import HybridCodec, SampledCodec, TopKCodec
 
 __all__ = ["meta_to_attrs", "meta_from_attrs", "read_meta", "write_meta", "MAX_ROW_BYTES", "MAX_OBJECTS", "MAX_RECORD",
@@ -27,6 +28,7 @@ __all__ = ["meta_to_attrs", "meta_from_attrs", "read_meta", "write_meta", "MAX_R
 MAX_ROW_BYTES = 1 << 34
 MAX_OBJECTS = 1 << 24  # stored chunk files (or shards) over all arrays
 MAX_RECORD = 1 << 27  # int64 fields of the _blocks record (1 GB)
+MAX_CONSTANT_BYTES = 1 << 37  # what a codec stores once (an output layer): 128 GB
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
@@ -143,7 +145,8 @@ def meta_from_attrs(attrs: Any, where: str) -> CacheMeta:
     if packed is not None and meta.mask_key is None:
         raise malformed(where, "a packed cache must record its mask key")
     objects = sum(-(-(packed.capacity if a.per_token and packed else rows) // a.chunk_rows)
-                  for a in meta.data_arrays()) + meta.blocks
+                  for a in meta.data_arrays()) + meta.blocks + sum(-(-c.shape[0] // c.chunk_rows)
+                                                                   for c in meta.constant_arrays())
     if objects > MAX_OBJECTS or meta.blocks * (BLOCK_STATS + len(meta.data_arrays())) > MAX_RECORD:
         raise malformed(where, f"{objects} chunk files of {meta.blocks} blocks is beyond what kdcache writes")
     if version >= 3:
@@ -183,7 +186,10 @@ def _output_attrs(o: OutputSpec) -> dict[str, Any]:
     return {"shape": list(o.shape), "codec": o.codec.params(), "dtype": dtype, "path": primary.path,
             "stored_dtype": str(primary.dtype), "chunk_rows": primary.chunk_rows,
             "arrays": {key: {"path": a.path, "shape": list(a.shape), "stored_dtype": str(a.dtype),
-                             "chunk_rows": a.chunk_rows} for key, a in o.arrays.items()}}
+                             "chunk_rows": a.chunk_rows} for key, a in o.arrays.items()},
+            **({"constants": {key: {"path": c.path, "shape": list(c.shape), "stored_dtype": str(c.dtype),
+                                    "chunk_rows": c.chunk_rows, "digest": c.digest} for key, c in o.constants.items()}}
+               if o.constants else {})}
 
 
 def _packed_from_attrs(r: JsonReader, outputs: dict[str, Any]) -> PackedTokens | None:
@@ -238,7 +244,27 @@ def _output_from_attrs(name: str, value: Any, parent: JsonReader, block_rows: in
         if block_rows % chunk_rows:
             raise malformed(where, f"{path} chunks of {chunk_rows} rows do not divide blocks of {block_rows}")
         arrays[key] = ArrayInfo(path, row_shape, dtype, chunk_rows)
-    return OutputSpec(name, shape, codec, arrays)
+    return OutputSpec(name, shape, codec, arrays, _constants_from_attrs(o, name, codec, shape))
+
+
+def _constants_from_attrs(o: JsonReader, name: str, codec: Codec, shape: tuple[int, ...]) -> dict[str, ConstantArray]:
+    """The arrays an output's codec stores once, exactly as it writes them, with their digests."""
+    where = o.where
+    recorded = o.mapping("constants", optional=True) or {}
+    expected = OutputSpec.planned_constants(name, codec, shape)
+    if set(recorded) != set(expected):
+        raise malformed(where, f"outputs.{name}.constants are {sorted(recorded)}, its codec stores {sorted(expected)}")
+    constants = {}
+    for key, (path, whole, dtype) in expected.items():
+        c = JsonReader(recorded[key], where, f"outputs.{name}.constants.{key}.")
+        if c.text("path") != path or c.shape("shape") != whole or c.text("stored_dtype") != str(dtype):
+            raise malformed(where, f"constant {c.value.get('path')!r:.60} of output {name} is not the "
+                               f"{path} {whole} {dtype} its codec stores")
+        constants[key] = ConstantArray(path, whole, dtype, c.count("chunk_rows", low=1, high=max(1, whole[0])),
+                                       c.count("digest", high=(1 << 32) - 1))
+    if sum(c.nbytes for c in constants.values()) > MAX_CONSTANT_BYTES:
+        raise malformed(where, f"the constants of output {name} would take more than 128 GB")
+    return constants
 
 
 def _dump_from_attrs(d: JsonReader) -> DumpStats:
@@ -248,11 +274,13 @@ def _dump_from_attrs(d: JsonReader) -> DumpStats:
                      device=d.text("device", optional=True))
 
 
-_CODECS: dict[str, type] = {"dense": DenseCodec, "topk": TopKCodec, "sampled": SampledCodec, "hybrid": HybridCodec}
+_CODECS: dict[str, type] = {"dense": DenseCodec, "topk": TopKCodec, "sampled": SampledCodec, "hybrid": HybridCodec,
+                            "head": HeadCodec}
 _PARAM_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "dense": {"dtype": str}, "topk": {"k": int, "vocab": int},
     "sampled": {"n": int, "vocab": int, "temperature": (int, float), "seed": int},
-    "hybrid": {"k": int, "n": int, "vocab": int, "temperature": (int, float), "seed": int}}
+    "hybrid": {"k": int, "n": int, "vocab": int, "temperature": (int, float), "seed": int},
+    "head": {"hidden": int, "vocab": int, "dtype": str, "weight_dtype": str, "bias": bool}}
 
 
 _OPTIONAL_PARAMS: dict[str, dict[str, type]] = {"sampled": {"draws": str}, "hybrid": {"draws": str}}
@@ -270,7 +298,7 @@ def codec_from_params(params: Any, where: str) -> Codec:
     if set(values) != set(expected):
         raise KdcacheError(f"{where}: codec {name} has parameters {sorted(values)}, expected {sorted(expected)}")
     for key, kind in expected.items():
-        if isinstance(values[key], bool) or not isinstance(values[key], kind):
+        if (isinstance(values[key], bool) and kind is not bool) or not isinstance(values[key], kind):
             raise KdcacheError(f"{where}: codec parameter {key} = {values[key]!r:.40} has the wrong type")
     if "draws" in values and values["draws"] not in DRAWS[1:]:  # iid is recorded by leaving it out
         raise KdcacheError(f"{where}: codec parameter draws {values['draws']!r:.40} is not one of "

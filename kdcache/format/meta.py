@@ -15,6 +15,8 @@ Arrays of the group (a **contract**):
 - ``_view_params`` (rows, P) float32  explicit augmentation parameters (optional)
 - ``_blocks``      (blocks, 5 + A) int64  completion record: done, rows, labelled, correct, tokens,
   then (format 3) one keyed digest per array A that binds the block's bytes to (cache, array, block)
+- ``head/weight``, ``head/bias``: a codec's *constants*, stored once (not per row), each with the
+  digest of its bytes recorded in the description (:class:`ConstantArray`)
 
 Packed sequence caches (format 3, ``packed`` in the attrs) store per-token outputs for the
 positions that have a target only, on one token axis: ``(tokens, ...)`` arrays, each block's
@@ -35,7 +37,7 @@ import numpy as np
 from .codecs import Codec
 
 __all__ = ["FORMAT_VERSION", "ATTR", "BLOCKS", "BLOCK_STATS", "ROW_DIGEST", "VIEW_PARAMS", "SPANS", "TOKEN_BLOCKS",
-           "PackedTokens", "ArrayInfo", "OutputSpec", "TokenizerInfo", "TeacherInfo", "DatasetInfo", "Vocab",
+           "PackedTokens", "ArrayInfo", "ConstantArray", "OutputSpec", "TokenizerInfo", "TeacherInfo", "DatasetInfo", "Vocab",
            "TeacherAccuracy", "DumpStats", "CacheMeta"]
 
 FORMAT_VERSION = 3  # 3: block digests, attrs digest; 2: multi-array codecs, tokens, vocab; reads 1 and 2
@@ -65,14 +67,38 @@ class ArrayInfo:
 
 
 @dataclass(frozen=True)
+class ConstantArray:
+    """An array a codec stores once per cache (a head's weight and bias): its path, whole shape,
+    stored dtype, rows per chunk, and ``digest``, the crc32c of its bytes keyed by (cache, path),
+    recorded in the description and checked whenever it is read."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_rows: int
+    digest: int
+
+    @property
+    def row(self) -> ArrayInfo:
+        """The array as rows (its first axis), as the chunk readers and writers see arrays."""
+        return ArrayInfo(self.path, self.shape[1:], self.dtype, self.chunk_rows)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     """One teacher output (``logits`` or a hidden module): its per-row shape, the codec that
-    stores it and the arrays the codec writes (codec key -> :class:`ArrayInfo`)."""
+    stores it, the arrays the codec writes (codec key -> :class:`ArrayInfo`) and those it stores
+    once (codec key -> :class:`ConstantArray`; a head cache's layer)."""
 
     name: str
     shape: tuple[int, ...]
     codec: Codec
     arrays: Mapping[str, ArrayInfo]
+    constants: Mapping[str, ConstantArray] = field(default_factory=dict)
 
     @property
     def row_bytes(self) -> int:
@@ -83,6 +109,13 @@ class OutputSpec:
         """Codec key -> (array path, per-row shape, stored dtype) of an output, before chunking."""
         base = f"hidden/{name}" if name != "logits" else ("logits" if codec.name == "dense" else codec.name)
         return {key: (f"{base}/{key}" if key else base, s, d) for key, (s, d) in codec.arrays(shape).items()}
+
+    @staticmethod
+    def planned_constants(name: str, codec: Codec, shape: tuple[int, ...],
+                          ) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:
+        """Codec key -> (array path, whole shape, stored dtype) of what the codec stores once."""
+        constants = getattr(codec, "constants", None)
+        return {key: (f"{codec.name}/{key}", s, d) for key, (s, d) in constants(shape).items()} if constants else {}
 
 
 @dataclass(frozen=True)
@@ -218,6 +251,10 @@ class CacheMeta:
     def row_bytes(self) -> int:
         """Stored bytes of one row over every output (no digests, no chunk padding)."""
         return sum(o.row_bytes for o in self.outputs.values())
+
+    def constant_arrays(self) -> list[ConstantArray]:
+        """Every array stored once (written at creation, not block by block)."""
+        return [c for o in self.outputs.values() for c in o.constants.values()]
 
     def data_arrays(self) -> list[ArrayInfo]:
         """Every array written block by block: the outputs' (per row, or per token when packed),

@@ -10,7 +10,7 @@
 ``train_dataset`` is the dataset the cache was dumped from (the same rows, prepared the same
 way). Each item gets its row index (``kd_row``, kept through ``remove_unused_columns=True``),
 and :class:`KDCollator` attaches the cached teacher targets of the batch's rows — dense, top-k,
-sampled or hybrid logits, hidden states and the token mask, as :class:`~kdcache.losses.targets.TeacherTargets` —
+sampled or hybrid logits, a head cache's hidden states (its output layer loaded once), hidden states and the token mask, as :class:`~kdcache.losses.targets.TeacherTargets` —
 read through :class:`~kdcache.read.dataset.CachedTeacherDataset`, which checks every row's input
 digest. The teacher is never loaded. The loss is ``alpha * KD + (1 - alpha) * the model's own
 loss`` (its ``labels`` loss, shifted for causal LMs), a per-batch mean that ``Trainer`` divides
@@ -116,8 +116,10 @@ class KDTrainerMixin:
         temperature: T of the KL (default 4; a sampled or hybrid cache's own).
         alpha: weight of the KD term; the model's own (labels) loss gets ``1 - alpha``. With
             ``alpha=1`` labels are not needed.
-        objective: ``"kl"`` for logits, ``"mse"``/``"cosine"`` for a regression target (an
-            embedding) stored as the cache's primary output.
+        objective: ``"kl"``, ``"reverse_kl"`` or ``"jsd:BETA"`` (GKD's generalised JSD) for logits
+            (:class:`~kdcache.train.kdterm.KDTerm` says which cache supports which),
+            ``"mse"``/``"cosine"`` for a regression target (an embedding) stored as the cache's
+            primary output.
         output_key: which student output is compared with the cache's primary output (default:
             ``.logits``, as at dump time).
         hints: ``"STUDENT_MODULE=TEACHER_MODULE[:mse|cosine][@WEIGHT]"`` terms on cached hidden
@@ -199,7 +201,7 @@ class KDTrainerMixin:
         outputs = model(**inputs)
         student = select_output(outputs, self.kd_output_key)
         teacher = teacher.to(student.device)
-        if not self._kd_checked and self.kd_term.objective == "kl":
+        if not self._kd_checked and self.kd_term.divergence is not None:
             check_student_logits(tuple(student.shape[1:]), teacher.logits, self.kd_meta)
         self._kd_checked = True
         loss = self.kd_alpha * self.kd_term(student, teacher.logits, teacher.mask)

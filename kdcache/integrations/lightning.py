@@ -119,20 +119,23 @@ class KDLossMixin:
 
     ``self.distillation_loss(batch)`` runs the module on ``inputs`` (``self(x)``, ``self(*x)``,
     ``self(**x)``), picks its logits and returns ``alpha * KD + (1 - alpha) * CE(labels)``, logging
-    ``kd``, ``ce`` and ``loss`` (:meth:`distillation_terms` gives them without logging). The KD term fits the cache (dense, top-k, sampled or hybrid; padded
-    vocabularies cut to the real one). Set ``kd_temperature`` / ``kd_alpha`` on the module.
+    ``kd``, ``ce`` and ``loss`` (:meth:`distillation_terms` gives them without logging). The KD term
+    fits the cache (dense, top-k, sampled, hybrid or head; padded vocabularies cut to the real one).
+    Set ``kd_temperature`` / ``kd_alpha`` / ``kd_objective`` (``kl``, ``reverse_kl``, ``jsd:BETA``;
+    :class:`~kdcache.train.kdterm.KDTerm`) on the module.
     """
 
     kd_temperature: float | None = None  # 4.0; a sampled or hybrid cache's own
     kd_alpha: float = 0.9
+    kd_objective: str = "kl"
 
     def _kd_term(self) -> tuple[KDTerm, CacheMeta | None]:
         term = getattr(self, "_kd_cached_term", None)
         if term is None:
             datamodule = getattr(getattr(self, "trainer", None), "datamodule", None)
             meta = datamodule.meta if isinstance(datamodule, KDDataModule) else None
-            term = (KDTerm(meta.logits.codec if meta else None, meta.vocab.real if meta else None, self.kd_temperature),
-                    meta)
+            term = (KDTerm(meta.logits.codec if meta else None, meta.vocab.real if meta else None, self.kd_temperature,
+                           self.kd_objective), meta)
             self._kd_cached_term = term
         return term
 
@@ -160,10 +163,10 @@ class KDStudent(KDLossMixin, L.LightningModule):
     """A ready ``LightningModule`` distilling ``student`` from :class:`KDDataModule` batches (AdamW)."""
 
     def __init__(self, student: nn.Module, *, temperature: float | None = None, alpha: float = 0.9,
-                 lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+                 objective: str = "kl", lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__()
         self.student, self.lr, self.weight_decay = student, lr, weight_decay
-        self.kd_temperature, self.kd_alpha = temperature, alpha
+        self.kd_temperature, self.kd_alpha, self.kd_objective = temperature, alpha, objective
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.student(*args, **kwargs)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .divergences import Divergence
 from .reduction import check_temperature, reduce
 
 __all__ = ["TopKKLDivLoss", "SampledKLDivLoss", "HybridKLDivLoss"]
@@ -29,13 +30,19 @@ class TopKKLDivLoss(nn.Module):
     logit (the value that gives the exact T=1 tail mass), which is exact whenever the tail is
     flat and otherwise slightly overstates the tail's share as T grows.
 
+    ``divergence`` (``"kl"``, ``"reverse_kl"``, ``"jsd:BETA"``; :mod:`.divergences`) is taken between
+    the same two (K+1)-bucket distributions: as exact as the KL (both sides are known on the
+    buckets), and like it a lower bound of the divergence over the whole vocabulary.
+
     Shapes: ``student_logits`` ``(B, *P, V)``; ``values``/``indices`` ``(B, *P, K)``;
     ``logsumexp`` ``(B, *P)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`.
     """
 
-    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean",
+                 divergence: str | Divergence = "kl") -> None:
         super().__init__()
         self.temperature, self.reduction = check_temperature(temperature), reduction
+        self.divergence = Divergence.parse(divergence)
 
     def forward(self, student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                 logsumexp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +68,10 @@ class TopKKLDivLoss(nn.Module):
         if tail_classes > 0:
             tail = s.scatter(-1, indices, float("-inf")).logsumexp(-1, keepdim=True) - lse_s
             log_ps = torch.cat([log_ps, tail], dim=-1)
-        per_item = (torch.xlogy(q, q) - q * log_ps).sum(-1)
+        if self.divergence.name == "kl":
+            per_item = (torch.xlogy(q, q) - q * log_ps).sum(-1)
+        else:  # the teacher's buckets floored at float32's tiny: an empty tail is not an infinite reverse KL
+            per_item = self.divergence.value(q.clamp_min(torch.finfo(torch.float32).tiny).log(), log_ps)
         return reduce(per_item, mask, self.reduction) * (t * t)
 
 

@@ -1,8 +1,8 @@
 """Decoded teacher outputs: what stage two hands to the KD losses.
 
 A codec's ``decode`` gives a tensor of logits (dense), :class:`TopKTargets`,
-:class:`SampledTargets` or :class:`HybridTargets`; their fields are the keyword arguments of
-``TopKKLDivLoss``, ``SampledKLDivLoss`` and ``HybridKLDivLoss``. A batch's decoded outputs travel
+:class:`SampledTargets`, :class:`HybridTargets` or :class:`HeadTargets`; their keys are the keyword
+arguments of ``TopKKLDivLoss``, ``SampledKLDivLoss``, ``HybridKLDivLoss`` and ``HeadKDLoss``. A batch's decoded outputs travel
 together as :class:`TeacherTargets`, shared by :mod:`kdcache.read.dataset` (which builds them) and
 :mod:`kdcache.train` (which uses them).
 
@@ -13,13 +13,14 @@ the per-row ``sum p log p`` are computed once (:func:`teacher_side`) instead of 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 
-__all__ = ["TopKTargets", "SampledTargets", "HybridTargets", "SPARSE_TARGETS", "SoftTargets", "TeacherTargets",
-           "LogitTargets", "map_tensors", "teacher_side"]
+__all__ = ["TopKTargets", "SampledTargets", "HybridTargets", "SPARSE_TARGETS", "HeadWeights", "HeadTargets",
+           "SoftTargets", "TeacherTargets", "LogitTargets", "map_tensors", "teacher_side"]
 
 
 class _Named:
@@ -76,6 +77,69 @@ class HybridTargets(_Named):
 SPARSE_TARGETS = (TopKTargets, SampledTargets, HybridTargets)
 
 
+class HeadWeights:
+    """The teacher's output layer: ``weight`` (V, H) and ``bias`` (V,) or None, held once.
+
+    :meth:`on` gives them on a device, copied there once (later calls return that copy). Given a
+    ``key`` (:meth:`shared`), one object per key and process: a batch that carries them from a
+    DataLoader worker arrives as the object already here, device copies included, so no batch
+    copies the weights again.
+    """
+
+    _shared: ClassVar["weakref.WeakValueDictionary[str, HeadWeights]"] = weakref.WeakValueDictionary()
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, key: str | None = None) -> None:
+        self.weight, self.bias, self.key = weight, bias, key
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {weight.device: (weight, bias)}
+
+    @classmethod
+    def shared(cls, key: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "HeadWeights":
+        """This process's weights under ``key`` (e.g. a cache's fingerprint), made from ``weight``
+        and ``bias`` the first time."""
+        found = cls._shared.get(key)
+        if found is None:
+            found = cls._shared[key] = cls(weight, bias, key)
+        return found
+
+    def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` on ``device``."""
+        device = torch.device(device)
+        if device not in self._copies:
+            self._copies[device] = (self.weight.to(device), None if self.bias is None else self.bias.to(device))
+        return self._copies[device]
+
+    def __reduce__(self) -> Any:
+        if self.key is None:
+            return HeadWeights, (self.weight, self.bias)
+        return HeadWeights.shared, (self.key, self.weight, self.bias)
+
+    def __repr__(self) -> str:
+        return f"HeadWeights(weight {tuple(self.weight.shape)} {self.weight.dtype}, bias {self.bias is not None})"
+
+
+@dataclass(frozen=True)
+class HeadTargets(_Named):
+    """A head cache's rows: ``hidden`` (B, *P, H), the input of the teacher's output layer (stored
+    float16, or ``dtype``), and ``head``, that layer (:class:`HeadWeights`). Its keys ``hidden``,
+    ``weight``, ``bias`` (the layer's on ``hidden``'s device) are ``HeadKDLoss``'s arguments."""
+
+    hidden: torch.Tensor
+    head: HeadWeights | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("these head targets carry no output layer (HeadWeights)")
+        return self.head.on(self.hidden.device)[0]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.head is None else self.head.on(self.hidden.device)[1]
+
+    def keys(self) -> list[str]:
+        return ["hidden", "weight", *(["bias"] if self.head is not None and self.head.bias is not None else [])]
+
+
 @dataclass(frozen=True)
 class SoftTargets(_Named):
     """A dense cache's rows with the teacher side of the KD term precomputed at ``temperature``:
@@ -97,7 +161,7 @@ def teacher_side(logits: torch.Tensor, temperature: float, dtype: torch.dtype = 
     return log_p, log_p.exp()
 
 
-LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets, HybridTargets, SoftTargets]
+LogitTargets = Union[torch.Tensor, TopKTargets, SampledTargets, HybridTargets, HeadTargets, SoftTargets]
 
 
 def map_tensors(value: Any, fn: Any, leaf: type = torch.Tensor) -> Any:
@@ -117,7 +181,7 @@ def map_tensors(value: Any, fn: Any, leaf: type = torch.Tensor) -> Any:
 @dataclass(frozen=True)
 class TeacherTargets(_Named):
     """A batch's cached teacher outputs: ``logits`` (a tensor, :class:`TopKTargets`,
-    :class:`SampledTargets` or :class:`HybridTargets`), ``hidden`` (module name -> tensor) and, for
+    :class:`SampledTargets`, :class:`HybridTargets` or :class:`HeadTargets`), ``hidden`` (module name -> tensor) and, for
     sequence caches, ``mask`` (B, L) bool, True for real tokens. ``targets["logits"]`` works as well."""
 
     logits: Any
@@ -130,5 +194,7 @@ class TeacherTargets(_Named):
     def as_dict(self) -> dict[str, Any]:
         """``{"logits": tensor or dict, "hidden": {...}, "mask"?: ...}``: plain containers (e.g.
         for ``default_collate``)."""
-        logits = self.logits if isinstance(self.logits, torch.Tensor) else {k: self.logits[k] for k in self.logits.keys()}
+        logits = (self.logits if isinstance(self.logits, torch.Tensor) else
+                  {"hidden": self.logits.hidden, "head": self.logits.head} if isinstance(self.logits, HeadTargets) else
+                  {k: self.logits[k] for k in self.logits.keys()})
         return {"logits": logits, "hidden": dict(self.hidden), **({"mask": self.mask} if self.mask is not None else {})}

@@ -34,13 +34,13 @@ class TeacherBatch(Sequence):
 
 
 def _row(value: Any, i: int) -> Any:
-    if isinstance(value, (int, float, str)):  # e.g. the temperature of precomputed targets
-        return value
     if isinstance(value, torch.Tensor):
         return value[i]
     if isinstance(value, dict):
         return {k: _row(v, i) for k, v in value.items()}
-    return type(value)(_row(v, i) for v in value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_row(v, i) for v in value)
+    return value  # shared by every row: the temperature of precomputed targets, a head's weights
 
 
 def collate(batch: Any) -> tuple[Any, torch.Tensor, Any]:

@@ -10,6 +10,7 @@ in the training process: :meth:`CachedTeacherDataset.loader`'s workers send only
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..losses.targets import TeacherTargets
 from ..store import TeacherCache, dataset_digest, dump_in_progress, is_remote
 from .batch import TeacherBatch, collate
 from .blocks import BlockReader
+from .head import output_layer
 from .replay import replay_mismatches, replay_source
 from .resident import GatheringLoader, InputRows, ResidentTargets, TeacherRows, holding_device, in_memory_choice
 from .sampler import ChunkShuffleBatchSampler
@@ -91,8 +93,9 @@ class CachedTeacherDataset(Dataset):
     Item ``i`` is sample ``i``: ``len(self)`` is the number of samples, not of cache rows. The
     teacher's logits are a tensor for dense outputs, :class:`~kdcache.losses.targets.TopKTargets`
     (``values``, ``indices``, ``logsumexp``) for top-k, :class:`~kdcache.losses.targets.SampledTargets`
-    (``ids``, ``counts``) for sampled and :class:`~kdcache.losses.targets.HybridTargets` (``logprobs``,
-    ``indices``, ``tail``) for hybrid ones; sequence caches add ``mask`` (True = real token).
+    (``ids``, ``counts``) for sampled, :class:`~kdcache.losses.targets.HybridTargets` (``logprobs``,
+    ``indices``, ``tail``) for hybrid and :class:`~kdcache.losses.targets.HeadTargets` (``hidden``, the
+    teacher's output layer ``head``) for head ones; sequence caches add ``mask`` (True = real token).
 
     Raises:
         KdcacheError: the cache is incomplete or damaged, or the dataset does not match it.
@@ -150,6 +153,7 @@ class CachedTeacherDataset(Dataset):
             self.spans = opened.load_array(SPANS)
             self.token_blocks = opened.token_blocks()
             self.token_start = row_token_starts(self.spans[:, 1], self.token_blocks[:, 0], self.block_rows)
+        self.head = output_layer(opened)  # a head cache's layer: read once, checked, shared by every batch
         self.blocks = BlockReader(opened, self.arrays, chunk_cache_bytes,
                                   (self.spans, self.token_start, self.token_blocks) if self.packed is not None else None)
         self._row_bytes = need // max(opened.rows, 1)
@@ -256,7 +260,8 @@ class CachedTeacherDataset(Dataset):
             else:
                 got = self._teacher_rows(name, idx)
             # a packed output's tokens go back to the batch's positions that have a target
-            return place_tokens(got, rows.mask.to(self.device)) if per_token else got
+            got = place_tokens(got, rows.mask.to(self.device)) if per_token else got
+            return replace(got, head=self.head) if name == "logits" and self.head is not None else got
 
         mask = rows.mask.to(self.device, non_blocking=True) if rows.mask is not None else None
         return TeacherTargets(logits=output("logits"), hidden={h: output(h) for h in self.hidden}, mask=mask)

@@ -19,9 +19,11 @@ import torch
 
 from ..errors import KdcacheError
 from ..format.meta import ROW_DIGEST, VIEW_PARAMS
-from ..losses.targets import HybridTargets, SampledTargets, TopKTargets
+from ..losses.head import head_logits
+from ..losses.targets import HeadTargets, HeadWeights, HybridTargets, SampledTargets, TopKTargets
 from ..read.batch import collate
 from ..read.dataset import CachedTeacherDataset
+from ..read.head import output_layer
 from ..store import TeacherCache
 
 __all__ = ["CacheStats", "cache_stats"]
@@ -35,7 +37,7 @@ class CacheStats:
     """Per-position summaries of a sample of a cache's teacher outputs (T = 1).
 
     Attributes:
-        codec: ``dense``, ``topk`` or ``sampled``.
+        codec: ``dense``, ``topk``, ``sampled``, ``hybrid`` or ``head`` (summarised as the dense logits it gives).
         classes: the real vocabulary (class count).
         rows, positions: rows read, and positions summarised (rows x tokens, padding excluded).
         confidence: (positions,) float32, the teacher's largest probability (sampled: the most
@@ -126,13 +128,15 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
     classes = meta.vocab.real
     per_row = int(np.prod(logits.shape[:-1], dtype=np.int64))
     params = logits.codec.params()
-    width = {"dense": classes, "topk": params.get("k", 0), "sampled": params.get("n", 0),
+    width = {"dense": classes, "head": classes, "topk": params.get("k", 0), "sampled": params.get("n", 0),
              "hybrid": params.get("k", 0) + params.get("n", 0)}[logits.codec.name]
     budget = max(1, min(max_positions // per_row, max_values // max(per_row * width, 1)))
     mass_k = np.unique(np.round(np.geomspace(1, classes, num=min(classes, 40))).astype(np.int64))
     parts: dict[str, list[np.ndarray]] = {}
     rows = curve = 0
+    layer = output_layer(opened)  # a head cache's logits are computed from its stored layer: read as dense
     for targets, labels, mask in _batches(opened, dataset, budget, seed):
+        targets = _as_logits(targets, layer) if layer is not None else targets
         rows += _length(targets)
         summary = _summarise(targets, classes, mask, mass_k if curve < CURVE_POSITIONS else None, temperatures)
         curve += len(summary.get(f"mass@{temperatures[0]}", ()))
@@ -161,10 +165,18 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
                       stored_k=params.get("k", params.get("n")) if logits.codec.name != "dense" else None, notes=notes)
 
 
+def _as_logits(targets: HeadTargets, layer: HeadWeights) -> torch.Tensor:
+    """A head cache's decoded rows as the teacher's dense logits ``h @ W.T + b`` (B, *P, V)."""
+    weight, bias = layer.on(targets.hidden.device)
+    flat = targets.hidden.reshape(-1, targets.hidden.shape[-1])
+    return head_logits(flat, weight, bias).reshape(*targets.hidden.shape[:-1], weight.shape[0])
+
+
 def _length(targets: Any) -> int:
     return len(targets.values if isinstance(targets, TopKTargets) else
                targets.ids if isinstance(targets, SampledTargets) else
-               targets.logprobs if isinstance(targets, HybridTargets) else targets)
+               targets.logprobs if isinstance(targets, HybridTargets) else
+               targets.hidden if isinstance(targets, HeadTargets) else targets)
 
 
 def _batches(cache: TeacherCache, dataset: Any, budget: int, seed: int

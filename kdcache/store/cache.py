@@ -48,14 +48,15 @@ class TeacherCache:
         self._files: ChunkFileWriter | None = None
         self._blocks: np.ndarray | None = None
         self._tokens: np.ndarray | None = None
-        self._arrays = {a.path: a for a in self.meta.data_arrays()}
+        self._constants = {c.path: c for c in self.meta.constant_arrays()}  # stored once: head/weight, head/bias
+        self._arrays = {a.path: a for a in self.meta.data_arrays()} | {p: c.row for p, c in self._constants.items()}
 
     def __repr__(self) -> str:
         """``TeacherCache('path', 1200 rows: logits (10,) float16, hidden/features (16,) float16;
         complete, fingerprint 3f...)``"""
         def form(o: OutputSpec) -> str:
             p = o.codec.params()
-            words = {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples",
+            words = {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples", "head": f"head {p.get('dtype')}",
                      "hybrid": f"top-{p.get('k')} + {p.get('n')} tail samples"}
             return words.get(o.codec.name, p.get("dtype", ""))
         outputs = ", ".join(f"{'logits' if name == 'logits' else 'hidden/' + name} {o.shape} {form(o)}"
@@ -93,10 +94,13 @@ class TeacherCache:
         layout[BLOCKS] = ((self.n_blocks, self.meta.record_fields), np.dtype("int64"), 1, None)  # a file per block
         if self.meta.packed is not None:  # written once, at creation: where each block's tokens go
             layout[TOKEN_BLOCKS] = ((self.n_blocks, 2), np.dtype("int64"), self.n_blocks, None)
+        layout.update({c.path: (c.shape, c.dtype, c.chunk_rows, None) for c in self._constants.values()})
         return layout
 
     def length(self, a: ArrayInfo) -> int:
-        """Rows of array ``a``: the cache's rows, or the token axis of a packed per-token array."""
+        """Rows of array ``a``: the cache's, a packed per-token array's tokens or a constant's first axis."""
+        if a.path in self._constants:
+            return self._constants[a.path].shape[0]
         return self.meta.packed.capacity if a.per_token and self.meta.packed else self.rows
 
     def create_missing_arrays(self) -> None:
@@ -197,8 +201,7 @@ class TeacherCache:
         return self.meta.hidden_names
 
     def block_range(self, block: int) -> tuple[int, int]:
-        start = block * self.block_rows
-        return start, min(start + self.block_rows, self.rows)
+        return block * self.block_rows, min((block + 1) * self.block_rows, self.rows)
 
     def token_blocks(self) -> np.ndarray:
         """(blocks, 2) int64 of a packed cache: each block's first token and token count, checked
@@ -227,7 +230,8 @@ class TeacherCache:
         return self.block_range(block)
 
     def array_paths(self) -> list[str]:
-        return [a.path for a in self.meta.data_arrays()] + [BLOCKS]
+        """Every array's path: those written by block, the completion record, the constants."""
+        return [a.path for a in self.meta.data_arrays()] + [BLOCKS] + list(self._constants)
 
     def array_info(self, path: str) -> ArrayInfo:
         return self._arrays[path]
@@ -372,8 +376,7 @@ class TeacherCache:
         """Rows ``start:stop`` of every array of output ``name``: codec key -> stored rows."""
         return {key: self._read(a.path, start, stop) for key, a in self.outputs[name].arrays.items()}
 
-    def read_array(self, path: str, start: int, stop: int) -> np.ndarray:
-        return self._read(path, start, stop)
+    read_array = _read
 
     def row_digests(self) -> np.ndarray:
         return self.load_array(ROW_DIGEST)

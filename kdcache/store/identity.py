@@ -20,8 +20,8 @@ from ..data.digests import row_digests
 from ..data.items import fetch_batch, input_mask
 from .chunkfile import crc32c
 
-__all__ = ["fingerprint", "weights_digest", "dataset_digest", "block_digest", "digest_scheme", "same_teacher",
-           "DIGEST_SAMPLE_ROWS", "FINGERPRINT_VERSION", "WEIGHTS_SCHEME"]
+__all__ = ["fingerprint", "weights_digest", "dataset_digest", "block_digest", "constant_digest", "digest_scheme",
+           "same_teacher", "DIGEST_SAMPLE_ROWS", "FINGERPRINT_VERSION", "WEIGHTS_SCHEME"]
 
 DIGEST_SAMPLE_ROWS = 64
 # Changes only when the same choices would store different outputs, not with the cache format:
@@ -45,6 +45,13 @@ def block_digest(fingerprint: str, path: str, block: int, rows: np.ndarray) -> i
     """
     crc = google_crc32c.value(f"kdcache-block:{fingerprint}:{path}:{block}:".encode())
     return crc32c(np.ascontiguousarray(rows).reshape(-1).view(np.uint8), crc)
+
+
+def constant_digest(fingerprint: str, path: str, data: np.ndarray) -> int:
+    """32-bit crc32c of an array stored once (a head's weight), keyed by (cache fingerprint,
+    array): as :func:`block_digest`, it detects damage and copies, not tampering."""
+    crc = google_crc32c.value(f"kdcache-constant:{fingerprint}:{path}:".encode())
+    return crc32c(np.ascontiguousarray(data).reshape(-1).view(np.uint8), crc)
 
 
 WEIGHTS_SCHEME = "crc32c"  # the scheme new caches are named with; caches written before it used "blake2b"

@@ -1,4 +1,5 @@
-"""Finding damage: chunks that are missing, of the wrong size, corrupt, or not this cache's.
+"""Finding damage: chunks that are missing, of the wrong size, corrupt, or not this cache's, and
+arrays stored once (a head's layer) that do not match their recorded digest.
 
 Work is bounded by what is on disk, never by what a (possibly hostile) description claims:
 the inventory lists the files that exist and compares them with the expected chunks, naming at
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import zarr
@@ -18,6 +19,7 @@ from zarr.core.sync import sync
 from ..errors import KdcacheError
 from ..format.meta import BLOCKS, ArrayInfo
 from .chunkfile import ChunkError, read_chunk
+from .constants import constant_error
 from .layout import chunk_key
 
 if TYPE_CHECKING:
@@ -46,11 +48,14 @@ class ChunkProblem:
         return f"{self.array} {self.unit} {self.chunk} (rows {self.start}..{self.stop - 1}): {self.reason}{more}"
 
 
-def _objects(cache: "TeacherCache", path: str) -> tuple[int, int, int, Callable[[int], int]]:
-    """(rows per stored object, objects, array length, object index -> its block) of array ``path``."""
+def _objects(cache: "TeacherCache", path: str) -> tuple[int, int, int, Callable[[int], int | None]]:
+    """(rows per stored object, objects, array length, object index -> its block, None for a
+    constant: written at creation, before any block) of array ``path``."""
     if path == BLOCKS:
         return 1, cache.n_blocks, cache.n_blocks, lambda i: i
     a: ArrayInfo = cache.array_info(path)
+    if path in _constants(cache):
+        return a.chunk_rows, -(-cache.length(a) // a.chunk_rows), cache.length(a), lambda i: None
     if a.per_token:  # a packed array: token chunks, each block's range chunk-aligned
         starts = cache.token_blocks()[:, 0]
         length = cache.length(a)
@@ -97,7 +102,8 @@ def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[Chu
             size = per * cache.array_info(path).row_bytes + 4
         listed: list[ChunkProblem] = []
         for index in range(count):
-            if done is not None and not done[min(block_of(index), len(done) - 1)]:
+            block = block_of(index)
+            if done is not None and block is not None and not done[min(block, len(done) - 1)]:
                 continue  # an unfinished block's objects are not there yet
             if index not in present:
                 reason = "chunk file is missing"
@@ -114,7 +120,13 @@ def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[Chu
     return problems
 
 
+def _constants(cache: "TeacherCache") -> dict[str, Any]:
+    return {c.path: c for c in cache.meta.constant_arrays()}
+
+
 def _blocks_of(cache: "TeacherCache", problem: ChunkProblem) -> range:
+    if problem.array in _constants(cache):  # rewritten whole by --repair, no block to write again
+        return range(0)
     if problem.array == BLOCKS or problem.unit == "block":
         return range(problem.chunk, problem.chunk + 1)
     if cache.array_info(problem.array).per_token:  # token positions -> the blocks whose ranges hold them
@@ -144,12 +156,17 @@ def verify(cache: "TeacherCache") -> list[ChunkProblem]:
     for block in range(cache.n_blocks):
         if block in bad or (done is not None and not done[block]):
             continue
-        for path in cache.array_paths()[:-1]:
+        for path in [a.path for a in cache.meta.data_arrays()]:
             try:
                 cache.load_block(path, block, record[block] if record is not None else None)
             except KdcacheError as err:
                 problems += _pinpoint(cache, path, block) or [
                     ChunkProblem(path, block, *cache.block_range(block), _reason(err), unit="block")]
+    listed = {p.array for p in problems}
+    for c in cache.meta.constant_arrays():  # read whole against the digest the description records
+        reason = constant_error(cache, c) if c.path not in listed else None
+        if reason is not None:
+            problems.append(ChunkProblem(c.path, 0, 0, c.shape[0], reason, unit="array"))
     return problems
 
 

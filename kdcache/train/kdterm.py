@@ -3,10 +3,10 @@
 mix-in.
 
 :class:`KDTerm` picks the loss that fits where the teacher's outputs come from (dense logits,
-a top-k, sampled or hybrid cache, or a dense regression target such as an embedding), cutting a
-student's padded vocabulary to the teacher's real one; :func:`check_student_logits` refuses a
-student whose logits cannot be compared with the teacher's; :func:`labelled_cross_entropy` is
-the labels' term.
+a top-k, sampled, hybrid or head cache, or a dense regression target such as an embedding) and the
+objective (a divergence, or mse / cosine for a regression target), cutting a student's padded
+vocabulary to the teacher's real one; :func:`check_student_logits` refuses a student whose logits
+cannot be compared with the teacher's; :func:`labelled_cross_entropy` is the labels' term.
 """
 
 from __future__ import annotations
@@ -20,34 +20,60 @@ from ..errors import KdcacheError, option
 from ..format.codecs import Codec
 from ..format.meta import CacheMeta
 from ..format.sparse import HybridCodec, SampledCodec
-from ..losses import HiddenStateLoss, HybridKLDivLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
-from ..losses.targets import SPARSE_TARGETS, SoftTargets
+from ..losses import (DivergenceLoss, HiddenStateLoss, HybridKLDivLoss, KLDivLoss, SampledKLDivLoss,
+                      TopKKLDivLoss)
+from ..losses.divergences import Divergence
+from ..losses.head import HeadKDLoss
+from ..losses.targets import SPARSE_TARGETS, HeadTargets, SoftTargets
 
-__all__ = ["KDTerm", "OBJECTIVES", "check_student_logits", "labelled_cross_entropy"]
+__all__ = ["KDTerm", "OBJECTIVES", "REGRESSION", "check_student_logits", "labelled_cross_entropy", "parse_objective"]
 
-OBJECTIVES = ("kl", "mse", "cosine")
+REGRESSION = ("mse", "cosine")
+OBJECTIVES = ("kl", "reverse_kl", "jsd", "jsd:BETA", *REGRESSION)
+
+
+def parse_objective(objective: str) -> Divergence | str:
+    """``"mse"``/``"cosine"`` as they are, a divergence's name (``kl``, ``reverse_kl``, ``jsd``,
+    ``jsd:BETA``) as a :class:`~kdcache.losses.divergences.Divergence`; anything else is one line."""
+    if objective in REGRESSION:
+        return objective
+    try:
+        return Divergence.parse(objective)
+    except ValueError as err:
+        raise KdcacheError(f"{option('objective', objective)}: {err} (or mse / cosine for a regression "
+                           "target)") from None
 
 
 class KDTerm:
     """The KD term for where the teacher's logits come from: dense (cache or online), top-k,
-    sampled or hybrid cache; student logits are cut to the real vocabulary when the output layer is padded.
+    sampled, hybrid or head cache; student logits are cut to the real vocabulary when the output
+    layer is padded.
 
     Args:
         codec: the cache's logits codec (None: dense, e.g. an online teacher).
         vocab: the teacher's real vocabulary (None: no padding to cut).
-        temperature: T of the KL terms (default 4; a sampled or hybrid cache's own sampling temperature).
-        objective: ``"kl"`` (Hinton's ``T^2 KL``, for logits) or ``"mse"``/``"cosine"`` for a dense
-            regression target such as an embedding (:class:`~kdcache.losses.HiddenStateLoss`).
+        temperature: T of the divergence (default 4; a sampled or hybrid cache's own sampling temperature).
+        objective: ``"kl"`` (Hinton's ``T^2 KL``), ``"reverse_kl"`` or ``"jsd:BETA"`` (GKD's
+            generalised JSD) for logits (:mod:`kdcache.losses.divergences`): exact for dense and head
+            caches, on the K+1 buckets for top-k caches, and refused for sampled and hybrid caches
+            (their draws estimate the KL's gradient without bias, not these); or ``"mse"``/``"cosine"``
+            for a dense regression target such as an embedding (:class:`~kdcache.losses.HiddenStateLoss`).
     """
 
     def __init__(self, codec: Codec | None, vocab: int | None, temperature: float | None,
                  objective: str = "kl") -> None:
         self.kind = codec.name if codec is not None else "dense"
         self.vocab = vocab
-        if objective not in OBJECTIVES:
-            raise KdcacheError(f"the KD objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        if objective != "kl" and self.kind != "dense":
-            raise KdcacheError(f"a {self.kind} cache holds logits: distil it with the kl objective, not {objective}")
+        parsed = parse_objective(objective)
+        if isinstance(parsed, str) and self.kind != "dense":
+            raise KdcacheError(f"a {self.kind} cache holds logits: distil it with a divergence (kl, reverse_kl, jsd), "
+                               f"not {objective}")
+        self.divergence = parsed if isinstance(parsed, Divergence) else None
+        if self.kind in ("sampled", "hybrid") and self.divergence is not None and self.divergence.name != "kl":
+            raise KdcacheError(f"a {self.kind} cache's draws estimate the KL's gradient without bias, not the "
+                               f"{self.divergence}'s (which needs the teacher's log-probability wherever the student "
+                               f"puts mass): train it with {option('objective', 'kl')}, or dump dense logits, a top-k "
+                               f"or a head cache ({option('head')})")
         if isinstance(codec, (SampledCodec, HybridCodec)):  # trained at the temperature it was drawn at
             sampled_at = float(codec.temperature)
             if temperature is not None and temperature != sampled_at:
@@ -55,22 +81,33 @@ class KDTerm:
                                    f"{option('temperature', sampled_at)} (or leave it out), or dump again with "
                                    f"{option('sample_temperature', temperature)}")
             temperature = sampled_at
-        self.objective = objective
+        self.objective = str(parsed)
         self.temperature = 4.0 if temperature is None else float(temperature)
-        self.loss: torch.nn.Module = (HiddenStateLoss(objective) if objective != "kl" else
-                                      {"dense": KLDivLoss, "topk": TopKKLDivLoss, "sampled": SampledKLDivLoss,
-                                       "hybrid": HybridKLDivLoss}[self.kind](
-                                          self.temperature))
+        t, div = self.temperature, self.divergence
+        self.loss: torch.nn.Module
+        if div is None:
+            self.loss = HiddenStateLoss(self.objective)
+        elif self.kind == "head":
+            self.loss = HeadKDLoss(t, div)
+        elif self.kind == "topk":
+            self.loss = TopKKLDivLoss(t, divergence=div)
+        elif self.kind in ("sampled", "hybrid"):
+            self.loss = {"sampled": SampledKLDivLoss, "hybrid": HybridKLDivLoss}[self.kind](t)
+        else:
+            self.loss = KLDivLoss(t) if div.name == "kl" else DivergenceLoss(div, t)
 
     def __call__(self, student_logits: torch.Tensor, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.objective != "kl":  # a sentence embedding (B, D) of token inputs has no per-token mask
+        if self.divergence is None:  # a sentence embedding (B, D) of token inputs has no per-token mask
             return self.loss(student_logits, teacher, mask if mask is not None and
                              mask.shape == student_logits.shape[:-1] else None)
         if self.vocab is not None and student_logits.shape[-1] > self.vocab:
             student_logits = student_logits[..., :self.vocab]
-        if isinstance(teacher, SPARSE_TARGETS):  # its fields are the loss's arguments
+        if isinstance(teacher, (*SPARSE_TARGETS, HeadTargets)):  # its keys are the loss's arguments
             return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
         if isinstance(teacher, SoftTargets):  # precomputed over the real vocabulary
+            if self.divergence.name != "kl":
+                raise KdcacheError(f"precomputed teacher probabilities serve the kl objective, not {self.objective}: "
+                                   "read the cache without precomputing them")
             return self.loss(student_logits, teacher, mask)
         return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
 

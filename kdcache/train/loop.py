@@ -80,7 +80,8 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
                   teacher: nn.Module | None = None, out: str | Path | None = None,
                   config: TrainConfig | None = None, progress: bool = True, student_spec: dict[str, Any] | None = None,
                   **settings: Any) -> TrainResult:
-    """Train ``student`` with ``alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y) + sum_i w_i * hint_i``.
+    """Train ``student`` with ``alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y) + sum_i w_i * hint_i``
+    (``objective`` replaces the KL by the reverse KL or a generalised JSD, :class:`~kdcache.train.kdterm.KDTerm`).
 
     Args:
         student: the model to train (its logits picked as in dump-teacher: tensor, tuple[0],
@@ -135,9 +136,9 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
                                            world=world)
         held = None
     source = TeacherSource(teacher, teacher_hidden, dev, amp, cfg.mask_key, held)
-    kd_loss = (KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature)
-               if isinstance(data, CachedTeacherDataset) else KDTerm(None, None, cfg.temperature))
-    if held is not None and cfg.precompute and kd_loss.kind == "dense":
+    kd_loss = (KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature, cfg.objective)
+               if isinstance(data, CachedTeacherDataset) else KDTerm(None, None, cfg.temperature, cfg.objective))
+    if held is not None and cfg.precompute and kd_loss.kind == "dense" and kd_loss.objective == "kl":
         held.precompute(kd_loss.temperature)
     # targets held in memory are gathered in this process: workers send only inputs
     loader: Any = DataLoader(held.input_rows() if held is not None else data, batch_sampler=sampler,

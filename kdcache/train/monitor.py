@@ -21,7 +21,9 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..errors import KdcacheError, option
-from ..losses.targets import HybridTargets, LogitTargets, SampledTargets, SoftTargets, TeacherTargets, TopKTargets
+from ..losses.head import head_top1
+from ..losses.targets import (HeadTargets, HybridTargets, LogitTargets, SampledTargets, SoftTargets, TeacherTargets,
+                              TopKTargets)
 from ..models.forward import autocast, call_model, move_inputs, select_output
 from ..read.batch import collate
 from ..read.dataset import CachedTeacherDataset
@@ -35,7 +37,10 @@ SAMPLE_ROWS = 2048  # rows measured per side and epoch: enough for a stable mean
 def top1(logits: LogitTargets, classes: int | None = None) -> torch.Tensor:
     """The most likely class per position, int64 (B, *P): the argmax of dense logits (over the
     first ``classes``, the real vocabulary), a top-k or hybrid row's first kept id (kept in
-    descending order), a sampled row's most drawn id (an estimate), or precomputed probabilities' argmax."""
+    descending order), a sampled row's most drawn id (an estimate), precomputed probabilities' argmax, or
+    the argmax of a head cache's ``h @ W.T + b`` (computed a chunk of positions at a time)."""
+    if isinstance(logits, HeadTargets):
+        return head_top1(logits.hidden, logits.weight, logits.bias, classes)
     if isinstance(logits, (TopKTargets, HybridTargets)):
         return logits.indices[..., 0]
     if isinstance(logits, SampledTargets):
