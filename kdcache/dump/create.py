@@ -22,7 +22,7 @@ from ..models.forward import move_inputs
 from ..store import TeacherCache, plan_blocks
 from .loop import forward
 
-__all__ = ["create_cache", "choose_layout"]
+__all__ = ["create_cache", "plan_cache", "choose_layout"]
 
 
 def choose_layout(dataset: Any, cfg: DumpConfig) -> str:
@@ -38,6 +38,19 @@ def choose_layout(dataset: Any, cfg: DumpConfig) -> str:
 def create_cache(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, cfg: DumpConfig,
                  dev: torch.device) -> TeacherCache:
     """Learn the output shapes from a forward pass on two rows, then create the empty store."""
+    planned, placed = plan_cache(teacher, dataset, meta, cfg, dev)
+    cache = TeacherCache.create(path, planned)
+    if placed is not None:
+        cache.write_token_blocks(placed)
+    return cache
+
+
+def plan_cache(teacher: nn.Module, dataset: Any, meta: CacheMeta, cfg: DumpConfig,
+               dev: torch.device) -> tuple[CacheMeta, np.ndarray | None]:
+    """The full description of this dump's cache (``meta`` with its outputs, blocks and layout,
+    from a forward pass on two rows) and, for a packed cache, where each block's tokens go: the
+    same teacher, data and settings always plan the same (``--repair`` rebuilds a damaged
+    description from it)."""
     probe_rows = list(range(min(2, len(dataset))))
     inputs, _ = fetch_batch(dataset, probe_rows)
     view_params = None
@@ -84,7 +97,4 @@ def create_cache(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, c
                        key: (ArrayInfo(p, s[1:], d, packed.chunk, per_token=True) if name in per_token
                              else ArrayInfo(p, s, d, chunks[p])) for key, (p, s, d) in paths.items()})
                        for name, shape, codec, paths in planned})
-    cache = TeacherCache.create(path, replace(meta, bound=tuple(a.path for a in meta.data_arrays())))
-    if placed is not None:
-        cache.write_token_blocks(placed)
-    return cache
+    return replace(meta, bound=tuple(a.path for a in meta.data_arrays())), placed
