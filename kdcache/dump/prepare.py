@@ -133,7 +133,6 @@ def repair(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: Du
         if is_remote(path) or not _description_unreadable(path):
             raise
         cache, rebuilt = TeacherCache.described(path, plan_cache(teacher.to(dev).eval(), dataset, meta, cfg, dev)[0]), True
-        log(f"repairing {path}: its description is unreadable; rebuilding it from this dump's")
     assert cache is not None
     problems = cache.verify()  # read only: links are refused as damage, never followed
     blocks = damaged_blocks(cache, problems)
@@ -145,6 +144,7 @@ def repair(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: Du
     check_dataset(cache, dataset, digest_mask(cfg), blocks)
     removed = [] if is_remote(path) else remove_strays(path)
     if rebuilt:
+        log(f"repairing {path}: its description is unreadable; rebuilding it from this dump's")
         cache.write_description()
     restored = cache.restore_layout()
     if blocks or restored or removed or rebuilt:
