@@ -21,6 +21,7 @@ from ..format.codecs import Codec
 from ..format.meta import CacheMeta
 from ..format.sparse import HybridCodec, SampledCodec
 from ..losses import HiddenStateLoss, HybridKLDivLoss, KLDivLoss, SampledKLDivLoss, TopKKLDivLoss
+from ..losses.sparse import TargetsError
 from ..losses.targets import SPARSE_TARGETS, SoftTargets
 
 __all__ = ["KDTerm", "OBJECTIVES", "check_student_logits", "labelled_cross_entropy"]
@@ -69,7 +70,10 @@ class KDTerm:
         if self.vocab is not None and student_logits.shape[-1] > self.vocab:
             student_logits = student_logits[..., :self.vocab]
         if isinstance(teacher, SPARSE_TARGETS):  # its fields are the loss's arguments
-            return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
+            try:
+                return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
+            except TargetsError as err:  # a cache's blocks are checked as they load; this is the last guard
+                raise KdcacheError(f"{err}; run kdcache verify on the cache") from None
         if isinstance(teacher, SoftTargets):  # precomputed over the real vocabulary
             return self.loss(student_logits, teacher, mask)
         return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
