@@ -22,7 +22,7 @@ from kdcache.store.chunkfile import read_rows
 from kdcache.store.identity import block_digest
 
 from conftest import run_cli
-from test_trust import _dump_cli, _one_line, _rewrite_attrs
+from test_trust import _dump_cli, _one_line
 
 QUIET = dict(progress=False, log=lambda m: None)
 CODECS = {"topk": dict(topk=4), "sampled": dict(sample_k=6), "hybrid": dict(topk=3, tail_samples=4)}

@@ -46,8 +46,10 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
             per = (f"{a.row_bytes} B/token" if a.per_token else
                    f"{a.row_bytes * cache.rows / tokens:.1f} B/token" if meta.mask_key or tokens != cache.rows
                    else f"{a.row_bytes} B/row")
-            lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  {per}  chunk "
-                         f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk")
+            # a packed array has one entry per real token, not per row
+            length, unit = (tokens, "tokens") if a.per_token else (cache.rows, "rows")
+            lines.append(f"    {a.path:<24} {(length, *a.shape)} {a.dtype}  {per}  chunk {a.chunk_rows} {unit}  "
+                         f"{_size(sizes[a.path])} on disk")
     if meta.vocab.real != meta.vocab.padded or meta.mask_key:
         lines.append(f"vocabulary   {meta.vocab.real} classes (output layer {meta.vocab.padded})"
                      + (f"; padding masked by inputs[{meta.mask_key!r}], {tokens} real tokens" if meta.mask_key else ""))
@@ -182,8 +184,6 @@ def export_cmd(
     from ..interop import export_axolotl
     from ..spec import load_dataset, parse_kwargs
 
-    if out.exists():
-        raise KdcacheError(f"{out} exists; choose another --out")
     written = export_axolotl(path, load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs")), out)
     echo(str(written))
 

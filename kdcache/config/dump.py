@@ -94,7 +94,8 @@ class DumpConfig(Settings):
             (DEVICE.fullmatch(self.device) is not None, "device must be auto, cpu, cuda or cuda:N"),
             (1 <= self.batch_size <= MAX_BATCH, f"batch_size must be within [1, {MAX_BATCH}]"),
             (0 <= self.num_workers <= MAX_WORKERS, f"num_workers must be within [0, {MAX_WORKERS}]"),
-            (self.block_rows is None or 1 <= self.block_rows <= MAX_BATCH, f"block_rows must be within [1, {MAX_BATCH}]"),
+            (self.block_rows is None or 1 <= self.block_rows <= MAX_BATCH,
+             f"block_rows must be within [1, {MAX_BATCH}]"),
             (1 <= self.writer_threads <= MAX_WORKERS, f"writer_threads must be within [1, {MAX_WORKERS}]"),
             (self.layout in ("auto", "packed", "padded"), "layout must be auto, packed or padded"),
             (not (self.repair and self.overwrite), "repair and overwrite exclude each other: repair keeps the "

@@ -132,7 +132,8 @@ def repair(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: Du
     except KdcacheError:
         if is_remote(path) or not _description_unreadable(path):
             raise
-        cache, rebuilt = TeacherCache.described(path, plan_cache(teacher.to(dev).eval(), dataset, meta, cfg, dev)[0]), True
+        planned, _ = plan_cache(teacher.to(dev).eval(), dataset, meta, cfg, dev)
+        cache, rebuilt = TeacherCache.described(path, planned), True
     assert cache is not None
     problems = cache.verify()  # read only: links are refused as damage, never followed
     blocks = damaged_blocks(cache, problems)

@@ -22,7 +22,8 @@ from zarr.core.sync import sync
 
 from ..errors import KdcacheError
 from ..format.attrs import read_meta, write_meta
-from ..format.meta import ATTR, BLOCKS, ROW_DIGEST, TOKEN_BLOCKS, ArrayInfo, CacheMeta, DumpStats, OutputSpec, TeacherAccuracy
+from ..format.meta import (ATTR, BLOCKS, ROW_DIGEST, TOKEN_BLOCKS, ArrayInfo, CacheMeta, DumpStats, OutputSpec,
+                           TeacherAccuracy)
 from . import verify as _verify
 from .arrays import (create_array, described_group, layout_problem, planned_layout, restore_layout,
                      write_group_document)

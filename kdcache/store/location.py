@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import zarr
 from zarr.core.sync import sync
@@ -16,7 +18,7 @@ from ..errors import KdcacheError
 from .paths import MAX_METADATA_BYTES, read_metadata, walk_files
 
 __all__ = ["is_remote", "open_store", "remote_fs", "exists", "refuse_file", "size_on_disk", "list_dir", "remove_cache",
-           "why_not_removable", "is_disk_full", "CACHE_ENTRIES", "recognisable"]
+           "why_not_removable", "is_disk_full", "CACHE_ENTRIES", "recognisable", "staged"]
 
 
 def is_remote(path: str | Path) -> bool:
@@ -172,3 +174,24 @@ def remove_cache(path: str | Path) -> None:
 
 def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def staged(out: Path, what: str, *, directory: bool = False) -> Iterator[Path]:
+    """A temporary name beside ``out`` (a file, or with ``directory`` a new directory) to write
+    ``what`` to: renamed to ``out`` when the block completes, removed when it fails, so a
+    failure half-way leaves nothing at ``out``. ``out`` must not exist yet (one line otherwise)."""
+    if os.path.lexists(out):
+        raise KdcacheError(f"{out} exists; choose another --out for the {what}")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        tmp.mkdir() if directory else tmp.touch(exist_ok=False)
+    except OSError as err:
+        raise KdcacheError(f"cannot write the {what} at {out}: {err.strerror}; check that its directory exists and "
+                           "is writable") from None
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+        raise

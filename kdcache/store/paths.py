@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..errors import KdcacheError
 
-__all__ = ["MAX_METADATA_BYTES", "damaged", "unreadable_description", "path_problem", "inside", "open_regular", "read_metadata",
+__all__ = ["MAX_METADATA_BYTES", "damaged", "unreadable_description", "path_problem", "inside", "open_regular",
+           "read_metadata",
            "metadata_problem", "strays", "remove_strays", "walk_files",
            "remove_partial"]
 
@@ -35,7 +36,8 @@ def damaged(path: str | Path, what: str) -> KdcacheError:
 def unreadable_description(path: str | Path, why: str) -> KdcacheError:
     """One line: the root description of the cache at ``path`` cannot be read, and the ways out."""
     return KdcacheError(f"cache {path}: its description (zarr.json) cannot be read ({why}); rebuild it with the "
-                        "dump-teacher command that wrote the cache plus --repair, or replace the cache with --overwrite")
+                        "dump-teacher command that wrote the cache plus --repair, or replace the cache with "
+                        "--overwrite")
 
 
 def _kind(mode: int) -> str:
