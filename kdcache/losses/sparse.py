@@ -56,7 +56,9 @@ class TopKKLDivLoss(nn.Module):
     flat and otherwise slightly overstates the tail's share as T grows.
 
     Shapes: ``student_logits`` ``(B, *P, V)``; ``values``/``indices`` ``(B, *P, K)``;
-    ``logsumexp`` ``(B, *P)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`.
+    ``logsumexp`` ``(B, *P)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`. Kept
+    probabilities summing to more than 1 beyond float16 rounding (a negative tail) at a position
+    that counts raise :class:`TargetsError` rather than being clamped.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
@@ -101,7 +103,8 @@ class SampledKLDivLoss(nn.Module):
     The value is ``T^2 * KL(counts/N || softmax(s/T))`` over the sampled ids.
 
     Shapes: ``student_logits`` ``(B, *P, V)``; ``ids``/``counts`` ``(B, *P, N)`` (count 0 marks an
-    unused slot); ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`.
+    unused slot); ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`. A position that counts
+    with no draws at all (every count 0) raises :class:`TargetsError`.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
@@ -142,7 +145,8 @@ class HybridKLDivLoss(nn.Module):
     (``train_student`` does): its log-probabilities are of ``softmax(logits / T)``.
 
     Shapes: ``student_logits`` ``(B, *P, V)``; ``logprobs``/``indices`` ``(B, *P, K)``; ``tail``
-    ``(B, *P, N)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`.
+    ``(B, *P, N)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`. Head probabilities
+    summing to more than 1 beyond float16 rounding raise :class:`TargetsError`.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
