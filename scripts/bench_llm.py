@@ -28,14 +28,12 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kdcache
-from kdcache import CachedTeacherDataset, KdcacheError, TeacherCache
+from kdcache import CachedTeacherDataset, TeacherCache
 from kdcache.interop import TokenRows, export_axolotl, import_axolotl, import_vllm, vllm_inputs
 
 from conftest import run_cli

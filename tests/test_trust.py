@@ -5,10 +5,8 @@ hostile review (issue "A shared cache can be trusted")."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -46,8 +46,10 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
             per = (f"{a.row_bytes} B/token" if a.per_token else
                    f"{a.row_bytes * cache.rows / tokens:.1f} B/token" if meta.mask_key or tokens != cache.rows
                    else f"{a.row_bytes} B/row")
-            lines.append(f"    {a.path:<24} ({cache.rows}, {', '.join(map(str, a.shape))}) {a.dtype}  {per}  chunk "
-                         f"{a.chunk_rows} rows  {_size(sizes[a.path])} on disk")
+            # a packed array has one entry per real token, not per row
+            length, unit = (tokens, "tokens") if a.per_token else (cache.rows, "rows")
+            lines.append(f"    {a.path:<24} {(length, *a.shape)} {a.dtype}  {per}  chunk {a.chunk_rows} {unit}  "
+                         f"{_size(sizes[a.path])} on disk")
         for c in o.constants.values():  # a head cache's output layer: stored once, not per row
             lines.append(f"    {c.path:<24} {c.shape} {c.dtype}  stored once  chunk {c.chunk_rows} rows  "
                          f"{_size(sizes[c.path])} on disk")
@@ -185,8 +187,6 @@ def export_cmd(
     from ..interop import export_axolotl
     from ..spec import load_dataset, parse_kwargs
 
-    if out.exists():
-        raise KdcacheError(f"{out} exists; choose another --out")
     written = export_axolotl(path, load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs")), out)
     echo(str(written))
 

@@ -24,12 +24,16 @@ from typing import Any, ClassVar
 
 from ..errors import KdcacheError
 
-__all__ = ["setting", "Settings", "AMP_CHOICES", "DEVICE", "DEFAULT_MASK_KEY"]
+__all__ = ["setting", "Settings", "AMP_CHOICES", "DEVICE", "DEFAULT_MASK_KEY", "MAX_BATCH", "MAX_WORKERS"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DEFAULT_MASK_KEY = "attention_mask"
 _AUTO = object()
+# integers are held in 64 bits (numpy, torch, the cache's JSON); counts far above any real run are refused
+_INT64 = 1 << 63
+MAX_BATCH = 1 << 24  # rows in a batch or a write block
+MAX_WORKERS = 1024  # processes or threads
 
 
 def setting(default: Any, help: str | None = None, *, shown: Any = _AUTO, metavar: str | None = None,
@@ -47,7 +51,7 @@ def setting(default: Any, help: str | None = None, *, shown: Any = _AUTO, metava
 
 
 def _describe(kind: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    names = {bool: "true or false", int: "a 64-bit integer", float: "a finite number", str: "a string"}
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) is tuple:
         return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
@@ -73,6 +77,8 @@ def _conform(value: Any, kind: Any) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if isinstance(value, bool):
         return False, value
+    if kind is int:
+        return isinstance(value, int) and -_INT64 <= value < _INT64, value
     if kind is float:
         return isinstance(value, (int, float)) and math.isfinite(value), float(value) if isinstance(value, (int, float)) else value
     return isinstance(value, kind), value

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import KdcacheError, option
-from .checks import AMP_CHOICES, DEFAULT_MASK_KEY, DEVICE, Settings, setting
+from .checks import AMP_CHOICES, DEFAULT_MASK_KEY, DEVICE, MAX_BATCH, MAX_WORKERS, Settings, setting
 
 if TYPE_CHECKING:
     from ..format.codecs import Codec
@@ -97,14 +97,17 @@ class DumpConfig(Settings):
             (self.head_dtype in HEAD_DTYPES, f"head_dtype must be one of {', '.join(HEAD_DTYPES)}"),
             (self.head_dtype == "float16" or self.head is not None, "head_dtype is the dtype of --head's input: give "
                                                                     "head too"),
-            (self.vocab_size is None or self.vocab_size >= 1, "vocab_size must be >= 1"),
-            (self.views is None or self.views >= 1, "views must be >= 1"),
+            (self.topk is None or self.topk <= 1 << 31, "topk must be <= 2^31"),
+            (self.vocab_size is None or 1 <= self.vocab_size <= 1 << 31, "vocab_size must be within [1, 2^31]"),
+            (self.views is None or 1 <= self.views <= 1 << 20, "views must be within [1, 2^20]"),
+            (self.seed is None or self.seed >= 0, "seed must be >= 0"),
             (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}"),
             (DEVICE.fullmatch(self.device) is not None, "device must be auto, cpu, cuda or cuda:N"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
-            (self.block_rows is None or self.block_rows >= 1, "block_rows must be >= 1"),
-            (self.writer_threads >= 1, "writer_threads must be >= 1"),
+            (1 <= self.batch_size <= MAX_BATCH, f"batch_size must be within [1, {MAX_BATCH}]"),
+            (0 <= self.num_workers <= MAX_WORKERS, f"num_workers must be within [0, {MAX_WORKERS}]"),
+            (self.block_rows is None or 1 <= self.block_rows <= MAX_BATCH,
+             f"block_rows must be within [1, {MAX_BATCH}]"),
+            (1 <= self.writer_threads <= MAX_WORKERS, f"writer_threads must be within [1, {MAX_WORKERS}]"),
             (self.layout in ("auto", "packed", "padded"), "layout must be auto, packed or padded"),
             (not (self.repair and self.overwrite), "repair and overwrite exclude each other: repair keeps the "
                                                    "cache's good blocks, overwrite replaces it"),

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from ..errors import KdcacheError, option
-from .checks import AMP_CHOICES, DEFAULT_MASK_KEY, DEVICE, Settings, setting
+from .checks import AMP_CHOICES, DEFAULT_MASK_KEY, DEVICE, MAX_BATCH, MAX_WORKERS, Settings, setting
 
 __all__ = ["TrainConfig", "Hint", "HINT_KINDS"]
 
@@ -87,7 +87,8 @@ class TrainConfig(Settings):
             objective_ok = self.objective in ("mse", "cosine") or bool(Divergence.parse(self.objective))
         except ValueError:
             objective_ok = False
-        return [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
+        return [(1 <= self.epochs <= 1 << 20, "epochs must be within [1, 2^20]"),
+                (1 <= self.batch_size <= MAX_BATCH, f"batch_size must be within [1, {MAX_BATCH}]"),
                 (objective_ok, "objective must be kl, reverse_kl, jsd, jsd:BETA (0 < BETA < 1), mse or cosine"),
                 (self.lr > 0, "lr must be > 0"),
                 (self.temperature is None or self.temperature > 0, "temperature must be > 0"),
@@ -100,7 +101,7 @@ class TrainConfig(Settings):
                 (self.in_memory in ("auto", "yes", "no"), "in_memory must be auto, yes or no"),
                 (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.cache_device) is not None,
                  "cache_device must be auto, cpu or cuda[:N]"),
-                (self.num_workers >= 0, "num_workers must be >= 0"),
+                (0 <= self.num_workers <= MAX_WORKERS, f"num_workers must be within [0, {MAX_WORKERS}]"),
                 (self.view in ("cycle", "random"), "view must be cycle or random")]
 
     @classmethod

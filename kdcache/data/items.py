@@ -20,9 +20,7 @@ from torch.utils.data import TensorDataset, default_collate
 
 from ..errors import KdcacheError
 
-__all__ = ["as_rows", "split_item", "fetch_batch", "collate_items", "row_digests", "input_mask", "move_inputs",
-           "resolve_device", "resolve_amp",
-           "autocast", "call_model", "select_output"]
+__all__ = ["as_rows", "split_item", "fetch_batch", "collate_items", "input_mask"]
 
 LABEL_KEYS = ("label", "labels")
 

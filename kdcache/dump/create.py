@@ -25,7 +25,7 @@ from ..store.constants import planned_constant, write_constants
 from .head import HeadInput, layer_arrays
 from .loop import forward
 
-__all__ = ["create_cache", "choose_layout"]
+__all__ = ["create_cache", "plan_cache", "choose_layout"]
 
 
 def choose_layout(dataset: Any, cfg: DumpConfig) -> str:
@@ -41,6 +41,21 @@ def choose_layout(dataset: Any, cfg: DumpConfig) -> str:
 def create_cache(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, cfg: DumpConfig,
                  dev: torch.device) -> TeacherCache:
     """Learn the output shapes from a forward pass on two rows, then create the empty store."""
+    planned, placed, stored_once = plan_cache(teacher, dataset, meta, cfg, dev)
+    cache = TeacherCache.create(path, planned)
+    if placed is not None:
+        cache.write_token_blocks(placed)
+    write_constants(cache, stored_once)
+    return cache
+
+
+def plan_cache(teacher: nn.Module, dataset: Any, meta: CacheMeta, cfg: DumpConfig,
+               dev: torch.device) -> tuple[CacheMeta, np.ndarray | None, dict[str, np.ndarray]]:
+    """The full description of this dump's cache (``meta`` with its outputs, blocks and layout,
+    from a forward pass on two rows); for a packed cache, where each block's tokens go; for a
+    head cache, the arrays stored once (path -> array). The
+    same teacher, data and settings always plan the same (``--repair`` rebuilds a damaged
+    description from it)."""
     probe_rows = list(range(min(2, len(dataset))))
     inputs, _ = fetch_batch(dataset, probe_rows)
     view_params = None
@@ -94,8 +109,4 @@ def create_cache(teacher: nn.Module, dataset: Any, path: Any, meta: CacheMeta, c
         constants = {key: planned_constant(meta.fingerprint, p, layer[key]) for key, (p, _, _) in planned_once.items()}
         meta = replace(meta, outputs={**meta.outputs, "logits": replace(spec, constants=constants)})
         stored_once = {c.path: layer[key] for key, c in constants.items()}
-    cache = TeacherCache.create(path, replace(meta, bound=tuple(a.path for a in meta.data_arrays())))
-    if placed is not None:
-        cache.write_token_blocks(placed)
-    write_constants(cache, stored_once)
-    return cache
+    return replace(meta, bound=tuple(a.path for a in meta.data_arrays())), placed, stored_once

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,15 +17,20 @@ from ..config import DumpConfig
 from ..errors import KdcacheError, option
 from ..format.meta import CacheMeta
 from ..format.packing import place_blocks, token_counts
+from ..data.digests import row_digests
+from ..data.items import fetch_batch, input_mask
+from ..format.meta import ROW_DIGEST
 from ..models.placement import place
 from ..store import DumpLock, TeacherCache, fault_point, fingerprint, is_remote, list_dir, remove_cache
-from ..store.identity import digest_scheme
-from ..store.location import exists, refuse_file
 from ..store.constants import write_constants
+from ..store.identity import digest_scheme
+from ..store.location import exists, recognisable, refuse_file
 from ..store.mismatch import identity_differences
+from ..store.paths import damaged, remove_strays, strays
 from ..store.verify import damaged_blocks
-from .create import create_cache
+from .create import create_cache, plan_cache
 from .head import layer_arrays, output_layer
+from .loop import digest_mask
 
 __all__ = ["default_cache_root", "target_path", "earlier_cache", "prepare"]
 
@@ -122,12 +128,14 @@ def prepare(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: D
     lock = DumpLock(path)
     lock.acquire(on_wait=lambda who: log(f"waiting for the dump already writing {path} ({who})"))
     try:
-        cache = existing_cache(path, meta.fingerprint, cfg.overwrite, asked=(meta, cfg))
         if cfg.repair:
-            if cache is None:
-                raise KdcacheError(f"{option('repair', True)}: there is no cache of this teacher, data and settings "
-                                   f"at {path}; run the dump without it")
-            repair(cache, log, teacher, cfg)
+            cache = repair(path, meta, teacher, dataset, cfg, dev, log)
+        else:
+            cache = existing_cache(path, meta.fingerprint, cfg.overwrite, asked=(meta, cfg))
+            if cache is not None and not is_remote(path):  # never written or deleted through a planted link
+                planted = strays(path)
+                if planted:
+                    raise damaged(path, f"{planted[0][0]} is {planted[0][1]}")
         if cache is not None and cache.complete:
             cache.check_layout()
             return None, lock
@@ -171,17 +179,71 @@ def mend_constants(cache: TeacherCache, teacher: nn.Module, cfg: DumpConfig) -> 
     return write_constants(cache, {c.path: layer[key] for key, c in constants.items()}, only_bad=True)
 
 
-def repair(cache: TeacherCache, log: Callable[[str], None], teacher: nn.Module, cfg: DumpConfig) -> None:
-    """Restore damaged array metadata, write again a damaged output layer (head caches) and mark
-    the blocks ``verify`` finds damaged as unwritten, so this run writes them again (the teacher
-    is deterministic: the same bytes)."""
+def repair(path: Any, meta: CacheMeta, teacher: nn.Module, dataset: Any, cfg: DumpConfig, dev: torch.device,
+           log: Callable[[str], None]) -> TeacherCache:
+    """``--repair`` (under the lock): find what is damaged, check the dataset, then mend: remove
+    planted links and special files (the links themselves), rebuild an unreadable description
+    from this dump's own, restore damaged array metadata and mark the damaged blocks unwritten,
+    so this run writes them again (the teacher is deterministic: the same bytes). Nothing is
+    written before the checks pass."""
+    if not exists(path) and not recognisable(path):
+        raise KdcacheError(f"{option('repair', True)}: there is no cache of this teacher, data and settings "
+                           f"at {path}; run the dump without it")
+    try:
+        cache, rebuilt = existing_cache(path, meta.fingerprint, overwrite=False, asked=(meta, cfg)), False
+    except KdcacheError:
+        if is_remote(path) or not _description_unreadable(path):
+            raise
+        planned, _, _ = plan_cache(place(teacher, dev), dataset, meta, cfg, dev)
+        cache, rebuilt = TeacherCache.described(path, planned), True
+    assert cache is not None
+    problems = cache.verify()  # read only: links are refused as damage, never followed
+    blocks = damaged_blocks(cache, problems)
+    done = cache.blocks_record()[:, 0] != 0
+    if rebuilt and done.any() and all(b in blocks for b in np.flatnonzero(done).tolist()):
+        raise KdcacheError(f"{option('repair', True)}: no block of {path} agrees with this dump's description (another "
+                           f"teacher, data or settings wrote it); its description cannot be rebuilt from this "
+                           f"command: pass {option('overwrite', True)} to replace the cache")
+    check_dataset(cache, dataset, digest_mask(cfg), blocks)
+    removed = [] if is_remote(path) else remove_strays(path)
+    if rebuilt:
+        log(f"repairing {path}: its description is unreadable; rebuilding it from this dump's")
+        cache.write_description()
     restored = cache.restore_layout()
-    blocks = damaged_blocks(cache, cache.verify())
     rewritten = mend_constants(cache, teacher, cfg)
-    if blocks or restored or rewritten:
+    if blocks or restored or removed or rebuilt or rewritten:
         log(f"repairing {cache.path}: {len(restored)} array descriptions restored, "
             + (f"{', '.join(rewritten)} written again, " if rewritten else "")
-            + f"{len(blocks)} of {cache.n_blocks} blocks to write again")
+            + f"{len(blocks)} of {cache.n_blocks} blocks to write again"
+            + (f", {len(removed)} links or special files removed ({removed[0]})" if removed else ""))
         cache.forget_blocks(blocks)
     else:
         log(f"nothing to repair in {cache.path}: every block verifies")
+    return cache
+
+
+def _description_unreadable(path: Any) -> bool:
+    """Whether the cache at ``path`` has no description that parses (damaged, not another cache's)."""
+    try:
+        TeacherCache.open(path, mode="r+")
+    except KdcacheError:
+        return True
+    return False
+
+
+def check_dataset(cache: TeacherCache, dataset: Any, mask_key: str | None, blocks: list[int]) -> None:
+    """Refuse, before anything is written, a dataset whose rows in the blocks about to be written
+    again differ from the row digests the cache holds for them (where those are intact): a
+    repaired block would then hold another input's targets."""
+    for block in blocks:
+        try:
+            recorded = cache.load_block(ROW_DIGEST, block)
+        except KdcacheError:  # damaged too: written again from this dataset
+            continue
+        start, stop = cache.block_range(block)
+        inputs, _ = fetch_batch(dataset, range(start, stop))
+        differ = np.flatnonzero(row_digests(inputs, input_mask(inputs, mask_key)) != recorded[:stop - start])
+        if differ.size:
+            raise KdcacheError(f"{option('repair', True)}: dataset row {start + int(differ[0])} is not the input cache "
+                               f"{cache.path} was dumped from ({differ.size} rows of block {block} differ); nothing "
+                               "was written: repair with the dataset it was dumped from")

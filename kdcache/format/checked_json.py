@@ -16,7 +16,8 @@ MAX_DIM = 1 << 31
 
 def malformed(where: str, what: str) -> KdcacheError:
     return KdcacheError(f"{where}: its kdcache metadata is malformed ({what}); the cache is damaged or was not "
-                        "written by kdcache: dump it again")
+                        "written by kdcache: rebuild its description with the dump-teacher command that wrote it plus "
+                        "--repair, or replace it with --overwrite")
 
 
 class JsonReader:

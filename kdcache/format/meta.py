@@ -104,6 +104,14 @@ class OutputSpec:
     def row_bytes(self) -> int:
         return sum(a.row_bytes for a in self.arrays.values())
 
+    @property
+    def form(self) -> str:
+        """How it is stored, in words: ``float16``, ``top-8``, ``64 samples``, ``top-8 + 48 tail samples``."""
+        p = self.codec.params()
+        words = {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples", "head": f"head {p.get('dtype')}",
+                 "hybrid": f"top-{p.get('k')} + {p.get('n')} tail samples"}
+        return words.get(self.codec.name, p.get("dtype", ""))
+
     @staticmethod
     def planned(name: str, codec: Codec, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:
         """Codec key -> (array path, per-row shape, stored dtype) of an output, before chunking."""

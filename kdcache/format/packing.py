@@ -25,7 +25,7 @@ from ..errors import KdcacheError
 from ..losses.targets import map_tensors
 
 __all__ = ["token_counts", "place_blocks", "row_token_starts", "target_mask", "token_indices", "place_tokens",
-           "TARGET_CHUNK_BYTES"]
+           "spans_problem", "TARGET_CHUNK_BYTES"]
 
 TARGET_CHUNK_BYTES = 2 << 20
 SLACK_FRACTION = 64  # a block's alignment slack is below 1/64 of its tokens (on average 1/128)
@@ -69,6 +69,18 @@ def row_token_starts(counts: np.ndarray, block_starts: np.ndarray, block_rows: i
     first_rows = np.arange(0, len(counts), block_rows)
     block_of = np.arange(len(counts)) // block_rows
     return block_starts[block_of] + before - before[first_rows][block_of]
+
+
+def spans_problem(spans: np.ndarray, tokens: int) -> str | None:
+    """Why one block's stored spans ``(first, count)`` (rows, 2) cannot be its rows' (a negative
+    value, or counts that do not add up to the ``tokens`` its token block holds), or None: a
+    span is what a reader allocates and indexes by."""
+    if spans.size and spans.min() < 0:
+        return "holds a negative token span"
+    total = int(spans[:, 1].sum(dtype=np.int64)) if spans.size else 0
+    if total != tokens:
+        return f"holds spans of {total} tokens in all, but its token block holds {tokens}"
+    return None
 
 
 def target_mask(mask: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from ..errors import KdcacheError, option
+from ..losses.sparse import kept_mass_excess
 from ..losses.targets import HybridTargets, SampledTargets, TopKTargets
 from .codecs import _as_tensor, _nonfinite, _to_numpy, by_pieces
 from .draws import DRAWS, draw_ids, draw_uniforms
 
-__all__ = ["TopKCodec", "SampledCodec", "HybridCodec", "pack_ids", "unpack_ids", "index_bits"]
+__all__ = ["TopKCodec", "SampledCodec", "HybridCodec", "pack_ids", "unpack_ids", "index_bits", "ids_problem"]
 
 
 def index_bits(vocab: int) -> int:
@@ -70,6 +71,33 @@ def unpack_ids(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     flat = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :k * bits]
     weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(bits, device=packed.device)
     return (flat.view(*flat.shape[:-1], k, bits).long() * weights).sum(-1)
+
+
+def ids_problem(packed: np.ndarray, k: int, bits: int, vocab: int) -> str | None:
+    """Why stored bit-packed ids (..., ceil(k*bits/8)) uint8 are not class ids < ``vocab``, or
+    None. Unpacked a slice at a time (unpacking costs 64 bytes per packed byte)."""
+    if vocab >= 1 << bits or packed.size == 0:  # every id the bits can hold is a class
+        return None
+    flat = packed.reshape(-1, packed.shape[-1])
+    step = max(1, (8 << 20) // max(flat.shape[1] * 64, 1))
+    top = max(int(unpack_ids(torch.from_numpy(np.ascontiguousarray(flat[i:i + step])), k, bits).max())
+              for i in range(0, len(flat), step))
+    return f"holds class id {top}, beyond the {vocab}-class vocabulary" if top >= vocab else None
+
+
+def _mass_problem(values: np.ndarray, logsumexp: np.ndarray, padded: bool) -> str | None:
+    """Why stored (…, K) values with their logsumexp are not a distribution's kept part (their
+    probabilities sum to more than 1 beyond float16 rounding), or None. ``padded``: all-zero
+    positions are the padding a padded sequence cache stores, not targets."""
+    v, lse = torch.from_numpy(values.astype(np.float32)), torch.from_numpy(logsumexp.astype(np.float32))
+    excess, tolerance = kept_mass_excess(v, lse)
+    bad = excess > tolerance
+    if padded:
+        bad &= (v != 0).any(-1) | (lse != 0)
+    if bool(bad.any()):
+        return (f"holds kept probabilities summing to {float(excess[bad].max().exp()):.4g} > 1 at {int(bad.sum())} "
+                "positions: not a distribution")
+    return None
 
 
 def _check_vocab(k: int, vocab: int, what: str) -> None:
@@ -148,6 +176,14 @@ class TopKCodec:
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return _nonfinite(stored, "float16" if key == "values" else "float32") if key != "indices" else None
 
+    def stored_problem(self, key: str, stored: np.ndarray, other: Callable[[str], np.ndarray],
+                       padded: bool) -> str | None:
+        """Why a block of stored array ``key`` cannot be this codec's (ids beyond the vocabulary,
+        kept probabilities over 1), or None; ``other(key)`` is the same block of another array."""
+        if key == "indices":
+            return ids_problem(stored, self.k, self.bits, self.vocab)
+        return _mass_problem(stored, other("logsumexp"), padded) if key == "values" else None
+
 
 @dataclass(frozen=True)
 class SampledCodec:
@@ -172,8 +208,8 @@ class SampledCodec:
         _check_vocab(self.n, self.vocab, option("sample_k"))
         if self.n > 65535:
             raise KdcacheError(f"{option('sample_k')} must be <= 65535, got {self.n}")
-        if not self.temperature > 0:
-            raise KdcacheError(f"{option('sample_temperature')} must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise KdcacheError(f"{option('sample_temperature')} must be a finite number > 0, got {self.temperature}")
         _check_draws(self.draws)
 
     @property
@@ -232,6 +268,19 @@ class SampledCodec:
         return SampledTargets(ids=unpack_ids(_as_tensor(stored["ids"]), self.n, self.bits), counts=counts)
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
+        return None
+
+    def stored_problem(self, key: str, stored: np.ndarray, other: Callable[[str], np.ndarray],
+                       padded: bool) -> str | None:
+        """Why a block of stored array ``key`` cannot be this codec's: ids beyond the vocabulary,
+        or counts that are not the recorded N draws (0 draws only at a padded cache's padding)."""
+        if key == "ids":
+            return ids_problem(stored, self.n, self.bits, self.vocab)
+        drawn = stored.sum(-1, dtype=np.int64)
+        bad = (drawn != self.n) & ((drawn != 0) | (not padded))
+        if bad.any():
+            return (f"holds draw counts adding up to {int(drawn[bad].flat[0])} at {int(bad.sum())} positions, not the "
+                    f"{self.n} draws recorded")
         return None
 
 
@@ -323,3 +372,11 @@ class HybridCodec:
 
     def nonfinite_rows(self, key: str, stored: np.ndarray) -> np.ndarray | None:
         return _nonfinite(stored, "float16") if key == "logprobs" else None
+
+    def stored_problem(self, key: str, stored: np.ndarray, other: Callable[[str], np.ndarray],
+                       padded: bool) -> str | None:
+        """Why a block of stored array ``key`` cannot be this codec's (ids beyond the vocabulary,
+        head probabilities over 1), or None."""
+        if key == "logprobs":
+            return _mass_problem(stored, np.zeros(stored.shape[:-1], np.float32), padded)
+        return ids_problem(stored, self.k if key == "indices" else self.n, self.bits, self.vocab)

@@ -13,6 +13,7 @@ from ..errors import KdcacheError
 from ..format.sparse import TopKCodec
 from ..read.dataset import CachedTeacherDataset
 from ..store import TeacherCache
+from ..store.location import staged
 
 __all__ = ["export_axolotl"]
 
@@ -27,26 +28,27 @@ def export_axolotl(cache: str | Path | TeacherCache, dataset: Any, out: str | Pa
     (checked against it as for training)."""
     import pyarrow.parquet as pq
 
-    data = CachedTeacherDataset(dataset, cache, hidden=(), in_memory="no")
-    codec = data.outputs["logits"].codec
-    if not isinstance(codec, TopKCodec):
-        raise KdcacheError(f"export writes top-k caches; this one is stored as {codec.name}")
-    k = codec.k
-    writer = None
     out = Path(out)
-    try:
-        for start in range(0, len(data), batch_size):
-            inputs, labels, teacher = data.__getitems__(list(range(start, min(start + batch_size, len(data))))).collated
-            real = input_mask(inputs, data.mask_key)
-            if real is None:
-                raise KdcacheError("export needs token rows with an attention mask")
-            table = _axolotl_table(inputs["input_ids"], real, labels, teacher, k)
-            if writer is None:
-                writer = pq.ParquetWriter(out, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
+    with staged(out, "Parquet file") as partial:  # a failure half-way leaves nothing at out
+        data = CachedTeacherDataset(dataset, cache, hidden=(), in_memory="no")
+        codec = data.outputs["logits"].codec
+        if not isinstance(codec, TopKCodec):
+            raise KdcacheError(f"export writes top-k caches; this one is stored as {codec.name}")
+        writer = None
+        try:
+            for start in range(0, len(data), batch_size):
+                rows = list(range(start, min(start + batch_size, len(data))))
+                inputs, labels, teacher = data.__getitems__(rows).collated
+                real = input_mask(inputs, data.mask_key)
+                if real is None:
+                    raise KdcacheError("export needs token rows with an attention mask")
+                table = _axolotl_table(inputs["input_ids"], real, labels, teacher, codec.k)
+                if writer is None:
+                    writer = pq.ParquetWriter(partial, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
     return out
 
 

@@ -5,7 +5,6 @@ stored through stage one's block writer."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,10 +30,17 @@ __all__ = ["import_vllm", "import_axolotl", "vllm_inputs", "axolotl_inputs"]
 
 # ---- writing a cache ----------------------------------------------------------------------------
 def _write_cache(rows: Callable[[], Iterator[ImportedRow]], k: int, vocab: int, out: str | Path, source: dict[str, Any],
-                 source_digest: str, *, overwrite: bool, batch_size: int,
-                 log: Callable[[str], None]) -> TeacherCache:
-    """A packed top-k cache of ``rows``, with the inputs as :class:`TokenRows` digest them."""
-    first_pass = [(r.ids, r.first, len(r.token_ids)) for r in rows()]
+                 *, overwrite: bool, batch_size: int, log: Callable[[str], None]) -> TeacherCache:
+    """A packed top-k cache of ``rows``, with the inputs as :class:`TokenRows` digest them, named
+    by what it stores: the same targets from any file (an export imported again) are the same
+    cache."""
+    content = hashlib.blake2b(digest_size=16)
+    first_pass = []
+    for r in rows():
+        first_pass.append((r.ids, r.first, len(r.token_ids)))
+        for part in (r.ids, np.int64(r.first), r.token_ids, r.logprobs.astype(np.float16)):  # as stored
+            content.update(np.ascontiguousarray(part).tobytes())
+    source_digest = content.hexdigest()
     inputs = TokenRows([ids for ids, _, _ in first_pass])
     counts = np.array([t for _, _, t in first_pass], np.int64)
     codec = TopKCodec(k, vocab)
@@ -105,14 +111,6 @@ def _fill(writer: BlockWriter, cache: TeacherCache, rows: Iterable[ImportedRow],
             start, batch = end, []
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def import_vllm(path: str | Path, out: str | Path, *, vocab_size: int, topk: int | None = None,
                 overwrite: bool = False, batch_size: int = 64,
                 log: Callable[[str], None] = lambda m: None) -> TeacherCache:
@@ -131,8 +129,7 @@ def import_vllm(path: str | Path, out: str | Path, *, vocab_size: int, topk: int
         raise KdcacheError(f"{path} does not exist")
     k, rows = vllm_rows(path, topk, vocab_size)
     source = {"format": "vllm", "file": str(path), "normalized": "vocabulary", "k": k}
-    return _write_cache(rows, k, vocab_size, out, source, _file_digest(path), overwrite=overwrite,
-                        batch_size=batch_size, log=log)
+    return _write_cache(rows, k, vocab_size, out, source, overwrite=overwrite, batch_size=batch_size, log=log)
 
 
 def import_axolotl(data: Any, out: str | Path, *, vocab_size: int, overwrite: bool = False, batch_size: int = 64,
@@ -145,11 +142,8 @@ def import_axolotl(data: Any, out: str | Path, *, vocab_size: int, overwrite: bo
         name = str(data)
         data = load_hf(Path(data))
     k, rows = axolotl_rows(data, vocab_size)
-    fingerprint_of = getattr(data, "_fingerprint", None) or hashlib.blake2b(
-        json.dumps([data.num_rows, data.column_names]).encode(), digest_size=16).hexdigest()
     source = {"format": "axolotl", "file": name, "normalized": "kept", "k": k}
-    return _write_cache(rows, k, vocab_size, out, source, str(fingerprint_of)[:32], overwrite=overwrite,
-                        batch_size=batch_size, log=log)
+    return _write_cache(rows, k, vocab_size, out, source, overwrite=overwrite, batch_size=batch_size, log=log)
 
 
 def vllm_inputs(path: str) -> TokenRows:

@@ -21,6 +21,8 @@ __all__ = ["ImportedRow", "TokenRows", "vllm_rows", "axolotl_rows", "records", "
 
 MASK_KEY = "attention_mask"
 LOGPROB_FLOOR = -1e4  # exp(-1e4) is 0 in any float; float16 holds it
+ROUNDING = 1e-3  # a log-probability may exceed 0, and kept probabilities 1, by this much (float rounding)
+MAX_LINE = 1 << 28  # characters of one JSONL record: a 32k-token prompt with 20 logprobs a position is ~40 MB
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ def records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         return
     try:
         with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), ""), 1):
+                if len(line) > MAX_LINE:
+                    raise _bad(f"{path} line {number}", f"longer than {MAX_LINE} characters")
                 if line.strip():
                     try:
                         record = json.loads(line)
@@ -87,6 +91,8 @@ def records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     if not isinstance(record, dict):
                         raise _bad(f"{path} line {number}", "not a JSON object")
                     yield f"{path} line {number}", record
+    except UnicodeDecodeError as err:
+        raise _bad(str(path), f"it is not UTF-8 text (byte {err.start} of a line)") from None
     except OSError as err:
         raise KdcacheError(f"cannot read {path}: {err.strerror}") from None
 
@@ -119,7 +125,10 @@ def vllm_rows(path: Path, topk: int | None, vocab: int) -> tuple[int, Callable[[
     """K and a re-iterable source of rows (the file is read twice: to size, then to write)."""
     smallest = None
     for where, record in records(path):
-        for position in (record.get("prompt_logprobs") or [])[1:]:
+        positions = record.get("prompt_logprobs") or []
+        if not isinstance(positions, list):
+            raise _bad(where, "prompt_logprobs must be a list with one entry per prompt token")
+        for position in positions[1:]:
             if position is not None:
                 count = len(_entries(position, where))
                 smallest = count if smallest is None else min(smallest, count)
@@ -132,6 +141,8 @@ def vllm_rows(path: Path, topk: int | None, vocab: int) -> tuple[int, Callable[[
             ids, positions = record.get("prompt_token_ids"), record.get("prompt_logprobs")
             if not isinstance(ids, list) or not isinstance(positions, list) or len(positions) != len(ids) or not ids:
                 raise _bad(where, "prompt_token_ids and prompt_logprobs must be lists of the same, non-zero length")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise _bad(where, "prompt_token_ids must hold token ids (integers), not null, lists or text")
             token_ids = np.zeros((len(ids) - 1, k), np.int64)
             logprobs = np.zeros((len(ids) - 1, k), np.float32)
             for p, position in enumerate(positions[1:]):
@@ -156,7 +167,33 @@ def _checked_row(ids: np.ndarray, first: int, token_ids: np.ndarray, logprobs: n
     if first + len(token_ids) > len(ids):
         raise KdcacheError(f"{where}: {len(token_ids)} target positions from position {first} do not fit "
                            f"{len(ids)} tokens")
-    return ImportedRow(ids, first, token_ids, logprobs)
+    _check_distributions(token_ids, logprobs, first, where)
+    # a probability of 0 (-inf, or any float below float16's range) is stored as the smallest logprob kept finite
+    return ImportedRow(ids, first, token_ids, np.clip(logprobs, LOGPROB_FLOOR, 0.0))
+
+
+def _check_distributions(token_ids: np.ndarray, logprobs: np.ndarray, first: int, where: str) -> None:
+    """Each position's kept entries must be part of one distribution: log-probabilities <= 0 and
+    kept probabilities summing to <= 1 (within float rounding), no id twice."""
+    if not len(logprobs):
+        return
+    if np.isnan(logprobs).any():
+        raise KdcacheError(f"{where}: a log-probability is NaN")
+    high = np.flatnonzero(logprobs.max(1) > ROUNDING)
+    if high.size:
+        raise KdcacheError(f"{where} position {first + int(high[0]) + 1}: log-probability "
+                           f"{float(logprobs[high[0]].max()):g} is above 0, not a log-probability")
+    with np.errstate(divide="ignore", over="ignore"):
+        mass = np.exp(np.logaddexp.reduce(logprobs.astype(np.float64), axis=1))
+    over = np.flatnonzero(mass > 1 + ROUNDING)
+    if over.size:
+        raise KdcacheError(f"{where} position {first + int(over[0]) + 1}: the kept probabilities sum to "
+                           f"{float(mass[over[0]]):.4g} > 1, not one distribution's")
+    ordered = np.sort(token_ids, axis=1)
+    twice = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(1))
+    if twice.size:
+        raise KdcacheError(f"{where} position {first + int(twice[0]) + 1}: a token id appears twice among its "
+                           "log-probabilities")
 
 
 def axolotl_rows(data: Any, vocab: int) -> tuple[int, Callable[[], Iterator[ImportedRow]]]:
@@ -166,28 +203,34 @@ def axolotl_rows(data: Any, vocab: int) -> tuple[int, Callable[[], Iterator[Impo
     if missing:
         raise KdcacheError(f"the dataset has no {missing[0]!r} column (it has {data.column_names}); "
                            "import axolotl needs Axolotl's KD columns")
-    first_row = data[0]["target_logprobs"]
-    k = len(next((p for p in first_row if p), []))
+    first_row = data[0]["target_logprobs"] if data.num_rows else None
+    k = len(next((p for p in first_row if isinstance(p, list) and p), [])) if isinstance(first_row, list) else 0
     if not k:
-        raise KdcacheError("the dataset's first row has no target log-probabilities")
+        raise KdcacheError("the dataset's first row has no target log-probabilities (a list of K per position)")
 
     def rows() -> Iterator[ImportedRow]:
         for n, record in enumerate(data):
             where = f"dataset row {n}"
-            ids = np.asarray(record["input_ids"], dtype=np.int64)
-            lp = np.asarray(record["target_logprobs"], dtype=np.float32)
-            tid = np.asarray(record["target_token_ids"], dtype=np.int64)
+            try:
+                ids = np.asarray(record["input_ids"], dtype=np.int64)
+                lp = np.asarray(record["target_logprobs"], dtype=np.float64)
+                tid = np.asarray(record["target_token_ids"], dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):  # ragged, null or text where numbers belong
+                raise KdcacheError(f"{where}: input_ids, target_token_ids and target_logprobs must be rectangular "
+                                   f"lists of numbers (one list of {k} per token)") from None
             if lp.shape != tid.shape or lp.ndim != 2 or len(lp) != len(ids) or lp.shape[1] != k:
                 raise KdcacheError(f"{where}: target_logprobs {lp.shape} and target_token_ids {tid.shape} must both "
                                    f"be ({len(ids)}, {k})")
-            has = np.isfinite(lp).all(1)  # placeholders are -inf
+            if np.isnan(lp).any():
+                raise KdcacheError(f"{where}: a target log-probability is NaN")
+            has = ~np.isneginf(lp).all(1)  # placeholders are -inf
             if "target_mask" in record:
                 has &= np.asarray(record["target_mask"]).reshape(len(ids), -1).any(1)
             positions = np.flatnonzero(has)
             if len(positions) and (positions[0] == 0 or len(positions) != positions[-1] - positions[0] + 1):
                 raise KdcacheError(f"{where}: the positions with targets must be one run after position 0")
             first = int(positions[0]) - 1 if len(positions) else 0
-            yield _checked_row(ids, first, tid[positions], lp[positions], vocab, where)
+            yield _checked_row(ids, first, tid[positions], lp[positions].astype(np.float32), vocab, where)
     return k, rows
 
 
@@ -196,9 +239,19 @@ def load_hf(path: Path) -> Any:
         import datasets
     except ImportError:
         raise KdcacheError("reading a Hugging Face dataset needs the datasets package: pip install 'kdcache[hf]'") from None
-    if path.suffix == ".parquet":
-        return datasets.load_dataset("parquet", data_files=str(path), split="train")
-    if not path.is_dir():
+    if path.suffix != ".parquet" and not path.is_dir():
         raise KdcacheError(f"{path} is neither a Parquet file nor a directory saved with save_to_disk")
-    loaded = datasets.load_from_disk(str(path))
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars are not kdcache's to print
+    try:
+        if path.suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets and pyarrow report a foreign or damaged file in many types
+        what = "Parquet file" if path.suffix == ".parquet" else "dataset saved with save_to_disk"
+        raise KdcacheError(f"{path} is not a readable {what} ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}"[:300] + ")") from None
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded

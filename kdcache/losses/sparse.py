@@ -13,7 +13,33 @@ from torch import nn
 from .divergences import Divergence
 from .reduction import check_temperature, reduce
 
-__all__ = ["TopKKLDivLoss", "SampledKLDivLoss", "HybridKLDivLoss"]
+__all__ = ["TopKKLDivLoss", "SampledKLDivLoss", "HybridKLDivLoss", "TargetsError", "kept_mass_excess"]
+
+
+class TargetsError(ValueError):
+    """Teacher targets that are not a distribution: kept probabilities summing to more than 1,
+    or no draws at a position that counts (a damaged or forged cache, or a bad import)."""
+
+
+def kept_mass_excess(values: torch.Tensor, logsumexp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(excess, tolerance)`` per position (float32, shaped like ``logsumexp``): ``log sum
+    exp(values - logsumexp)`` over the last axis, which is <= 0 for a distribution, and what
+    float16 rounding of ``values`` can add to it (each value is off by at most ``|v| 2^-11``;
+    the sum by their softmax-weighted mean; doubled, plus 1e-4)."""
+    v = values.float()
+    lp = v - logsumexp.float().unsqueeze(-1)
+    return lp.logsumexp(-1), (torch.softmax(lp, -1) * v.abs()).sum(-1) * 2 ** -10 + 1e-4
+
+
+def _refuse_excess(values: torch.Tensor, logsumexp: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
+    excess, tolerance = kept_mass_excess(values, logsumexp)
+    bad = excess > tolerance
+    if mask is not None:
+        bad &= mask.bool()
+    if bool(bad.any()):
+        mass = float(excess[bad].max().exp())
+        raise TargetsError(f"the teacher's {what} probabilities sum to {mass:.4g} > 1 at {int(bad.sum())} positions: "
+                           "not a distribution (a damaged or forged cache, or a bad import)")
 
 
 class TopKKLDivLoss(nn.Module):
@@ -35,7 +61,9 @@ class TopKKLDivLoss(nn.Module):
     buckets), and like it a lower bound of the divergence over the whole vocabulary.
 
     Shapes: ``student_logits`` ``(B, *P, V)``; ``values``/``indices`` ``(B, *P, K)``;
-    ``logsumexp`` ``(B, *P)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`.
+    ``logsumexp`` ``(B, *P)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`. Kept
+    probabilities summing to more than 1 beyond float16 rounding (a negative tail) at a position
+    that counts raise :class:`TargetsError` rather than being clamped.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean",
@@ -55,6 +83,7 @@ class TopKKLDivLoss(nn.Module):
         tail_classes = vocab - k
         with torch.no_grad():
             z, lse = values.float(), logsumexp.float()
+            _refuse_excess(z, lse, mask, "top-k")  # a tail below 0 beyond rounding is refused, not clamped
             kept_mass = (z - lse.unsqueeze(-1)).exp().sum(-1)
             tail_mass = (1 - kept_mass).clamp_min(0)
             logits = z / t
@@ -84,7 +113,8 @@ class SampledKLDivLoss(nn.Module):
     The value is ``T^2 * KL(counts/N || softmax(s/T))`` over the sampled ids.
 
     Shapes: ``student_logits`` ``(B, *P, V)``; ``ids``/``counts`` ``(B, *P, N)`` (count 0 marks an
-    unused slot); ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`.
+    unused slot); ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`. A position that counts
+    with no draws at all (every count 0) raises :class:`TargetsError`.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
@@ -99,6 +129,12 @@ class SampledKLDivLoss(nn.Module):
         t = self.temperature
         with torch.no_grad():
             c = counts.float()
+            empty = c.sum(-1) == 0  # no draws: only a position that does not count (masked padding) may have none
+            if mask is not None:
+                empty &= mask.bool()
+            if bool(empty.any()):
+                raise TargetsError(f"{int(empty.sum())} positions that count have no draws (all counts 0): not a "
+                                   "distribution (a damaged or forged cache); masked positions may have none")
             q = c / c.sum(-1, keepdim=True).clamp_min(1)
         log_ps = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, ids.long())
         per_item = (torch.xlogy(q, q) - q * log_ps).sum(-1)
@@ -119,7 +155,8 @@ class HybridKLDivLoss(nn.Module):
     (``train_student`` does): its log-probabilities are of ``softmax(logits / T)``.
 
     Shapes: ``student_logits`` ``(B, *P, V)``; ``logprobs``/``indices`` ``(B, *P, K)``; ``tail``
-    ``(B, *P, N)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`.
+    ``(B, *P, N)``; ``mask`` ``(B, *P)``. Reduction as in :class:`KLDivLoss`. Head probabilities
+    summing to more than 1 beyond float16 rounding raise :class:`TargetsError`.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
@@ -134,6 +171,7 @@ class HybridKLDivLoss(nn.Module):
                              f"{tuple(logprobs.shape)}, indices {tuple(indices.shape)}, tail {tuple(tail.shape)}")
         t, n = self.temperature, tail.shape[-1]
         with torch.no_grad():
+            _refuse_excess(logprobs, torch.zeros_like(logprobs[..., 0], dtype=torch.float32), mask, "head")
             head = logprobs.float().exp()
             share = ((1 - head.sum(-1, keepdim=True)).clamp_min(0) / n).expand(*prefix, n)
             q = torch.cat([head, share], dim=-1)

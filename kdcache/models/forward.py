@@ -23,6 +23,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KdcacheError(f"{option('device', str(device))} was asked for but no CUDA device is visible; use "
                            f"{option('device', 'cpu')}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise KdcacheError(f"{option('device', str(device))} was asked for but this machine has "
+                           f"{torch.cuda.device_count()} CUDA devices; use {option('device', 'cuda:0')} or another")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise KdcacheError(f"{option('device', str(device))} was asked for but this machine has no MPS device (or "
+                           f"torch was built without it); use {option('device', 'cpu')}")
     return dev
 
 

@@ -6,7 +6,6 @@ the digests the cache's description records, and held as one
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..format.codecs import DenseCodec
 from ..losses.targets import HeadWeights

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import base64
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..store import TeacherCache
+from ..store.location import staged
 from .canvas import new_figure, plain, save
 from .stats import CacheStats, cache_stats
 
@@ -55,13 +56,20 @@ def write_report(cache: TeacherCache | str | Path, out: str | Path, dataset: Any
     opened = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
     stats = cache_stats(opened, dataset, **budget)
     out = Path(out)
-    figures = [_confidence(stats, out)]
+    if out.is_dir() and not out.is_symlink():  # a report written before: its files are replaced
+        return _write(opened, stats, out, out)
+    with staged(out, "report", directory=True) as work:  # a failure half-way leaves nothing at out
+        return _write(opened, stats, work, out)
+
+
+def _write(cache: TeacherCache, stats: CacheStats, work: Path, out: Path) -> CacheReport:
+    """The figures and page written into ``work``, named as they will be once it is ``out``."""
+    figures = [_confidence(stats, work)]
     if stats.labels is not None and stats.labelled().any():
-        figures.append(_calibration(stats, out))
-    figures += [_mass(stats, out), _bytes(stats, out)]
-    page = out / "report.html"
-    page.write_text(_page(opened, stats, figures))
-    return CacheReport(stats, figures, page)
+        figures.append(_calibration(stats, work))
+    figures += [_mass(stats, work), _bytes(stats, work)]
+    (work / "report.html").write_text(_page(cache, stats, figures))
+    return CacheReport(stats, [replace(f, path=out / f.path.name) for f in figures], out / "report.html")
 
 
 def _confidence(stats: CacheStats, out: Path) -> ReportFigure:

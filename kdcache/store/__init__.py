@@ -3,11 +3,13 @@
 - :mod:`.layout`    block and chunk planning, chunk keys
 - :mod:`.identity`  what names a cache: teacher weights, dataset and output choices
 - :mod:`.location`  local paths and fsspec URLs: open, list, remove
+- :mod:`.paths`     paths inside a local cache: no link or special file on the way, bounded metadata
 - :mod:`.lock`      one writer per cache (``flock``)
 - :mod:`.chunkfile` whole chunk files written directly (O_DIRECT where allowed)
 - :mod:`.faults`    the crash-test hook
 - :mod:`.cache`     :class:`TeacherCache`: create, fill, open, read
 - :mod:`.verify`    missing and corrupt chunks
+- :mod:`.values`    what a block's values may be, checked as it loads
 
 The description a cache records about itself is :class:`kdcache.format.CacheMeta`.
 """

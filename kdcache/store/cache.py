@@ -22,19 +22,19 @@ from zarr.core.sync import sync
 
 from ..errors import KdcacheError
 from ..format.attrs import read_meta, write_meta
-from ..format.meta import BLOCKS, ROW_DIGEST, TOKEN_BLOCKS, ArrayInfo, CacheMeta, DumpStats, OutputSpec, TeacherAccuracy
+from ..format.meta import (ATTR, BLOCKS, ROW_DIGEST, TOKEN_BLOCKS, ArrayInfo, CacheMeta, DumpStats, OutputSpec,
+                           TeacherAccuracy)
 from . import verify as _verify
-from .arrays import create_array, layout_problem, restore_metadata
-from .chunkfile import ChunkError, ChunkFileWriter, read_rows
+from .arrays import (create_array, described_group, layout_problem, planned_layout, restore_layout,
+                     write_group_document)
+from .chunkfile import ChunkError, ChunkFileWriter, read_all, read_rows
 from .faults import fault_point
 from .identity import block_digest
 from .location import exists, is_remote, open_store, refuse_file, size_on_disk
+from .paths import damaged, metadata_problem, remove_partial, unreadable_description
+from .values import value_problem
 
 __all__ = ["TeacherCache"]
-
-def _damaged(path: str, what: str) -> KdcacheError:
-    return KdcacheError(f"cache {path} is damaged: {what}; run kdcache verify {path}, then repair it with the "
-                        "dump-teacher command that wrote it plus --repair")
 
 
 class TeacherCache:
@@ -54,12 +54,7 @@ class TeacherCache:
     def __repr__(self) -> str:
         """``TeacherCache('path', 1200 rows: logits (10,) float16, hidden/features (16,) float16;
         complete, fingerprint 3f...)``"""
-        def form(o: OutputSpec) -> str:
-            p = o.codec.params()
-            words = {"topk": f"top-{p.get('k')}", "sampled": f"{p.get('n')} samples", "head": f"head {p.get('dtype')}",
-                     "hybrid": f"top-{p.get('k')} + {p.get('n')} tail samples"}
-            return words.get(o.codec.name, p.get("dtype", ""))
-        outputs = ", ".join(f"{'logits' if name == 'logits' else 'hidden/' + name} {o.shape} {form(o)}"
+        outputs = ", ".join(f"{'logits' if name == 'logits' else 'hidden/' + name} {o.shape} {o.form}"
                             for name, o in self.outputs.items())
         views = f" ({self.views} views)" if self.seed is not None else ""
         state = "complete" if self.complete else "incomplete"
@@ -87,15 +82,7 @@ class TeacherCache:
 
     def _layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype, int, int | None]]:
         """Array path -> (shape, dtype, chunk rows, shard rows) as this cache's description says."""
-        shard = self.block_rows if is_remote(self.path) else None
-        layout = {a.path: ((self.length(a), *a.shape), a.dtype, a.chunk_rows, None if a.per_token else shard)
-                  for a in self.meta.data_arrays()}
-        layout[ROW_DIGEST] = ((self.rows,), np.dtype("uint64"), self.block_rows, None)
-        layout[BLOCKS] = ((self.n_blocks, self.meta.record_fields), np.dtype("int64"), 1, None)  # a file per block
-        if self.meta.packed is not None:  # written once, at creation: where each block's tokens go
-            layout[TOKEN_BLOCKS] = ((self.n_blocks, 2), np.dtype("int64"), self.n_blocks, None)
-        layout.update({c.path: (c.shape, c.dtype, c.chunk_rows, None) for c in self._constants.values()})
-        return layout
+        return planned_layout(self.meta, is_remote(self.path))
 
     def length(self, a: ArrayInfo) -> int:
         """Rows of array ``a``: the cache's, a packed per-token array's tokens or a constant's first axis."""
@@ -112,10 +99,10 @@ class TeacherCache:
                 fault_point("created-array")
         self.check_layout()
 
+    _create_array = staticmethod(create_array)
+
     def _has_metadata(self, path: str) -> bool:
         return bool(sync(self.group.store.exists(f"{path}/zarr.json")))
-
-    _create_array = staticmethod(create_array)
 
     def check_layout(self) -> None:
         """Every array's zarr metadata (shape, dtype, endianness, codecs, chunking) must be what
@@ -124,18 +111,12 @@ class TeacherCache:
         for path, spec in self._layout().items():
             problem = layout_problem(self.group, path, spec)
             if problem:
-                raise _damaged(self.path, problem)
+                raise damaged(self.path, problem)
 
     def restore_layout(self) -> list[str]:
         """Rewrite the metadata of every array whose ``zarr.json`` is missing, unreadable or not
         what the description says (its chunks are kept); the paths restored (``--repair``)."""
-        restored = []
-        for path, spec in self._layout().items():
-            if layout_problem(self.group, path, spec):
-                restore_metadata(self.group, path, spec)
-                restored.append(path)
-        if restored:
-            self.group = zarr.open_group(store=self.group.store, mode="r+", zarr_format=3)  # forget cached arrays
+        self.group, restored = restore_layout(self.group, self._layout())
         return restored
 
     @classmethod
@@ -144,18 +125,32 @@ class TeacherCache:
         refuse_file(path)
         if not exists(path):
             raise KdcacheError(f"no cache at {path}; run kdcache dump-teacher first (or check the path)")
+        unsafe = None if is_remote(path) else metadata_problem(path, "zarr.json")  # before zarr reads it
+        if unsafe:
+            raise unreadable_description(path, unsafe)
         try:
             group = zarr.open_group(store=open_store(path, mode == "r"), mode=mode, zarr_format=3)
             attrs = group.attrs.asdict()
         except KdcacheError:
             raise
         except Exception as err:  # untrusted JSON parsed by zarr: any failure is damage
-            raise KdcacheError(f"{path} is not a readable zarr v3 cache ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0] if str(err) else ''}"[:200] + "); dump it again") from None
+            raise unreadable_description(path, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                                         [:160]) from None
         cache = cls(path, group, CacheMeta.from_attrs(attrs.get("kdcache"), str(path)))
         if mode == "r":
             cache.check_layout()
         return cache
+
+    @classmethod
+    def described(cls, path: str | Path, meta: CacheMeta) -> "TeacherCache":
+        """The cache at ``path`` as ``meta`` describes it, its own description neither read nor
+        written (``--repair`` checks a rebuilt description against the arrays, then writes it
+        with :meth:`write_description`)."""
+        return cls(path, described_group(open_store(path, False), {ATTR: meta.to_attrs()}), meta)
+
+    def write_description(self) -> None:
+        """Write this cache's group document with its description, replacing what is there."""
+        self.group = write_group_document(self.group, {ATTR: self.meta.to_attrs()})
 
     exists = staticmethod(exists)
 
@@ -209,17 +204,17 @@ class TeacherCache:
         if self._tokens is None:
             assert self.meta.packed is not None
             try:
-                placed = np.asarray(self.group[TOKEN_BLOCKS][:], dtype=np.int64)
+                placed = self._whole(TOKEN_BLOCKS, np.dtype("int64"), 2, self.n_blocks)
             except Exception as err:  # a torn object can fail in any codec
-                raise _damaged(self.path, f"{TOKEN_BLOCKS} cannot be read ({type(err).__name__})") from None
+                raise damaged(self.path, f"{TOKEN_BLOCKS} cannot be read ({type(err).__name__})") from None
             if google_crc32c.value(np.ascontiguousarray(placed).tobytes()) != self.meta.packed.blocks_crc:
-                raise _damaged(self.path, f"{TOKEN_BLOCKS} does not match the description's crc")
+                raise damaged(self.path, f"{TOKEN_BLOCKS} does not match the description's crc")
             self._tokens = placed
         return self._tokens
 
     def write_token_blocks(self, placed: np.ndarray) -> None:
         """Write where each block's tokens go (creation of a packed cache)."""
-        self.group[TOKEN_BLOCKS][:] = placed
+        self._write_rows(TOKEN_BLOCKS, 0, np.asarray(placed, np.int64))
         self._tokens = None
 
     def array_range(self, a: ArrayInfo, block: int) -> tuple[int, int]:
@@ -240,8 +235,14 @@ class TeacherCache:
     def blocks_record(self) -> np.ndarray:
         """(blocks, fields) int64: done flag, rows, labelled rows/tokens, those the teacher got
         right, real tokens, then (format 3) each bound array's block digest. A block whose
-        record is missing reads as not done."""
-        return self.group[BLOCKS][:]
+        record is missing or unreadable reads as not done."""
+        return self._whole(BLOCKS, np.dtype("int64"), self.meta.record_fields, 1)
+
+    def _whole(self, path: str, dtype: np.dtype, width: int, chunk_rows: int) -> np.ndarray:
+        """All rows of a small (rows, width) array (a missing or bad local chunk reads as zeros)."""
+        if not isinstance(self.group.store, zarr.storage.LocalStore):
+            return self.group[path][:]
+        return read_all(Path(self.path), path, (self._layout()[path][0][0], width), dtype, chunk_rows)
 
     def write_block(self, block: int, arrays: dict[str, np.ndarray], digests: np.ndarray,
                     stats: tuple[int, ...]) -> None:
@@ -294,12 +295,8 @@ class TeacherCache:
     def remove_partial_files(self) -> int:
         """Delete the temp files a killed writer left (``*.partial``, renamed into place when
         whole). Call only while holding the dump lock."""
-        if is_remote(self.path):  # object stores write whole objects: nothing is left half-written
-            return 0
-        leftovers = [f for p in self.array_paths() for f in (Path(self.path) / p).rglob("*.partial")]
-        for f in leftovers:
-            f.unlink(missing_ok=True)
-        return len(leftovers)
+        # object stores write whole objects: nothing is left half-written
+        return 0 if is_remote(self.path) else remove_partial(self.path, self.array_paths())
 
     # ---- read side --------------------------------------------------------------------------
     def load_block(self, path: str, block: int, record: np.ndarray | None = None) -> np.ndarray:
@@ -312,20 +309,23 @@ class TeacherCache:
             try:
                 data = read_rows(Path(self.path), path, (a.chunk_rows, *a.shape), a.dtype, self.length(a), start, stop)
             except ChunkError as err:
-                raise _damaged(self.path, str(err)) from None
+                raise damaged(self.path, str(err)) from None
         else:
             try:
                 data = self.group[path][start:stop]
             except Exception as err:  # a torn object can fail in any codec
-                raise _damaged(self.path, f"{path} rows {start}..{stop - 1} cannot be read "
+                raise damaged(self.path, f"{path} rows {start}..{stop - 1} cannot be read "
                                           f"({type(err).__name__})") from None
         if self.meta.bound and path in self.meta.bound:
             if record is None:
                 record = self._record()[block]
             column = 5 + self.meta.bound.index(path)
             if not record[0] or int(record[column]) != block_digest(self.fingerprint, path, block, data):
-                raise _damaged(self.path, f"{path} rows {start}..{stop - 1} are not the rows this cache wrote there "
+                raise damaged(self.path, f"{path} rows {start}..{stop - 1} are not the rows this cache wrote there "
                                           "(damaged, missing, or copied from another cache or position)")
+        problem = value_problem(self, path, block, data)  # digests anyone can recompute; values need no secret
+        if problem:
+            raise damaged(self.path, f"{path} block {block} (rows {start}..{stop - 1}) {problem}")
         return data
 
     def _record(self) -> np.ndarray:
@@ -389,7 +389,7 @@ class TeacherCache:
         """Raise one clear line if any chunk file is missing or of the wrong size."""
         problems = self.missing_chunks()
         if problems:
-            raise _damaged(self.path, f"{problems[0]} ({len(problems)} bad chunks)")
+            raise damaged(self.path, f"{problems[0]} ({len(problems)} bad chunks)")
 
     def verify(self) -> list[_verify.ChunkProblem]:
         """Read every block of every array; return the missing, corrupt and misplaced ones."""

@@ -22,8 +22,9 @@ import google_crc32c
 import numpy as np
 
 from .layout import chunk_key
+from .paths import inside, open_regular, path_problem
 
-__all__ = ["ChunkFileWriter", "io_pool", "aligned_empty", "read_chunk", "read_rows", "ChunkError", "crc32c"]
+__all__ = ["ChunkFileWriter", "io_pool", "aligned_empty", "read_chunk", "read_rows", "read_all", "ChunkError", "crc32c"]
 
 _IO_POOL: tuple[int, ThreadPoolExecutor] | None = None
 _DIRECT_ALIGN = 4096
@@ -55,14 +56,25 @@ class ChunkError(ValueError):
     """A chunk file that is not what its array says: wrong size or checksum."""
 
 
-def read_chunk(file: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """The rows of one chunk file (C-order bytes of ``shape`` in ``dtype``, then their crc32c).
+def read_chunk(root: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The rows of chunk file ``key`` of the local cache at ``root`` (C-order bytes of ``shape``
+    in ``dtype``, then their crc32c).
 
     Raises FileNotFoundError for a missing file and :class:`ChunkError` for one of the wrong
-    size or checksum."""
+    size or checksum, or one that is (or is reached through) a link or not a regular file."""
+    problem = path_problem(root, key)
+    if problem:
+        raise ChunkError(problem)
+    file = Path(root, key)
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    try:
+        fd = open_regular(file)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # a link (ELOOP) or a FIFO or device (EINVAL) planted where the chunk belongs
+        raise ChunkError(f"chunk file {file.name} is not a regular file ({err.strerror})") from None
     out = np.empty(nbytes + 4, np.uint8)
-    with open(file, "rb", buffering=0) as f:
+    with open(fd, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if size != nbytes + 4:
             raise ChunkError(f"chunk file {file.name} has {size} bytes, expected {nbytes + 4}")
@@ -89,7 +101,7 @@ def read_rows(root: Path, path: str, chunk_shape: tuple[int, ...], dtype: np.dty
     for c in range(first, last):
         lo, hi = c * chunk_rows, min((c + 1) * chunk_rows, length)
         try:
-            chunks.append(read_chunk(root / chunk_key(path, len(chunk_shape), c), chunk_shape, dtype))
+            chunks.append(read_chunk(root, chunk_key(path, len(chunk_shape), c), chunk_shape, dtype))
         except FileNotFoundError:
             raise ChunkError(f"{path} rows {lo}..{hi - 1}: the chunk file is missing") from None
         except ChunkError as err:
@@ -98,6 +110,19 @@ def read_rows(root: Path, path: str, chunk_shape: tuple[int, ...], dtype: np.dty
         return chunks[0]
     whole = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
     return whole[start - first * chunk_rows:stop - first * chunk_rows]
+
+
+def read_all(root: Path, path: str, shape: tuple[int, int], dtype: np.dtype, chunk_rows: int) -> np.ndarray:
+    """Every row of a small 2-D array ``path`` of ``shape`` (a completion record) from its chunk
+    files, a missing or bad chunk read as zeros (a block not done)."""
+    out = np.zeros(shape, dtype)
+    for c in range(-(-shape[0] // chunk_rows)):
+        try:
+            rows = read_chunk(root, chunk_key(path, 2, c), (chunk_rows, shape[1]), dtype)
+        except (FileNotFoundError, ChunkError):
+            continue
+        out[c * chunk_rows:(c + 1) * chunk_rows] = rows[:shape[0] - c * chunk_rows]
+    return out
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -145,7 +170,8 @@ class ChunkFileWriter:
             rows = data[lo:lo + chunk_rows]
             if len(rows) < chunk_rows:
                 rows = np.concatenate([rows, np.zeros((chunk_rows - len(rows), *rows.shape[1:]), rows.dtype)])
-            jobs.append((root / chunk_key(path, ndim, (start + lo) // chunk_rows), rows))
+            # never through a link planted in the cache (it would write outside it)
+            jobs.append((inside(root, chunk_key(path, ndim, (start + lo) // chunk_rows), make_dirs=True), rows))
         for future in [io_pool().submit(self.write, file, rows) for file, rows in jobs]:
             future.result()
 

@@ -3,7 +3,7 @@ whole chunks of every array, so no two writers ever touch one chunk."""
 
 from __future__ import annotations
 
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 
 __all__ = ["plan_blocks", "chunk_key", "TARGET_CHUNK_BYTES", "MAX_BLOCK_BYTES"]
 
@@ -27,13 +27,18 @@ def plan_blocks(row_bytes: dict[str, int], rows: int, block_rows: int | None = N
     cap = min(MAX_CHUNK_ROWS, 1 << max(0, rows - 1).bit_length())
     ideal = {p: max(1, min(cap, 1 << max(0, (TARGET_CHUNK_BYTES // max(b, 1)).bit_length() - 1)))
              for p, b in row_bytes.items()}
+    total = sum(row_bytes.values()) + 8
     if block_rows is None:
         block_rows = min(max(ideal.values()), MAX_BLOCK_ROWS)
-        total = sum(row_bytes.values()) + 8
         while block_rows > 1 and block_rows * total > MAX_BLOCK_BYTES:
             block_rows //= 2
     elif block_rows < 1:
         raise KdcacheError(f"block rows must be >= 1, got {block_rows}")
+    elif block_rows * total > 64 * MAX_BLOCK_BYTES:  # a block is held in host memory until written
+        raise KdcacheError(f"{option('block_rows', block_rows)} would hold {block_rows * total / 1e9:.1f} GB of "
+                           f"outputs in memory per block; choose at most {64 * MAX_BLOCK_BYTES // total} rows")
+    else:  # a block beyond the rows would only pad its chunks (the row digests' is a whole block)
+        block_rows = min(block_rows, 1 << max(0, rows - 1).bit_length())
     chunks = {}
     for p, chunk in ideal.items():
         chunk = min(chunk, block_rows)

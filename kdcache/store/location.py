@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import zarr
 from zarr.core.sync import sync
 
 from ..errors import KdcacheError
+from .paths import MAX_METADATA_BYTES, read_metadata, walk_files
 
 __all__ = ["is_remote", "open_store", "remote_fs", "exists", "refuse_file", "size_on_disk", "list_dir", "remove_cache",
-           "why_not_removable", "is_disk_full", "CACHE_ENTRIES"]
+           "why_not_removable", "is_disk_full", "CACHE_ENTRIES", "recognisable", "staged"]
 
 
 def is_remote(path: str | Path) -> bool:
@@ -50,7 +53,7 @@ def exists(path: str | Path) -> bool:
             return bool(sync(open_store(path, True).exists("zarr.json")))
         except OSError as err:
             raise KdcacheError(f"cannot reach {path}: {err}; check the URL, credentials and endpoint") from None
-    return (Path(path) / "zarr.json").exists()
+    return os.path.lexists(Path(path) / "zarr.json")  # a link or FIFO there is a damaged cache, not none
 
 
 def size_on_disk(path: str | Path, key: str) -> int:
@@ -58,7 +61,7 @@ def size_on_disk(path: str | Path, key: str) -> int:
     if is_remote(path):
         fs, root = remote_fs(path)
         return int(fs.du(f"{root}/{key}"))
-    return sum(f.stat().st_size for f in (Path(path) / key).rglob("*") if f.is_file())
+    return sum(size for _, size in walk_files(path, key)[0])  # links are not followed
 
 
 def refuse_file(path: str | Path, advice: str = "give the cache's directory") -> None:
@@ -90,19 +93,35 @@ CACHE_ENTRIES = frozenset({"zarr.json", "logits", "topk", "sampled", "hybrid", "
                            "_blocks"})
 
 
-def _description(path: str | Path) -> Any:
-    """The group attribute ``kdcache`` of the store at ``path`` (raw JSON), or None."""
+def _document(path: str | Path, key: str = "zarr.json") -> Any:
+    """The JSON document ``key`` of the store at ``path`` (bounded, never through a link), or None."""
     try:
         if is_remote(path):
             fs, root = remote_fs(path)
-            text = fs.cat(f"{root}/zarr.json")
+            if fs.size(f"{root}/{key}") > MAX_METADATA_BYTES:
+                return None
+            text = fs.cat(f"{root}/{key}")
         else:
-            text = (Path(path) / "zarr.json").read_bytes()
-        doc = json.loads(text)
+            text = read_metadata(path, key)
+        return json.loads(text)
     except (OSError, ValueError):
         return None
+
+
+def _description(path: str | Path) -> Any:
+    """The group attribute ``kdcache`` of the store at ``path`` (raw JSON), or None."""
+    doc = _document(path)
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     return attrs.get("kdcache") if isinstance(attrs, dict) else None
+
+
+def recognisable(path: str | Path) -> bool:
+    """Whether ``path`` holds a kdcache cache's completion record and row digests (the arrays
+    every cache has), whatever its root description says: a cache whose description is damaged."""
+    expected = {"_blocks": "int64", "_row_digest": "uint64"}
+    docs = {key: _document(path, f"{key}/zarr.json") for key in expected}
+    return all(isinstance(d, dict) and d.get("node_type") == "array" and d.get("data_type") == dtype
+               for d, dtype in zip(docs.values(), expected.values()))
 
 
 def _entries(path: str | Path) -> list[str]:
@@ -127,8 +146,8 @@ def why_not_removable(path: str | Path) -> str | None:
     entries = _entries(path)
     if not entries:
         return None
-    if not isinstance(_description(path), dict):
-        return "it is not a kdcache cache (no kdcache description in its zarr.json)"
+    if not isinstance(_description(path), dict) and not recognisable(path):
+        return "it is not a kdcache cache (no kdcache description in its zarr.json, no kdcache arrays)"
     foreign = sorted(e for e in entries if e not in CACHE_ENTRIES)
     if foreign:
         return f"it holds {foreign[0]!r}, which kdcache did not write"
@@ -155,3 +174,24 @@ def remove_cache(path: str | Path) -> None:
 
 def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def staged(out: Path, what: str, *, directory: bool = False) -> Iterator[Path]:
+    """A temporary name beside ``out`` (a file, or with ``directory`` a new directory) to write
+    ``what`` to: renamed to ``out`` when the block completes, removed when it fails, so a
+    failure half-way leaves nothing at ``out``. ``out`` must not exist yet (one line otherwise)."""
+    if os.path.lexists(out):
+        raise KdcacheError(f"{out} exists; choose another --out for the {what}")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        tmp.mkdir() if directory else tmp.touch(exist_ok=False)
+    except OSError as err:
+        raise KdcacheError(f"cannot write the {what} at {out}: {err.strerror}; check that its directory exists and "
+                           "is writable") from None
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+        raise

@@ -1,7 +1,12 @@
-"""One writer per cache: an exclusive ``flock`` on ``<cache>.lock`` holding the writer's pid and host."""
+"""One writer per cache: an exclusive ``flock`` on ``<cache>.lock`` holding the writer's pid and host.
+
+The lock file sits beside a cache that may come from elsewhere: it is opened without following
+a link and must be a regular file of its own (one link), so a planted ``<cache>.lock`` that
+points at a user's file is refused, never written or truncated."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -12,6 +17,7 @@ from typing import Any, Callable
 
 from ..errors import KdcacheError
 from .location import is_remote
+from .paths import open_regular
 
 __all__ = ["DumpLock", "dump_in_progress"]
 
@@ -34,7 +40,11 @@ class DumpLock:
 
     def holder(self) -> str:
         try:
-            info = json.loads(self.file.read_text() or "{}")
+            fd = open_regular(self.file)
+            try:
+                info = json.loads(os.read(fd, 4096) or "{}")
+            finally:
+                os.close(fd)
         except (OSError, ValueError):
             info = {}
         if not isinstance(info, dict):
@@ -46,9 +56,16 @@ class DumpLock:
             return
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(self.file, os.O_RDWR | os.O_CREAT)
         except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EINVAL):
+                raise KdcacheError(f"lock file {self.file} is a symbolic link or not a regular file: kdcache writes "
+                                   "only a plain file there; remove it (what it points to is not kdcache's), then "
+                                   "rerun") from None
             raise KdcacheError(f"cannot create lock file {self.file}: {err.strerror}; check the path is writable") from None
+        if os.fstat(fd).st_nlink != 1:  # a hard link to someone's file: never truncate it
+            os.close(fd)
+            raise KdcacheError(f"lock file {self.file} has other names (a hard link): remove it, then rerun")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,10 +101,10 @@ def dump_in_progress(path: str | Path) -> str | None:
     has no lock)."""
     if is_remote(path):
         return None
-    file = _lock_path(path)
-    if not file.exists():
+    try:
+        fd = open_regular(_lock_path(path))
+    except OSError:  # none, or not a lock kdcache wrote: no dump holds it
         return None
-    fd = os.open(file, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -21,6 +21,7 @@ from ..format.meta import BLOCKS, ArrayInfo
 from .chunkfile import ChunkError, read_chunk
 from .constants import constant_error
 from .layout import chunk_key
+from .paths import walk_files
 
 if TYPE_CHECKING:
     from .cache import TeacherCache
@@ -65,19 +66,21 @@ def _objects(cache: "TeacherCache", path: str) -> tuple[int, int, int, Callable[
     return per, -(-cache.rows // per), cache.rows, lambda i: i * per // cache.block_rows
 
 
-def _present(cache: "TeacherCache", path: str, ndim: int) -> dict[int, int | None]:
-    """Stored object index -> size in bytes (None where the store does not say), for the objects
-    that exist and are named as kdcache names them."""
+def _present(cache: "TeacherCache", path: str, ndim: int) -> tuple[dict[int, int | str | None], str | None]:
+    """Stored object index -> size in bytes (None where the store does not say, or why it is not
+    a chunk file: a link or special file), for the objects that exist and are named as kdcache
+    names them; and why none of the array's objects can be read (a link on the way), if so."""
     tail = ("0",) * (ndim - 1)
-    found: dict[int, int | None] = {}
+    found: dict[int, int | str | None] = {}
     if isinstance(cache.group.store, zarr.storage.LocalStore):
-        root = Path(cache.path) / path / "c"
-        if root.is_dir():
-            for file in root.rglob("*"):
-                parts = file.relative_to(root).parts
-                if len(parts) == ndim and parts[0].isdigit() and parts[1:] == tail and file.is_file():
-                    found[int(parts[0])] = file.stat().st_size
-        return found
+        files, strays = walk_files(cache.path, f"{path}/c")  # never through a link
+        if strays and strays[0][0] == f"{path}/c":
+            return {}, f"{strays[0][1]}: its chunks are reached through it"
+        for rel, what in [*files, *strays]:
+            parts = tuple(rel[len(path) + 3:].split("/"))
+            if parts[0].isdigit() and (parts[1:] == tail or (len(parts) < ndim and isinstance(what, str))):
+                found[int(parts[0])] = what if isinstance(what, int) else f"{rel} is {what}"
+        return found, None
 
     async def listing() -> list[str]:
         return [k async for k in cache.group.store.list_prefix(f"{path}/c/")]
@@ -85,7 +88,7 @@ def _present(cache: "TeacherCache", path: str, ndim: int) -> dict[int, int | Non
         parts = tuple(key[len(path) + 3:].split("/"))
         if len(parts) == ndim and parts[0].isdigit() and parts[1:] == tail:
             found[int(parts[0])] = None
-    return found
+    return found, None
 
 
 def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[ChunkProblem]:
@@ -96,7 +99,7 @@ def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[Chu
     for path in cache.array_paths():
         per, count, length, block_of = _objects(cache, path)
         ndim = 2 if path == BLOCKS else 1 + len(cache.array_info(path).shape)
-        present = _present(cache, path, ndim)
+        present, unreachable = _present(cache, path, ndim)
         size = None
         if path != BLOCKS and isinstance(cache.group.store, zarr.storage.LocalStore):
             size = per * cache.array_info(path).row_bytes + 4
@@ -105,8 +108,12 @@ def inventory(cache: "TeacherCache", done: np.ndarray | None = None) -> list[Chu
             block = block_of(index)
             if done is not None and block is not None and not done[min(block, len(done) - 1)]:
                 continue  # an unfinished block's objects are not there yet
-            if index not in present:
+            if unreachable is not None:
+                reason = unreachable
+            elif index not in present:
                 reason = "chunk file is missing"
+            elif isinstance(present[index], str):
+                reason = str(present[index])
             elif size is not None and present[index] != size:
                 reason = "chunk file has the wrong size"
             else:
@@ -184,7 +191,7 @@ def _pinpoint(cache: "TeacherCache", path: str, block: int) -> list[ChunkProblem
     found = []
     for c in range(start // a.chunk_rows, -(-stop // a.chunk_rows)):
         try:
-            read_chunk(Path(cache.path) / chunk_key(path, 1 + len(a.shape), c), (a.chunk_rows, *a.shape), a.dtype)
+            read_chunk(Path(cache.path), chunk_key(path, 1 + len(a.shape), c), (a.chunk_rows, *a.shape), a.dtype)
         except (FileNotFoundError, ChunkError):
             found.append(ChunkProblem(path, c, c * a.chunk_rows, min((c + 1) * a.chunk_rows, cache.length(a)),
                                       "checksum mismatch (the chunk is corrupt)",

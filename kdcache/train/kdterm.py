@@ -24,6 +24,7 @@ from ..losses import (DivergenceLoss, HiddenStateLoss, HybridKLDivLoss, KLDivLos
                       TopKKLDivLoss)
 from ..losses.divergences import Divergence
 from ..losses.head import HeadKDLoss
+from ..losses.sparse import TargetsError
 from ..losses.targets import SPARSE_TARGETS, HeadTargets, SoftTargets
 
 __all__ = ["KDTerm", "OBJECTIVES", "REGRESSION", "check_student_logits", "labelled_cross_entropy", "parse_objective"]
@@ -103,7 +104,10 @@ class KDTerm:
         if self.vocab is not None and student_logits.shape[-1] > self.vocab:
             student_logits = student_logits[..., :self.vocab]
         if isinstance(teacher, (*SPARSE_TARGETS, HeadTargets)):  # its keys are the loss's arguments
-            return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
+            try:
+                return self.loss(student_logits, **{k: teacher[k] for k in teacher.keys()}, mask=mask)
+            except TargetsError as err:  # a cache's blocks are checked as they load; this is the last guard
+                raise KdcacheError(f"{err}; run kdcache verify on the cache") from None
         if isinstance(teacher, SoftTargets):  # precomputed over the real vocabulary
             if self.divergence.name != "kl":
                 raise KdcacheError(f"precomputed teacher probabilities serve the kl objective, not {self.objective}: "
