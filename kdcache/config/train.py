@@ -61,6 +61,7 @@ class TrainConfig(Settings):
     temperature: float | None = setting(None, "Softmax temperature T of the KD term.", shown="4.0",
                                         metavar="T")  # 4.0; a sampled cache's own sampling temperature
     alpha: float = setting(0.9, "Weight of the KD term; CE gets 1 - alpha.", metavar="A")
+    objective: str = setting("kl", "KD objective: kl, reverse_kl, jsd:BETA (generalised JSD), or mse / cosine for a regression target such as an embedding.", metavar="NAME")
     hints: tuple[Hint, ...] = setting((), "Hint term (repeatable): student module S, teacher module T, LOSS mse, "
                                           "cosine or attention [mse], WEIGHT [1.0].", flag="hint",
                                       metavar="S=T[:LOSS][@WEIGHT]")
@@ -78,6 +79,13 @@ class TrainConfig(Settings):
                                  "'random' one.", metavar="HOW")
     mask_key: str = setting(DEFAULT_MASK_KEY, "Online teacher: inputs key of the (B, L) attention mask.",
                             metavar="KEY")  # a cache records its own
+    output_key: str | None = setting(None, "Which student output to compare with the teacher's: a tuple index, dict "
+                                           "key or attribute (e.g. last_hidden_state).", shown="its logits",
+                                     metavar="KEY")
+    resume: bool = setting(False, "Continue the run in --out from its last finished epoch (same settings; --epochs "
+                                  "may grow).", switch="--resume")
+    overwrite: bool = setting(False, "Replace the run in --out (only a kdcache run's own files are removed).",
+                              switch="--overwrite")
 
     def _rules(self) -> list[tuple[bool, str]]:
         return [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -93,7 +101,10 @@ class TrainConfig(Settings):
                 (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.cache_device) is not None,
                  "cache_device must be auto, cpu or cuda[:N]"),
                 (self.num_workers >= 0, "num_workers must be >= 0"),
-                (self.view in ("cycle", "random"), "view must be cycle or random")]
+                (self.view in ("cycle", "random"), "view must be cycle or random"),
+                (self.objective in ("kl", "mse", "cosine"), "objective must be kl, mse or cosine"),
+                (not (self.resume and self.overwrite), "resume and overwrite exclude each other: resume continues "
+                                                       "the run in out, overwrite starts it again")]
 
     @classmethod
     def _parse(cls, values: dict[str, Any]) -> dict[str, Any]:

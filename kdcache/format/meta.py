@@ -27,6 +27,7 @@ tokens one contiguous range starting at a multiple of the token chunk, plus
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -46,6 +47,8 @@ ROW_DIGEST = "_row_digest"
 VIEW_PARAMS = "_view_params"
 SPANS = "_spans"
 TOKEN_BLOCKS = "_token_blocks"
+# an output key naming a hidden state or an embedding: the cache holds a regression target, not logits
+REGRESSION_KEY = re.compile(r"hidden|embed|pool|state|feature", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,15 @@ class CacheMeta:
     @property
     def hidden_names(self) -> list[str]:
         return [n for n in self.outputs if n != "logits"]
+
+    @property
+    def regression(self) -> bool:
+        """True when the primary output is a regression target, not logits over classes: a dense
+        output picked by an ``output_key`` that names a hidden state or an embedding
+        (``last_hidden_state``, ``pooler_output``, ``embedding``...). Its last axis is then
+        dimensions, trained with an mse or cosine objective, and it has no class accuracy."""
+        return (self.output_key is not None and self.logits.codec.name == "dense"
+                and REGRESSION_KEY.search(self.output_key) is not None and "logit" not in self.output_key.lower())
 
     @property
     def view_params(self) -> ArrayInfo | None:

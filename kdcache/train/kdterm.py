@@ -38,16 +38,22 @@ class KDTerm:
         temperature: T of the KL terms (default 4; a sampled or hybrid cache's own sampling temperature).
         objective: ``"kl"`` (Hinton's ``T^2 KL``, for logits) or ``"mse"``/``"cosine"`` for a dense
             regression target such as an embedding (:class:`~kdcache.losses.HiddenStateLoss`).
+        regression: the cache holds a regression target (``CacheMeta.regression``): the kl
+            objective is refused.
     """
 
     def __init__(self, codec: Codec | None, vocab: int | None, temperature: float | None,
-                 objective: str = "kl") -> None:
+                 objective: str = "kl", *, regression: bool = False) -> None:
         self.kind = codec.name if codec is not None else "dense"
         self.vocab = vocab
         if objective not in OBJECTIVES:
-            raise KdcacheError(f"the KD objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+            raise KdcacheError(f"{option('objective')} must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if regression and objective == "kl":
+            raise KdcacheError(f"this cache holds a regression target (an embedding or hidden state, not logits): "
+                               f"distil it with {option('objective', 'mse')} or {option('objective', 'cosine')}")
         if objective != "kl" and self.kind != "dense":
-            raise KdcacheError(f"a {self.kind} cache holds logits: distil it with the kl objective, not {objective}")
+            raise KdcacheError(f"a {self.kind} cache holds logits: distil it with {option('objective', 'kl')}, not "
+                               f"{objective}")
         if isinstance(codec, (SampledCodec, HybridCodec)):  # trained at the temperature it was drawn at
             sampled_at = float(codec.temperature)
             if temperature is not None and temperature != sampled_at:
@@ -75,11 +81,13 @@ class KDTerm:
         return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
 
 
-def check_student_logits(student: tuple[int, ...], teacher: Any, meta: CacheMeta | None) -> None:
+def check_student_logits(student: tuple[int, ...], teacher: Any, meta: CacheMeta | None, *,
+                         regression: bool = False) -> None:
     """Refuse a student whose positions or vocabulary disagree with the teacher's.
 
-    ``student`` is the per-row shape of its logits; ``meta`` the cache's description (None for
-    an online teacher, whose logits ``teacher`` are then compared shape for shape).
+    ``student`` is the per-row shape of its logits (its output, for a ``regression`` target);
+    ``meta`` the cache's description (None for an online teacher, whose logits ``teacher`` are
+    then compared shape for shape).
     """
     if meta is None:  # online teacher: the shapes must be equal
         expected, sizes = tuple(teacher.shape[1:]), {int(teacher.shape[-1])}
@@ -87,6 +95,9 @@ def check_student_logits(student: tuple[int, ...], teacher: Any, meta: CacheMeta
         expected, sizes = meta.logits.shape, {meta.vocab.real, meta.vocab.padded}
         if meta.packed is not None and "logits" in meta.packed.outputs:  # any length: tokens are placed by the mask
             expected = (*student[:-1], expected[-1])
+    if regression and (student[:-1] != expected[:-1] or not student or student[-1] != expected[-1]):
+        raise KdcacheError(f"the student's output has shape {student} but the teacher's {expected}: positions and "
+                           f"dimensions must agree (choose the student's output with {option('output_key')})")
     if student[:-1] != expected[:-1] or (student and student[-1] not in sizes):
         what = " or ".join(str(v) for v in sorted(sizes))
         raise KdcacheError(f"the student's logits have shape {student} but the teacher's {expected}: positions must "
