@@ -9,7 +9,7 @@ from typing import Any
 from ..config.dump import DumpConfig
 from ..errors import KdcacheError
 from .options import HFOptions, Option, command, config_option, hf_options, kwargs_of, merge_config, text
-from .output import echo
+from .output import echo, warnings_as_lines
 
 __all__ = ["dump_teacher_cmd", "OPTIONS"]
 
@@ -23,11 +23,12 @@ OPTIONS: list[Option | str] = [
     Option("dataset_kwargs", str, "JSON object of keyword arguments for the dataset callable.", metavar="JSON"),
     Option("checkpoint", Path, "State dict (or kdcache student.pt) to load into the teacher.", metavar="FILE"),
     "hidden", "output_key", "logits_dtype", "hidden_dtype", "topk", "sample_k", "sample_temperature", "tail_samples",
-    "sample_draws", "vocab_size", "mask_key", "views", "seed", "batch_size", "num_workers", "device", "amp",
+    "sample_draws", "vocab_size", "mask_key", "layout", "views", "seed", "batch_size", "num_workers", "device", "amp",
     Option("out", str, "Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>).",
            metavar="PATH"),
     "cache_root", "overwrite", "repair", "block_rows", "allow_nonfinite", "writer_threads",
     *hf_options("teacher", ", e.g. AutoModelForCausalLM", " (as stored)", " with the teacher's tokenizer", ""),
+    Option("tokenizer", str, "Tokenizer directory for --text-column.", shown="the hf: teacher's", metavar="DIR"),
     config_option(),
     "progress",
 ]
@@ -48,10 +49,11 @@ def _dump_teacher(flags: dict[str, Any]) -> None:
     tokenizer = hf.tokenizer_for(teacher_spec, "teacher")
     model = hf.model(teacher_spec, t_kwargs, ckpt, "teacher")
     data = hf.dataset(dataset_spec, d_kwargs, tokenizer)
-    cache = dump_teacher(model, data, out_path, config=settings, tokenizer=tokenizer,
-                         teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
-                                       "checkpoint": str(ckpt) if ckpt else None},
-                         dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
+    with warnings_as_lines():
+        cache = dump_teacher(model, data, out_path, config=settings, tokenizer=tokenizer,
+                             teacher_info={"spec": teacher_spec, "kwargs": t_kwargs,
+                                           "checkpoint": str(ckpt) if ckpt else None},
+                             dataset_info={"spec": dataset_spec, "kwargs": d_kwargs})
     echo(cache.path)
 
 

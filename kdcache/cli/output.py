@@ -58,12 +58,12 @@ def run_app(app: typer.Typer, argv: Optional[list[str]] = None) -> int:
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
     """kdcache's own warnings as one ``kdcache: warning: ...`` line on stderr, when they happen."""
-    from ..train.monitor import OverfitToCacheWarning
+    from ..errors import KdcacheWarning
 
     shown = warnings.showwarning
 
     def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, OverfitToCacheWarning):
+        if issubclass(category, KdcacheWarning):
             typer.echo(f"kdcache: warning: {message}", err=True)
         else:
             shown(message, category, *args, **kwargs)

@@ -47,6 +47,7 @@ ROW_DIGEST = "_row_digest"
 VIEW_PARAMS = "_view_params"
 SPANS = "_spans"
 TOKEN_BLOCKS = "_token_blocks"
+CHANCE_FACTOR = 1.5  # a teacher no better than this times a uniform guess is reported as untrained
 # an output key naming a hidden state or an embedding: the cache holds a regression target, not logits
 REGRESSION_KEY = re.compile(r"hidden|embed|pool|state|feature", re.IGNORECASE)
 
@@ -151,6 +152,12 @@ class TeacherAccuracy:
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
 
+    def at_chance(self, classes: int) -> bool:
+        """At most 1.5x the accuracy of a uniform guess over ``classes`` on at least 10 labelled
+        rows: the teacher is most likely untrained (its checkpoint forgotten)."""
+        accuracy = self.accuracy
+        return self.labelled >= 10 and accuracy is not None and accuracy <= CHANCE_FACTOR / max(classes, 1)
+
 
 @dataclass(frozen=True)
 class DumpStats:
@@ -218,6 +225,12 @@ class CacheMeta:
         dimensions, trained with an mse or cosine objective, and it has no class accuracy."""
         return (self.output_key is not None and self.logits.codec.name == "dense"
                 and REGRESSION_KEY.search(self.output_key) is not None and "logit" not in self.output_key.lower())
+
+    @property
+    def teacher_at_chance(self) -> bool:
+        """The teacher's recorded accuracy on the labelled rows is at chance (logits only)."""
+        return (not self.regression and self.teacher_accuracy is not None
+                and self.teacher_accuracy.at_chance(self.vocab.real))
 
     @property
     def view_params(self) -> ArrayInfo | None:

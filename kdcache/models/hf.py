@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 from ..format.meta import TokenizerInfo
 
 __all__ = ["HF_PREFIX", "HF_DTYPES", "is_hf_spec", "offline", "hf_directory", "load_pretrained", "load_tokenizer",
@@ -124,7 +124,7 @@ def load_tokenizer(spec: str | Path, *, role: str = "teacher", required: bool = 
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         if required:
             raise KdcacheError(f"{role} {path} has no tokenizer (tokenizer.json or vocab files); save one beside the "
-                               "model with tokenizer.save_pretrained, or pass --tokenizer DIR")
+                               f"model with tokenizer.save_pretrained, or pass {option('tokenizer')} DIR")
         return None
     transformers = _transformers()
     try:

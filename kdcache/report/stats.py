@@ -24,7 +24,7 @@ from ..read.batch import collate
 from ..read.dataset import CachedTeacherDataset
 from ..store import TeacherCache
 
-__all__ = ["CacheStats", "cache_stats"]
+__all__ = ["CacheStats", "cache_stats", "sampled_batches", "row_bytes_of"]
 
 CURVE_POSITIONS = 20_000  # positions the dense top-k mass curve is computed over
 TEMPERATURES = (1.0, 4.0)  # the stored distribution, and the one KD at the default T = 4 matches
@@ -132,7 +132,7 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
     mass_k = np.unique(np.round(np.geomspace(1, classes, num=min(classes, 40))).astype(np.int64))
     parts: dict[str, list[np.ndarray]] = {}
     rows = curve = 0
-    for targets, labels, mask in _batches(opened, dataset, budget, seed):
+    for targets, labels, mask in sampled_batches(opened, dataset, budget, seed):
         rows += _length(targets)
         summary = _summarise(targets, classes, mask, mass_k if curve < CURVE_POSITIONS else None, temperatures)
         curve += len(summary.get(f"mass@{temperatures[0]}", ()))
@@ -142,10 +142,7 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
         for key, value in summary.items():
             parts.setdefault(key, []).append(value)
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    row_bytes = {a.path: a.row_bytes for o in meta.outputs.values() for a in o.arrays.values()}
-    row_bytes[ROW_DIGEST] = 8
-    if meta.view_params is not None:
-        row_bytes[VIEW_PARAMS] = meta.view_params.row_bytes
+    row_bytes = row_bytes_of(meta)
     notes = [] if dataset is not None else ["no dataset given: no labels, so no calibration or per-class accuracy"]
     if rows < meta.rows:
         notes.append(f"summarised {rows} of {meta.rows} rows (whole chunks chosen at random, seed {seed})")
@@ -161,14 +158,23 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
                       stored_k=params.get("k", params.get("n")) if logits.codec.name != "dense" else None, notes=notes)
 
 
+def row_bytes_of(meta: Any) -> dict[str, int]:
+    """Bytes one row takes in each stored array (no chunk padding), by array path."""
+    row_bytes = {a.path: a.row_bytes for o in meta.outputs.values() for a in o.arrays.values()}
+    row_bytes[ROW_DIGEST] = 8
+    if meta.view_params is not None:
+        row_bytes[VIEW_PARAMS] = meta.view_params.row_bytes
+    return row_bytes
+
+
 def _length(targets: Any) -> int:
     return len(targets.values if isinstance(targets, TopKTargets) else
                targets.ids if isinstance(targets, SampledTargets) else
                targets.logprobs if isinstance(targets, HybridTargets) else targets)
 
 
-def _batches(cache: TeacherCache, dataset: Any, budget: int, seed: int
-             ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor | None]]:
+def sampled_batches(cache: TeacherCache, dataset: Any, budget: int, seed: int
+                    ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor | None]]:
     """``(decoded logits, labels or None, mask or None)`` for whole chunks of rows in a seeded
     random order, until ``budget`` rows; with a dataset, through a checked reader (view 0)."""
     meta = cache.meta

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..errors import KdcacheError, option
+from ..errors import KdcacheError, KdcacheWarning, option
 from ..losses.targets import HybridTargets, LogitTargets, SampledTargets, SoftTargets, TeacherTargets, TopKTargets
 from ..models.forward import autocast, call_model, move_inputs, select_output
 from ..read.batch import collate
@@ -44,7 +44,7 @@ def top1(logits: LogitTargets, classes: int | None = None) -> torch.Tensor:
     return (logits[..., :classes] if classes is not None else logits).argmax(-1)
 
 
-class OverfitToCacheWarning(UserWarning):
+class OverfitToCacheWarning(KdcacheWarning):
     """The student fits the cached rows and drifts from the teacher on held-out rows."""
 
 
