@@ -1,6 +1,6 @@
 """The cache description: one typed home for everything a cache's attrs record.
 
-A cache is one zarr v3 group (see ``docs/design.md`` and README "Cache format"). Its group
+A cache is one zarr v3 group (see ``docs/design.md`` and ``docs/format.md``). Its group
 attribute ``kdcache`` describes it; :class:`CacheMeta` is that description as frozen
 dataclasses. :meth:`CacheMeta.to_attrs` and :meth:`CacheMeta.from_attrs` (:mod:`.attrs`) are the only
 code that knows the attribute keys or older format versions, and ``from_attrs`` treats the attrs as

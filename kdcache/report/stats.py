@@ -222,7 +222,7 @@ def _packed_tokens(cache: TeacherCache, budget: int, seed: int
 
 
 def _stored_padding(targets: Any) -> torch.Tensor:
-    """(B, L) bool, True for real tokens: padding positions are stored as zeros (README)."""
+    """(B, L) bool, True for real tokens: padding positions are stored as zeros (docs/format.md)."""
     if isinstance(targets, TopKTargets):
         return (targets.values != 0).any(-1) | (targets.logsumexp != 0)
     if isinstance(targets, SampledTargets):
