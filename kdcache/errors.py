@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["KdcacheError", "option", "speak_cli"]
+__all__ = ["KdcacheError", "KdcacheWarning", "option", "speak_cli", "speaking_cli"]
 
 # Settings whose flag is not their name with "-" for "_".
 _FLAGS = {"hints": "--hint"}
@@ -17,6 +17,17 @@ class KdcacheError(Exception):
     The CLI prints ``str(err)`` as one line and exits with status 2. Anything else raised
     inside kdcache is a bug and keeps its traceback.
     """
+
+
+class KdcacheWarning(UserWarning):
+    """Something kdcache noticed that is probably a mistake but not certainly one (an untrained
+    teacher, a student fitting the cache): a warning to Python callers, one ``kdcache: warning:``
+    line on the command line."""
+
+
+def speaking_cli() -> bool:
+    """Whether messages are for the command line (flags) rather than Python callers (arguments)."""
+    return _SPEAKING["cli"]
 
 
 def speak_cli() -> None:

@@ -59,12 +59,12 @@ def main() -> None:
     started = time.perf_counter()
     common = ["--dataset", f"{EX}:transfer", "--eval-dataset", f"{EX}:test", "--student", f"{EX}:student",
               "--epochs", str(args.epochs), "--batch-size", "64", "--lr", "0.01", "--temperature", "4",
-              "--alpha", "0.9", "--device", "cpu"]
+              "--alpha", "0.9", "--device", "cpu", "--overwrite"]  # a second demo replaces the first one's runs
 
     print(f"1/5 training the teacher on 1,200 labels ({args.teacher_epochs} epochs)", flush=True)
     teacher_wall, _ = kdcache("train-student", "--student", f"{EX}:teacher", "--dataset", f"{EX}:train",
                               "--eval-dataset", f"{EX}:test", "--epochs", str(args.teacher_epochs), "--lr", "0.001",
-                              "--device", "cpu", "--out", str(out / "teacher"))
+                              "--device", "cpu", "--out", str(out / "teacher"), "--overwrite")
     teacher_acc, teacher_s = metrics(out / "teacher")
     print(f"    teacher: {100 * teacher_acc:.1f}% test accuracy ({teacher_wall:.1f} s)", flush=True)
 

@@ -33,7 +33,8 @@ def test_report_writes_each_figure_with_its_panels(dense, tmp_path):
     panels = {f.name: f.panels for f in report.figures}
     assert panels == {
         "confidence": ["teacher confidence (top-1 probability)", "teacher entropy, nats"],
-        "calibration": [f"reliability (ECE {report.stats.calibration_error():.3f})", "teacher accuracy per class"],
+        "calibration": [f"reliability on transfer-set rows (ECE {report.stats.calibration_error():.3f})",
+                        "teacher accuracy per class"],
         "topk_mass": ["probability mass kept by the top k classes"],
         "bytes": ["bytes per row by array (82 in all)"]}  # 10 logits + 64 hidden + 8 digest
     for f in report.figures:

@@ -24,6 +24,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   context_settings={"max_content_width": 100},
                   help="Offline knowledge distillation: dump the teacher once, train students from the cache.")
 
+# what an interrupted command leaves (the others have nothing to resume)
+INTERRUPTED = {"dump-teacher": "rerun the same command to resume: the finished blocks are kept"}
 # name, short help, function: in the order `kdcache --help` lists them
 COMMANDS = [
     ("dump-teacher", "Run the teacher once; cache its outputs.", dump_teacher_cmd),
@@ -33,7 +35,7 @@ COMMANDS = [
     ("plot", "Draw training runs side by side.", figures.plot_cmd),
 ]
 for name, short, function in COMMANDS:
-    app.command(name, short_help=short, cls=HelpCommand)(user_errors(function))
+    app.command(name, short_help=short, cls=HelpCommand)(user_errors(function, INTERRUPTED.get(name, "")))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from ..errors import KdcacheError
+from .options import MAX_LENGTH, TEXT_COLUMN, TOKENIZER, read_dataset
 from .output import echo
 
 __all__ = ["COMMANDS"]
@@ -20,6 +21,17 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+def _accuracy(meta: Any) -> str:
+    """The teacher's recorded accuracy on the labelled rows, flagged when at chance; "" when
+    there is none (no labels, or a regression target)."""
+    acc = meta.teacher_accuracy
+    if meta.regression or acc is None or not acc.labelled:
+        return ""
+    chance = (f" AT CHANCE (1/{meta.vocab.real} = {1 / meta.vocab.real:.3f}): an untrained teacher? "
+              "(dumped without --checkpoint?)" if meta.teacher_at_chance else "")
+    return f"{acc.accuracy:.4f} ({acc.correct}/{acc.labelled}){chance}"
 
 
 def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) -> None:
@@ -35,12 +47,16 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
              f"fingerprint  {cache.fingerprint}",
              f"rows         {cache.rows}  (block {cache.block_rows} rows)",
              f"teacher      {meta.teacher.spec or meta.teacher.class_name}  weights {meta.teacher.weights_digest}",
+             f"checkpoint   {meta.teacher.checkpoint or 'none (the teacher as its spec builds it)'}",
              f"dataset      {meta.dataset.spec or '?'}  length {meta.dataset.length}  digest {meta.dataset.digest}"]
     tokens = meta.tokens or cache.rows
     for name, o in cache.outputs.items():
         codec = o.codec.params()
         what = codec["dtype"] if codec["name"] == "dense" else " ".join(f"{k}={v}" for k, v in codec.items())
-        lines.append(f"  {name}: shape ({cache.rows}, {', '.join(map(str, o.shape))})  {what}")
+        size = o.shape[-1] if o.shape else 1
+        kind = (f"output {meta.output_key}, {size} dims (a regression target: --objective mse or cosine)"
+                if meta.regression else f"{meta.vocab.real} classes") if name == "logits" else f"{size} dims"
+        lines.append(f"  {name}: {kind}; shape ({cache.rows}, {', '.join(map(str, o.shape))})  {what}")
         for a in o.arrays.values():
             # what the rows hold, not the files: the last chunk is stored whole, zero-padded
             per = (f"{a.row_bytes} B/token" if a.per_token else
@@ -53,9 +69,12 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
         for c in o.constants.values():  # a head cache's output layer: stored once, not per row
             lines.append(f"    {c.path:<24} {c.shape} {c.dtype}  stored once  chunk {c.chunk_rows} rows  "
                          f"{_size(sizes[c.path])} on disk")
-    if meta.vocab.real != meta.vocab.padded or meta.mask_key:
+    masked = f"padding masked by inputs[{meta.mask_key!r}], {tokens} real tokens" if meta.mask_key else ""
+    if meta.regression and masked:
+        lines.append(f"tokens       {masked}")
+    elif not meta.regression and (meta.vocab.real != meta.vocab.padded or meta.mask_key):
         lines.append(f"vocabulary   {meta.vocab.real} classes (output layer {meta.vocab.padded})"
-                     + (f"; padding masked by inputs[{meta.mask_key!r}], {tokens} real tokens" if meta.mask_key else ""))
+                     + (f"; {masked}" if masked else ""))
     if cache.seed is not None:
         lines.append(f"views        {cache.views} per sample (row = sample * {cache.views} + view), seed {cache.seed}"
                      + (f", explicit parameters {list(meta.view_params_shape)}" if meta.view_params_shape else ""))
@@ -66,9 +85,9 @@ def info_cmd(path: str = typer.Argument(..., help="A cache directory or URL.")) 
     if meta.packed is not None:
         lines.append(f"layout       packed: {meta.tokens or 0} real tokens stored on a token axis of "
                      f"{meta.packed.capacity} (chunks of {meta.packed.chunk} tokens); padding is not stored")
-    acc = meta.teacher_accuracy
-    if acc is not None and acc.labelled:
-        lines.append(f"teacher accuracy on the transfer set's labels: {acc.accuracy:.4f} ({acc.correct}/{acc.labelled})")
+    accuracy = _accuracy(meta)
+    if accuracy:
+        lines.append(f"teacher accuracy on the transfer set's labels: {accuracy}")
     if meta.dump is not None and meta.dump.rows_per_s is not None:
         lines.append(f"dump         {meta.dump.rows_per_s:.0f} rows/s, {meta.dump.mb_per_s} MB/s on {meta.dump.device}")
     lines.append("versions     " + " ".join(f"{k} {v}" for k, v in meta.versions.items()))
@@ -98,8 +117,10 @@ def ls_cmd(root: Optional[str] = typer.Argument(None, help="Cache root, a direct
         outputs = ",".join(a.path for o in cache.outputs.values() for a in o.arrays.values())
         teacher = cache.meta.teacher
         size = sum(cache.nbytes_on_disk().values())
+        accuracy = _accuracy(cache.meta)
         echo(f"{entry}  {'complete' if cache.complete else 'incomplete'}  {cache.rows} rows  {outputs}  "
-                   f"{_size(size)}  teacher {teacher.spec or teacher.class_name}")
+             f"{_size(size)}  teacher {teacher.spec or teacher.class_name}  checkpoint {teacher.checkpoint or 'none'}"
+             + (f"  accuracy {accuracy}" if accuracy else ""))
     if not found:
         echo(f"no caches under {root}", err=True)
 
@@ -110,6 +131,9 @@ def verify_cmd(
                                       "teacher) and check they hash to what the dump recorded."),
     dataset: Optional[str] = typer.Option(None, help="Dataset spec for --replay (required with it; the spec a cache records is shown, never run)."),
     dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset."),
+    text_column: Optional[str] = TEXT_COLUMN,
+    max_length: Optional[int] = MAX_LENGTH,
+    tokenizer: Optional[str] = TOKENIZER,
 ) -> None:
     """Read every chunk and report each missing or corrupt one with its row range (exit 1 if any)."""
     from ..store import TeacherCache
@@ -136,9 +160,8 @@ def verify_cmd(
     bad_rows: list[int] = []
     if replay > 0:
         from ..read import replay_mismatches
-        from ..spec import load_dataset, parse_kwargs
 
-        data = load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs"))
+        data = read_dataset(dataset, dataset_kwargs, text_column, max_length, tokenizer)
         bad_rows, checked = replay_mismatches(data, cache, replay)
         for row in bad_rows[:20]:
             sample, view = divmod(row, cache.views)
@@ -182,12 +205,16 @@ def export_cmd(
     dataset: str = typer.Option(..., help="Spec of the dataset the cache was dumped from (its token rows)."),
     dataset_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --dataset."),
     out: Path = typer.Option(..., help="Parquet file to write."),
+    text_column: Optional[str] = TEXT_COLUMN,
+    max_length: Optional[int] = MAX_LENGTH,
+    tokenizer: Optional[str] = TOKENIZER,
 ) -> None:
     """Write input_ids, labels and Axolotl's target_token_ids/target_logprobs/target_mask columns."""
     from ..interop import export_axolotl
-    from ..spec import load_dataset, parse_kwargs
 
-    written = export_axolotl(path, load_dataset(dataset, parse_kwargs(dataset_kwargs, "--dataset-kwargs")), out)
+    if out.exists() or out.is_symlink():
+        raise KdcacheError(f"{out} exists; choose another --out")
+    written = export_axolotl(path, read_dataset(dataset, dataset_kwargs, text_column, max_length, tokenizer), out)
     echo(str(written))
 
 

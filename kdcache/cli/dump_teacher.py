@@ -11,7 +11,7 @@ from typing import Any
 from ..config.dump import DumpConfig
 from ..errors import KdcacheError
 from .options import HFOptions, Option, command, config_option, hf_options, kwargs_of, merge_config, text
-from .output import echo
+from .output import echo, warnings_as_lines
 
 __all__ = ["dump_teacher_cmd", "OPTIONS"]
 
@@ -30,12 +30,13 @@ OPTIONS: list[Option | str] = [
     Option("dataset_kwargs", str, "JSON object of keyword arguments for the dataset callable.", metavar="JSON"),
     Option("checkpoint", Path, "State dict (or kdcache student.pt) to load into the teacher.", metavar="FILE"),
     "hidden", "output_key", "logits_dtype", "hidden_dtype", "topk", "sample_k", "sample_temperature", "tail_samples",
-    "sample_draws", "head", "head_dtype", "vocab_size", "mask_key", "views", "seed", "batch_size", "num_workers",
-    "device", "amp",
+    "sample_draws", "head", "head_dtype", "vocab_size", "mask_key", "layout", "views", "seed", "batch_size",
+    "num_workers", "device", "amp",
     Option("out", str, "Cache directory or s3://bucket/prefix URL to write (default: CACHE_ROOT/<fingerprint>).",
            metavar="PATH"),
     "cache_root", "overwrite", "repair", "block_rows", "allow_nonfinite", "writer_threads",
     *_HF[:2], DEVICE_MAP, *_HF[2:],
+    Option("tokenizer", str, "Tokenizer directory for --text-column.", shown="the hf: teacher's", metavar="DIR"),
     config_option(),
     "progress",
 ]
@@ -56,7 +57,8 @@ def _dump_teacher(flags: dict[str, Any]) -> None:
 
     tokenizer = hf.tokenizer_for(teacher_spec, "teacher")
     # weights a device map offloads to disk (those not in safetensors files) live here until the dump ends
-    with tempfile.TemporaryDirectory(prefix="kdcache-offload-") if device_map is not None else nullcontext() as offload:
+    with (tempfile.TemporaryDirectory(prefix="kdcache-offload-") if device_map is not None else nullcontext()
+          as offload, warnings_as_lines()):
         model = (_placed_teacher(teacher_spec, t_kwargs, ckpt, hf, device_map, offload) if device_map is not None
                  else hf.model(teacher_spec, t_kwargs, ckpt, "teacher"))
         data = hf.dataset(dataset_spec, d_kwargs, tokenizer)

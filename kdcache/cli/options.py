@@ -25,7 +25,8 @@ import typer
 
 from ..errors import KdcacheError
 
-__all__ = ["Option", "command", "config_option", "hf_options", "merge_config", "text", "kwargs_of", "HFOptions"]
+__all__ = ["Option", "command", "config_option", "hf_options", "merge_config", "text", "kwargs_of", "HFOptions",
+           "TEXT_COLUMN", "MAX_LENGTH", "TOKENIZER", "read_dataset"]
 
 
 @dataclass(frozen=True)
@@ -198,3 +199,25 @@ class HFOptions:
         from ..spec import load_dataset
 
         return load_dataset(spec, kwargs, tokenizer=tokenizer, text_column=self.text_column, max_length=self.max_length)
+
+
+# --text-column, --max-length and --tokenizer of the commands that read a cache's dataset again
+# (verify --replay, report, export): the rows must be tokenized as they were at dump time
+TEXT_COLUMN = typer.Option(None, help="Hugging Face dataset: tokenize this text column (as at dump time).",
+                           metavar="COLUMN")
+MAX_LENGTH = typer.Option(None, help="Hugging Face dataset: truncate and pad token rows to this length (as at dump "
+                                     "time).", metavar="LENGTH")
+TOKENIZER = typer.Option(None, help="Tokenizer directory for --text-column (the teacher's).", metavar="DIR")
+
+
+def read_dataset(spec: str, kwargs: Optional[str], text_column: Optional[str], max_length: Optional[int],
+                 tokenizer: Optional[str]) -> Any:
+    """The dataset a cache was dumped from, named again on the command line (its spec, its
+    ``--dataset-kwargs`` JSON, and how its text was tokenized)."""
+    from ..models.hf import load_tokenizer, offline
+    from ..spec import load_dataset, parse_kwargs
+
+    offline()
+    tok = load_tokenizer(tokenizer, required=True) if tokenizer else None
+    return load_dataset(spec, parse_kwargs(kwargs, "--dataset-kwargs"), tokenizer=tok, text_column=text_column,
+                        max_length=max_length)

@@ -58,12 +58,12 @@ def run_app(app: typer.Typer, argv: Optional[list[str]] = None) -> int:
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
     """kdcache's own warnings as one ``kdcache: warning: ...`` line on stderr, when they happen."""
-    from ..train.monitor import OverfitToCacheWarning
+    from ..errors import KdcacheWarning
 
     shown = warnings.showwarning
 
     def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, OverfitToCacheWarning):
+        if issubclass(category, KdcacheWarning):
             typer.echo(f"kdcache: warning: {message}", err=True)
         else:
             shown(message, category, *args, **kwargs)
@@ -87,8 +87,10 @@ def _printable(line: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
 
 
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a KdcacheError as one line and exit 2; Ctrl-C exits 130 without a traceback."""
+def user_errors(fn: Callable[..., Any], interrupted: str = "") -> Callable[..., Any]:
+    """Print a KdcacheError as one line and exit 2; Ctrl-C exits 130 without a traceback, with
+    what is true of the command's work: the interrupt's own message when it carries one (a
+    training run says which epoch its directory holds), else ``interrupted``."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -96,7 +98,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KdcacheError as err:
             echo(f"kdcache: error: {err}", err=True)
             raise typer.Exit(getattr(err, "exit_code", 2)) from None
-        except KeyboardInterrupt:
-            echo("kdcache: interrupted; rerun the same command to resume", err=True)
+        except KeyboardInterrupt as err:
+            said = str(err) or interrupted
+            echo(f"kdcache: interrupted{'; ' + said if said else ''}", err=True)
             raise typer.Exit(130) from None
     return wrapper

@@ -31,8 +31,9 @@ OPTIONS: list[Option | str] = [
     Option("online_teacher_checkpoint", Path, "State dict for the online teacher.", metavar="FILE"),
     "mask_key", "temperature", "alpha", "objective", "hints", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "seed",
     "device", "amp", "num_workers", "in_memory", "cache_device", "view", "allow_input_mismatch",
-    Option("out", Path, "Directory for metrics.jsonl, student.pt, hints.pt, config.json.", shown="student-out",
-           metavar="PATH"),
+    Option("out", Path, "Directory for metrics.jsonl, student.pt, hints.pt, config.json, resume.pt; an existing run "
+                        "there is refused without --resume or --overwrite.", shown="student-out", metavar="PATH"),
+    "resume", "overwrite", "output_key",
     *hf_options("student", "", "", " (as at dump time)", " (as at dump time)"),
     Option("tokenizer", str, "Tokenizer directory for --text-column.", shown="the hf: student's", metavar="TOKENIZER"),
     Option("allow_vocab_mismatch", bool, "Accept a student tokenizer whose vocabulary differs from the teacher's.",
@@ -45,6 +46,7 @@ OPTIONS: list[Option | str] = [
 def _train_student(flags: dict[str, Any]) -> None:
     from ..spec import load_model
     from ..train import train_student
+    from ..train.rundir import RunDir
 
     progress = flags.pop("progress")
     values = merge_config(flags)
@@ -63,6 +65,10 @@ def _train_student(flags: dict[str, Any]) -> None:
     if not isinstance(allow_vocab, bool):
         raise KdcacheError(f"--allow-vocab-mismatch must be true or false, got {allow_vocab!r:.40}")
     settings = TrainConfig.from_mapping(values)
+    run = RunDir(out_dir)
+    identity = {"cache": cache_path, "student": {"spec": student_spec, "kwargs": s_kwargs}}
+    if run.check(settings, identity) and settings.resume:  # before anything is loaded: a refused run costs nothing
+        echo(f"kdcache: resuming the run in {out_dir} from its last finished epoch", err=True)
 
     student_tokenizer = hf.tokenizer_for(student_spec, "student")
     if cache_path is not None:
@@ -77,7 +83,7 @@ def _train_student(flags: dict[str, Any]) -> None:
     with warnings_as_lines():
         result = train_student(lambda: hf.model(student_spec, s_kwargs, None, "student"), data, cache_path,
                                eval_dataset=eval_data, eval_cache=eval_cache_path, teacher=teacher, out=out_dir,
-                               config=settings, progress=progress, student_spec={"spec": student_spec, "kwargs": s_kwargs})
+                               config=settings, progress=progress, student_spec=identity["student"])
     final = result.final
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
              if k in ("epoch", "loss", "eval_acc", "eval_loss", "samples_per_s")}

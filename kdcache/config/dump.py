@@ -63,7 +63,8 @@ class DumpConfig(Settings):
     allow_nonfinite: bool = setting(False, "Store NaN/inf teacher outputs instead of stopping at the first.",
                                     switch="--allow-nonfinite")
     writer_threads: int = setting(8, "Threads writing blocks in parallel.", metavar="N")
-    layout: str = setting("auto")  # packed (real tokens only) or padded; auto: packed for inputs with a mask
+    layout: str = setting("auto", "Sequence outputs: packed (real tokens only), padded (padding stored as zeros) or "
+                                  "auto (packed when the inputs have an attention mask).", metavar="LAYOUT")
     cache_root: str | None = setting(None, "Where fingerprint-named caches live (default $KDCACHE_HOME or "
                                            "./kdcache-store).", metavar="DIR", path=True)
     overwrite: bool = setting(False, "Replace the kdcache cache at the path (another fingerprint, or redo); never "

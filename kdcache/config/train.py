@@ -79,6 +79,13 @@ class TrainConfig(Settings):
                                  "'random' one.", metavar="HOW")
     mask_key: str = setting(DEFAULT_MASK_KEY, "Online teacher: inputs key of the (B, L) attention mask.",
                             metavar="KEY")  # a cache records its own
+    output_key: str | None = setting(None, "Which student output to compare with the teacher's: a tuple index, dict "
+                                           "key or attribute (e.g. last_hidden_state).", shown="its logits",
+                                     metavar="KEY")
+    resume: bool = setting(False, "Continue the run in --out from its last finished epoch (same settings; --epochs "
+                                  "may grow).", switch="--resume")
+    overwrite: bool = setting(False, "Replace the run in --out (only a kdcache run's own files are removed).",
+                              switch="--overwrite")
 
     def _rules(self) -> list[tuple[bool, str]]:
         from ..losses.divergences import Divergence  # torch: imported when training is configured, not for --help
@@ -102,7 +109,9 @@ class TrainConfig(Settings):
                 (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.cache_device) is not None,
                  "cache_device must be auto, cpu or cuda[:N]"),
                 (0 <= self.num_workers <= MAX_WORKERS, f"num_workers must be within [0, {MAX_WORKERS}]"),
-                (self.view in ("cycle", "random"), "view must be cycle or random")]
+                (self.view in ("cycle", "random"), "view must be cycle or random"),
+                (not (self.resume and self.overwrite), "resume and overwrite exclude each other: resume continues "
+                                                       "the run in out, overwrite starts it again")]
 
     @classmethod
     def _parse(cls, values: dict[str, Any]) -> dict[str, Any]:

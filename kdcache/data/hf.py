@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 
 __all__ = ["DATA_PREFIXES", "is_data_spec", "is_hf_dataset", "load", "prepare", "pad_rows"]
 
@@ -107,7 +107,7 @@ def prepare(dataset: Any, tokenizer: Any = None, *, text_column: str | None = No
     columns = [name for name, feature in dataset.features.items() if _numeric(feature)]
     if not [c for c in columns if c not in LABEL_COLUMNS]:
         raise KdcacheError(f"the dataset has no numeric input columns (columns {dataset.column_names}); tokenize its "
-                           "text with --text-column")
+                           f"text with {option('text_column')}")
     return dataset.with_format("torch", columns=columns)
 
 
@@ -123,15 +123,16 @@ def _numeric(feature: Any) -> bool:
 
 def _tokenize(dataset: Any, tokenizer: Any, text_column: str, max_length: int | None) -> Any:
     if tokenizer is None:
-        raise KdcacheError(f"--text-column {text_column}: no tokenizer to tokenize it with (the teacher's hf: directory "
-                           "has none; pass --tokenizer DIR)")
+        raise KdcacheError(f"{option('text_column', text_column)}: no tokenizer to tokenize it with; pass "
+                           f"{option('tokenizer')} (a directory saved with save_pretrained, beside an hf: model or not)")
     if text_column not in dataset.column_names:
-        raise KdcacheError(f"--text-column {text_column!r} is not a column of the dataset (it has {dataset.column_names})")
+        raise KdcacheError(f"{option('text_column', text_column)} is not a column of the dataset (it has "
+                           f"{dataset.column_names})")
 
     def tokenize(batch: dict[str, list[Any]]) -> Any:
         texts = batch[text_column]
         if not all(isinstance(t, str) for t in texts):
-            raise KdcacheError(f"--text-column {text_column!r} holds {type(texts[0]).__name__} values, not text")
+            raise KdcacheError(f"{option('text_column', text_column)} holds {type(texts[0]).__name__} values, not text")
         return tokenizer(texts, truncation=max_length is not None, max_length=max_length)
 
     keep = set(LABEL_COLUMNS)
@@ -159,8 +160,8 @@ def pad_rows(dataset: Any, length: int, pad_id: int = 0) -> Any:
             rows = batch[name]
             longest = max((len(r) for r in rows), default=0)
             if longest > length:
-                raise KdcacheError(f"column {name!r} has a row of {longest} tokens, more than --max-length {length}: "
-                                   "truncate it when tokenizing (kdcache does with --text-column)")
+                raise KdcacheError(f"column {name!r} has a row of {longest} tokens, more than {option('max_length', length)}: "
+                                   f"truncate it when tokenizing (kdcache does with {option('text_column')})")
             out[name] = [list(r) + [fill] * (length - len(r)) for r in rows]
         if add_mask:
             out["attention_mask"] = [[1] * len(r) + [0] * (length - len(r)) for r in batch["input_ids"]]

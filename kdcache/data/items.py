@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 
 __all__ = ["as_rows", "split_item", "fetch_batch", "collate_items", "input_mask"]
 
@@ -120,7 +120,7 @@ def collate_items(items: Sequence[Any], indices: Sequence[int]) -> tuple[Any, to
     except (RuntimeError, TypeError) as err:
         raise KdcacheError(f"dataset items of rows {indices[0]}..{indices[-1]} cannot be batched (do all inputs have "
                            "the same shape and type? token rows of different lengths need padding to one length: "
-                           f"--max-length): {err}") from None
+                           f"{option('max_length')}): {err}") from None
     labels = [p[1] for p in pairs]
     if any(isinstance(y, torch.Tensor) for y in labels):
         try:

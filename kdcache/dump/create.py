@@ -77,7 +77,7 @@ def plan_cache(teacher: nn.Module, dataset: Any, meta: CacheMeta, cfg: DumpConfi
         planned.append((name, shape, codec, OutputSpec.planned(name, codec, shape)))
     mask = input_mask(inputs, cfg.mask_key)
     if cfg.layout == "packed" and mask is None:
-        raise KdcacheError(f"--layout packed needs dict inputs with an attention mask (inputs[{cfg.mask_key!r}])")
+        raise KdcacheError(f"{option('layout', 'packed')} needs dict inputs with an attention mask (inputs[{cfg.mask_key!r}])")
     # packed: outputs with the mask's token axis are stored per real token
     per_token = {name for name, t in outputs.items()
                  if cfg.layout == "packed" and t.ndim >= 3 and tuple(t.shape[:2]) == tuple(mask.shape)}

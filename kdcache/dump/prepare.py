@@ -165,7 +165,7 @@ def ensure_token_blocks(cache: TeacherCache, dataset: Any, cfg: DumpConfig) -> N
                                       max(a.row_bytes for a in cache.meta.data_arrays() if a.per_token))
         if crc != cache.meta.packed.blocks_crc:
             raise KdcacheError(f"the dataset's attention masks differ from those cache {cache.path} was created for; "
-                               "use that dataset, or dump to another --out") from None
+                               f"use that dataset, or dump to another {option('out')}") from None
         cache.write_token_blocks(placed)
 
 

@@ -8,6 +8,7 @@ open or create the store (rank 0, under the lock; :mod:`.prepare`) -> ranks agre
 from __future__ import annotations
 
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from .. import distributed
 from ..config import DumpConfig
 from ..data.items import as_rows
 from ..data.views import ViewedDataset
-from ..errors import KdcacheError, option
+from ..errors import KdcacheError, KdcacheWarning, option, speaking_cli
 from ..format.meta import CacheMeta, DatasetInfo, DumpStats, TeacherInfo, Vocab
 from ..models.capture import check_module_names
 from ..models.forward import resolve_amp, resolve_device
@@ -32,7 +33,11 @@ from .loop import digest_mask, run_blocks
 from .prepare import default_cache_root, earlier_cache, prepare, target_path
 from .writer import software_versions
 
-__all__ = ["dump_teacher", "default_cache_root", "DumpConfig"]
+__all__ = ["dump_teacher", "default_cache_root", "DumpConfig", "UntrainedTeacherWarning"]
+
+
+class UntrainedTeacherWarning(KdcacheWarning):
+    """The teacher is at chance on the transfer set's labelled rows: most likely untrained."""
 
 
 class _Plan(Enum):
@@ -126,7 +131,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
             if rank == 0:
                 log(f"cache hit: {path}")
             distributed.barrier()  # no rank leaves while another still reads rank 0's word
-            return TeacherCache.open(path)
+            return _checked(TeacherCache.open(path), rank)
 
         # run the teacher over this rank's unfinished blocks
         cache = cache or TeacherCache.open(path, mode="r+")
@@ -142,7 +147,7 @@ def dump_teacher(teacher: nn.Module, dataset: Any, out: str | Path | None = None
             cache.finalize(_total(every, str(dev), cfg))
             log(f"wrote {path}")
         distributed.barrier()
-        return TeacherCache.open(path)
+        return _checked(TeacherCache.open(path), rank)
     finally:
         if lock is not None:
             lock.release()
@@ -161,6 +166,19 @@ def teacher_device(teacher: nn.Module, cfg: DumpConfig, world: int) -> torch.dev
         raise KdcacheError(f"the teacher's device map takes its inputs on {dev}, not {option('device', cfg.device)}: "
                            f"leave {option('device')} at auto")
     return dev
+
+
+def _checked(cache: TeacherCache, rank: int) -> TeacherCache:
+    """The cache, after a warning when its teacher is at chance on the labelled rows."""
+    acc = cache.meta.teacher_accuracy
+    if rank == 0 and acc is not None and cache.meta.teacher_at_chance:
+        classes = cache.meta.vocab.real
+        forgot = "--checkpoint" if speaking_cli() else "to load its trained weights"
+        warnings.warn(f"the teacher is at chance on the transfer set's labelled rows ({acc.correct}/{acc.labelled} = "
+                      f"{acc.accuracy:.3f}; a uniform guess over {classes} classes gets {1 / classes:.3f}): did you "
+                      f"forget {forgot}? An untrained teacher has nothing to teach", UntrainedTeacherWarning,
+                      stacklevel=3)
+    return cache
 
 
 def _total(every: list[dict[str, Any]], device: str, cfg: DumpConfig) -> DumpStats:

@@ -187,4 +187,5 @@ class _Exact:
 
 def _masks_changed(cache: TeacherCache, block: int) -> KdcacheError:
     return KdcacheError(f"block {block} of cache {cache.path} holds another number of real tokens than when the cache "
-                        "was created: the dataset's attention masks changed; use that dataset, or dump to another --out")
+                        "was created: the dataset's attention masks changed; use that dataset, or dump to another "
+                        f"{option('out')}")

@@ -1,6 +1,6 @@
 """The cache description: one typed home for everything a cache's attrs record.
 
-A cache is one zarr v3 group (see ``docs/design.md`` and README "Cache format"). Its group
+A cache is one zarr v3 group (see ``docs/design.md`` and ``docs/format.md``). Its group
 attribute ``kdcache`` describes it; :class:`CacheMeta` is that description as frozen
 dataclasses. :meth:`CacheMeta.to_attrs` and :meth:`CacheMeta.from_attrs` (:mod:`.attrs`) are the only
 code that knows the attribute keys or older format versions, and ``from_attrs`` treats the attrs as
@@ -29,6 +29,7 @@ tokens one contiguous range starting at a multiple of the token chunk, plus
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -48,6 +49,9 @@ ROW_DIGEST = "_row_digest"
 VIEW_PARAMS = "_view_params"
 SPANS = "_spans"
 TOKEN_BLOCKS = "_token_blocks"
+CHANCE_FACTOR = 1.5  # a teacher no better than this times a uniform guess is reported as untrained
+# an output key naming a hidden state or an embedding: the cache holds a regression target, not logits
+REGRESSION_KEY = re.compile(r"hidden|embed|pool|state|feature", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,12 @@ class TeacherAccuracy:
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
 
+    def at_chance(self, classes: int) -> bool:
+        """At most 1.5x the accuracy of a uniform guess over ``classes`` on at least 10 labelled
+        rows: the teacher is most likely untrained (its checkpoint forgotten)."""
+        accuracy = self.accuracy
+        return self.labelled >= 10 and accuracy is not None and accuracy <= CHANCE_FACTOR / max(classes, 1)
+
 
 @dataclass(frozen=True)
 class DumpStats:
@@ -247,6 +257,21 @@ class CacheMeta:
     @property
     def hidden_names(self) -> list[str]:
         return [n for n in self.outputs if n != "logits"]
+
+    @property
+    def regression(self) -> bool:
+        """True when the primary output is a regression target, not logits over classes: a dense
+        output picked by an ``output_key`` that names a hidden state or an embedding
+        (``last_hidden_state``, ``pooler_output``, ``embedding``...). Its last axis is then
+        dimensions, trained with an mse or cosine objective, and it has no class accuracy."""
+        return (self.output_key is not None and self.logits.codec.name == "dense"
+                and REGRESSION_KEY.search(self.output_key) is not None and "logit" not in self.output_key.lower())
+
+    @property
+    def teacher_at_chance(self) -> bool:
+        """The teacher's recorded accuracy on the labelled rows is at chance (logits only)."""
+        return (not self.regression and self.teacher_accuracy is not None
+                and self.teacher_accuracy.at_chance(self.vocab.real))
 
     @property
     def view_params(self) -> ArrayInfo | None:

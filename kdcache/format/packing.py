@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data.items import fetch_batch, input_mask
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 from ..losses.targets import map_tensors
 
 __all__ = ["token_counts", "place_blocks", "row_token_starts", "target_mask", "token_indices", "place_tokens",
@@ -40,7 +40,7 @@ def token_counts(dataset: Any, mask_key: str, batch_size: int) -> np.ndarray:
         mask = input_mask(inputs, mask_key)
         if mask is None:
             raise KdcacheError(f"rows {start}.. have no inputs[{mask_key!r}]: a packed cache needs every row's "
-                               "attention mask (or dump with --layout padded)")
+                               f"attention mask (or dump with {option('layout', 'padded')})")
         counts[start:start + len(rows)] = mask.sum(1).numpy()
     return counts
 

@@ -199,7 +199,7 @@ class KDTrainerMixin:
         if self.kd_alpha == 1.0:
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**inputs)
-        student = select_output(outputs, self.kd_output_key)
+        student = select_output(outputs, self.kd_output_key, role="student")
         teacher = teacher.to(student.device)
         if not self._kd_checked and self.kd_term.divergence is not None:
             check_student_logits(tuple(student.shape[1:]), teacher.logits, self.kd_meta)

@@ -149,7 +149,7 @@ class KDLossMixin:
     def distillation_terms(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, kd, ce)`` of an ``(inputs, labels, teacher)`` batch."""
         inputs, labels, teacher = batch
-        logits = select_output(call_model(self, inputs), None)  # type: ignore[arg-type]
+        logits = select_output(call_model(self, inputs), None, role="student")  # type: ignore[arg-type]
         term, meta = self._kd_term()
         if not getattr(self, "_kd_checked", False):
             check_student_logits(tuple(logits.shape[1:]), teacher.logits, meta)
@@ -176,7 +176,7 @@ class KDStudent(KDLossMixin, L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         inputs, labels, _ = batch
-        logits = select_output(call_model(self, inputs), None)
+        logits = select_output(call_model(self, inputs), None, role="student")
         keep = labels >= 0
         self.log_dict({"val_ce": labelled_cross_entropy(logits, labels),
                        "val_acc": (logits.argmax(-1)[keep] == labels[keep]).float().mean()}, batch_size=len(labels))

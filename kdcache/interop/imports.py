@@ -16,7 +16,7 @@ import torch
 from ..data.digests import row_digests
 from ..data.items import fetch_batch, input_mask
 from ..dump.writer import BlockWriter, EncodedBatch, software_versions
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 from ..format.meta import (SPANS, ArrayInfo, CacheMeta, DatasetInfo, DumpStats, OutputSpec, PackedTokens, TeacherInfo,
                            Vocab)
 from ..format.packing import place_blocks
@@ -61,7 +61,7 @@ def _write_cache(rows: Callable[[], Iterator[ImportedRow]], k: int, vocab: int, 
         packed=PackedTokens(("logits",), chunk, capacity, crc), source=source)
     meta = replace(meta, bound=tuple(a.path for a in meta.data_arrays()))
     path: Any = Path(out)
-    refuse_file(path, "choose another --out")
+    refuse_file(path, f"choose another {option('out')}")
     with DumpLock(path):
         if exists(path):
             existing = TeacherCache.open(path)
@@ -69,11 +69,12 @@ def _write_cache(rows: Callable[[], Iterator[ImportedRow]], k: int, vocab: int, 
                 log(f"cache hit: {path}")
                 return existing
             if not overwrite:
-                raise KdcacheError(f"{path} holds another cache; choose another --out or pass --overwrite")
+                raise KdcacheError(f"{path} holds another cache; choose another {option('out')} or pass "
+                                   f"{option('overwrite', True)}")
             from ..store import remove_cache
             remove_cache(path)
         elif path.is_dir() and any(path.iterdir()):
-            raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another --out")
+            raise KdcacheError(f"{path} exists and is not a kdcache cache; choose another {option('out')}")
         cache = TeacherCache.create(path, meta)
         cache.write_token_blocks(placed)
         t0 = time.perf_counter()

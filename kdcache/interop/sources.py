@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 
 __all__ = ["ImportedRow", "TokenRows", "vllm_rows", "axolotl_rows", "records", "load_hf", "MASK_KEY"]
 
@@ -150,7 +150,7 @@ def vllm_rows(path: Path, topk: int | None, vocab: int) -> tuple[int, Callable[[
                     raise _bad(where, f"position {p + 1} has no logprobs")
                 entries = sorted(_entries(position, where), key=lambda e: (e[2] if e[2] is not None else 0, -e[1]))
                 if len(entries) < k:
-                    raise _bad(where, f"position {p + 1} has {len(entries)} logprobs, fewer than --topk {k}")
+                    raise _bad(where, f"position {p + 1} has {len(entries)} logprobs, fewer than {option('topk', k)}")
                 kept = sorted(entries, key=lambda e: -e[1])[:k] if entries[0][2] is None else entries[:k]
                 token_ids[p] = [e[0] for e in kept]
                 logprobs[p] = [e[1] for e in kept]
@@ -161,9 +161,9 @@ def vllm_rows(path: Path, topk: int | None, vocab: int) -> tuple[int, Callable[[
 def _checked_row(ids: np.ndarray, first: int, token_ids: np.ndarray, logprobs: np.ndarray, vocab: int,
                  where: str) -> ImportedRow:
     if ids.ndim != 1 or ids.min(initial=0) < 0 or ids.max(initial=0) >= vocab:
-        raise KdcacheError(f"{where}: token ids must lie in [0, {vocab}) (--vocab-size)")
+        raise KdcacheError(f"{where}: token ids must lie in [0, {vocab}) ({option('vocab_size', vocab)})")
     if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= vocab):
-        raise KdcacheError(f"{where}: target token ids must lie in [0, {vocab}) (--vocab-size)")
+        raise KdcacheError(f"{where}: target token ids must lie in [0, {vocab}) ({option('vocab_size', vocab)})")
     if first + len(token_ids) > len(ids):
         raise KdcacheError(f"{where}: {len(token_ids)} target positions from position {first} do not fit "
                            f"{len(ids)} tokens")

@@ -67,34 +67,35 @@ def call_model(model: torch.nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def select_output(output: Any, key: str | None) -> torch.Tensor:
-    """The logits tensor out of a tensor, tuple, dict or object with ``.logits``."""
+def select_output(output: Any, key: str | None, role: str = "teacher") -> torch.Tensor:
+    """The logits tensor out of a tensor, tuple, dict or object with ``.logits`` (``key`` picks
+    another output); errors name the ``role`` (teacher or student) whose output it is."""
     if key is not None:
         if isinstance(output, (tuple, list)):
             if not key.lstrip("-").isdigit() or not -len(output) <= int(key) < len(output):
-                raise KdcacheError(f"{option('output_key', key)}: the teacher returns a tuple of {len(output)}; use an index")
+                raise KdcacheError(f"{option('output_key', key)}: the {role} returns a tuple of {len(output)}; use an index")
             picked = output[int(key)]
         elif isinstance(output, dict) or hasattr(output, "keys"):
             if key not in output:
-                raise KdcacheError(f"{option('output_key', key)} not in the teacher's output keys {list(output.keys())}")
+                raise KdcacheError(f"{option('output_key', key)} not in the {role}'s output keys {list(output.keys())}")
             picked = output[key]
         elif hasattr(output, key):
             picked = getattr(output, key)
         else:
-            raise KdcacheError(f"{option('output_key', key)}: the teacher returns a {type(output).__name__} without it")
+            raise KdcacheError(f"{option('output_key', key)}: the {role} returns a {type(output).__name__} without it")
     elif isinstance(output, torch.Tensor):
         picked = output
     elif hasattr(output, "logits") and isinstance(getattr(output, "logits"), torch.Tensor):
         picked = output.logits
     elif isinstance(output, dict):
         if "logits" not in output:
-            raise KdcacheError(f"the teacher returns a dict without 'logits' (keys {list(output)}); choose one with {option('output_key')}")
+            raise KdcacheError(f"the {role} returns a dict without 'logits' (keys {list(output)}); choose one with {option('output_key')}")
         picked = output["logits"]
     elif isinstance(output, (tuple, list)) and output:
         picked = output[0]
     else:
-        raise KdcacheError(f"the teacher returns a {type(output).__name__}; return a tensor, tuple, dict or .logits")
+        raise KdcacheError(f"the {role} returns a {type(output).__name__}; return a tensor, tuple, dict or .logits")
     if not isinstance(picked, torch.Tensor):
-        raise KdcacheError(f"the selected teacher output is a {type(picked).__name__}, not a tensor; "
+        raise KdcacheError(f"the selected {role} output is a {type(picked).__name__}, not a tensor; "
                            f"choose another with {option('output_key')}")
     return picked

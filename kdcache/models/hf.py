@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 from ..format.meta import TokenizerInfo
 from .placement import device_map_value
 
@@ -162,7 +162,7 @@ def load_tokenizer(spec: str | Path, *, role: str = "teacher", required: bool = 
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         if required:
             raise KdcacheError(f"{role} {path} has no tokenizer (tokenizer.json or vocab files); save one beside the "
-                               "model with tokenizer.save_pretrained, or pass --tokenizer DIR")
+                               f"model with tokenizer.save_pretrained, or pass {option('tokenizer')} DIR")
         return None
     transformers = _transformers()
     try:

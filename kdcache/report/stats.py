@@ -26,7 +26,7 @@ from ..read.dataset import CachedTeacherDataset
 from ..read.head import output_layer
 from ..store import TeacherCache
 
-__all__ = ["CacheStats", "cache_stats"]
+__all__ = ["CacheStats", "cache_stats", "sampled_batches", "row_bytes_of"]
 
 CURVE_POSITIONS = 20_000  # positions the dense top-k mass curve is computed over
 TEMPERATURES = (1.0, 4.0)  # the stored distribution, and the one KD at the default T = 4 matches
@@ -135,7 +135,7 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
     parts: dict[str, list[np.ndarray]] = {}
     rows = curve = 0
     layer = output_layer(opened)  # a head cache's logits are computed from its stored layer: read as dense
-    for targets, labels, mask in _batches(opened, dataset, budget, seed):
+    for targets, labels, mask in sampled_batches(opened, dataset, budget, seed):
         targets = _as_logits(targets, layer) if layer is not None else targets
         rows += _length(targets)
         summary = _summarise(targets, classes, mask, mass_k if curve < CURVE_POSITIONS else None, temperatures)
@@ -146,10 +146,7 @@ def cache_stats(cache: TeacherCache | str | Path, dataset: Any = None, *, max_po
         for key, value in summary.items():
             parts.setdefault(key, []).append(value)
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    row_bytes = {a.path: a.row_bytes for o in meta.outputs.values() for a in o.arrays.values()}
-    row_bytes[ROW_DIGEST] = 8
-    if meta.view_params is not None:
-        row_bytes[VIEW_PARAMS] = meta.view_params.row_bytes
+    row_bytes = row_bytes_of(meta)
     notes = [] if dataset is not None else ["no dataset given: no labels, so no calibration or per-class accuracy"]
     if rows < meta.rows:
         notes.append(f"summarised {rows} of {meta.rows} rows (whole chunks chosen at random, seed {seed})")
@@ -172,6 +169,15 @@ def _as_logits(targets: HeadTargets, layer: HeadWeights) -> torch.Tensor:
     return head_logits(flat, weight, bias).reshape(*targets.hidden.shape[:-1], weight.shape[0])
 
 
+def row_bytes_of(meta: Any) -> dict[str, int]:
+    """Bytes one row takes in each stored array (no chunk padding), by array path."""
+    row_bytes = {a.path: a.row_bytes for o in meta.outputs.values() for a in o.arrays.values()}
+    row_bytes[ROW_DIGEST] = 8
+    if meta.view_params is not None:
+        row_bytes[VIEW_PARAMS] = meta.view_params.row_bytes
+    return row_bytes
+
+
 def _length(targets: Any) -> int:
     return len(targets.values if isinstance(targets, TopKTargets) else
                targets.ids if isinstance(targets, SampledTargets) else
@@ -179,8 +185,8 @@ def _length(targets: Any) -> int:
                targets.hidden if isinstance(targets, HeadTargets) else targets)
 
 
-def _batches(cache: TeacherCache, dataset: Any, budget: int, seed: int
-             ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor | None]]:
+def sampled_batches(cache: TeacherCache, dataset: Any, budget: int, seed: int
+                    ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor | None]]:
     """``(decoded logits, labels or None, mask or None)`` for whole chunks of rows in a seeded
     random order, until ``budget`` rows; with a dataset, through a checked reader (view 0)."""
     meta = cache.meta
@@ -228,7 +234,7 @@ def _packed_tokens(cache: TeacherCache, budget: int, seed: int
 
 
 def _stored_padding(targets: Any) -> torch.Tensor:
-    """(B, L) bool, True for real tokens: padding positions are stored as zeros (README)."""
+    """(B, L) bool, True for real tokens: padding positions are stored as zeros (docs/format.md)."""
     if isinstance(targets, TopKTargets):
         return (targets.values != 0).any(-1) | (targets.logsumexp != 0)
     if isinstance(targets, SampledTargets):

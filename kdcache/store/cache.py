@@ -30,7 +30,7 @@ from .arrays import (create_array, described_group, layout_problem, planned_layo
 from .chunkfile import ChunkError, ChunkFileWriter, read_all, read_rows
 from .faults import fault_point
 from .identity import block_digest
-from .location import exists, is_remote, open_store, refuse_file, size_on_disk
+from .location import exists, is_remote, list_dir, open_store, refuse_file, size_on_disk
 from .paths import damaged, metadata_problem, remove_partial, unreadable_description
 from .values import value_problem
 
@@ -41,7 +41,11 @@ class TeacherCache:
     """A teacher-output cache: its zarr group and its description :attr:`meta` (a
     :class:`~kdcache.format.CacheMeta`)."""
 
-    def __init__(self, path: str | Path, group: zarr.Group, meta: CacheMeta | None = None) -> None:
+    def __init__(self, path: str | Path, group: zarr.Group | None = None, meta: CacheMeta | None = None) -> None:
+        """``TeacherCache(path)`` opens the cache at ``path`` for reading, as :meth:`open` does."""
+        if group is None:
+            self.__dict__.update(type(self).open(path).__dict__)
+            return
         self.path = str(path)
         self.group = group
         self.meta = meta if meta is not None else read_meta(group, self.path)
@@ -124,6 +128,11 @@ class TeacherCache:
         """Open an existing cache (complete or not) for reading, or with ``mode="r+"`` to resume it."""
         refuse_file(path)
         if not exists(path):
+            inside = [entry for entry in (list_dir(path) or [])[:10_000] if exists(entry)]
+            if inside:  # a cache root: name what it holds
+                shown = ", ".join(inside[:4]) + (f" and {len(inside) - 4} more" if len(inside) > 4 else "")
+                raise KdcacheError(f"{path} is a cache root, not a cache: it holds {shown}; give one of them "
+                                   f"(kdcache ls {path} describes each)")
             raise KdcacheError(f"no cache at {path}; run kdcache dump-teacher first (or check the path)")
         unsafe = None if is_remote(path) else metadata_problem(path, "zarr.json")  # before zarr reads it
         if unsafe:

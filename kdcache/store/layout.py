@@ -12,7 +12,7 @@ MAX_BLOCK_BYTES = 128 << 20
 MAX_CHUNK_ROWS = 1 << 16
 # The block is the unit of resumable work: an interrupt loses at most the blocks being filled.
 # 1,024 rows is ~10 s of a teacher that manages 100 rows/s; a cache of 1M rows then has ~1,000
-# blocks (a few files each), which costs the dump and the readers little (README, Benchmarks).
+# blocks (a few files each), which costs the dump and the readers little (docs/benchmarks.md).
 MAX_BLOCK_ROWS = 1024
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import zarr
 from zarr.core.sync import sync
 
-from ..errors import KdcacheError
+from ..errors import KdcacheError, option
 from .paths import MAX_METADATA_BYTES, read_metadata, walk_files
 
 __all__ = ["is_remote", "open_store", "remote_fs", "exists", "refuse_file", "size_on_disk", "list_dir", "remove_cache",
@@ -157,10 +157,10 @@ def why_not_removable(path: str | Path) -> str | None:
 def remove_cache(path: str | Path) -> None:
     """Delete a kdcache cache (``--overwrite``): only a directory or prefix that holds a kdcache
     cache and nothing else, or an empty directory."""
-    refuse_file(path, "choose another --out")
+    refuse_file(path, f"choose another {option('out')}")
     reason = why_not_removable(path)
     if reason is not None:
-        raise KdcacheError(f"--overwrite will not remove {path}: {reason}; choose another --out")
+        raise KdcacheError(f"{option('overwrite')} will not remove {path}: {reason}; choose another {option('out')}")
     if is_remote(path):
         fs, root = remote_fs(str(path))
         if fs.exists(root):

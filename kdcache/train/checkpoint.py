@@ -1,9 +1,8 @@
-"""What a run leaves in ``--out``: the student's weights, the hint projections and the settings,
-each file written whole (temp file, then rename); and the stop on a non-finite loss."""
+"""What a run leaves in ``--out``: the student's weights, the hint projections and the settings
+(each file written whole: temp file, then rename); and the stop on a non-finite loss."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,22 +14,28 @@ from ..config import TrainConfig
 from ..errors import KdcacheError
 from ..store import TeacherCache
 
-__all__ = ["save_run", "NonFiniteLoss"]
+__all__ = ["save_run", "run_settings", "replace_file", "NonFiniteLoss", "TrainingInterrupted"]
 
 
 def save_run(out: Path, student: nn.Module, hint_losses: list[nn.Module], cfg: TrainConfig,
-             student_spec: dict[str, Any] | None, cache: Any) -> None:
-    """Write the checkpoint files, each to a temp file renamed into place (never half-written)."""
+             student_spec: dict[str, Any] | None) -> None:
+    """Write the student's and the hint projections' weights, each to a temp file renamed into
+    place (never half-written)."""
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-    _replace(out / "student.pt", {"state_dict": state, "spec": student_spec or {"class": type(student).__qualname__}})
+    replace_file(out / "student.pt", {"state_dict": state,
+                                      "spec": student_spec or {"class": type(student).__qualname__}})
     if hint_losses:
-        _replace(out / "hints.pt", {str(h): m.state_dict() for h, m in zip(cfg.hints, hint_losses)})
+        replace_file(out / "hints.pt", {str(h): m.state_dict() for h, m in zip(cfg.hints, hint_losses)})
+
+
+def run_settings(cfg: TrainConfig, student_spec: dict[str, Any] | None, cache: Any) -> dict[str, Any]:
+    """What ``config.json`` records: the settings, the cache's path and the student's spec."""
     cache_path = cache.path if isinstance(cache, TeacherCache) else (str(cache) if cache is not None else None)
-    (out / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": cache_path, "student": student_spec},
-                                                indent=2) + "\n")
+    return {**cfg.to_json(), "cache": cache_path, "student": student_spec}
 
 
-def _replace(path: Path, obj: Any) -> None:
+def replace_file(path: Path, obj: Any) -> None:
+    """``torch.save`` to a temp file renamed into place (never half-written)."""
     tmp = path.with_name(path.name + ".partial")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -44,3 +49,8 @@ class NonFiniteLoss(KdcacheError):
     def __init__(self, step: int, message: str = "") -> None:
         super().__init__(message or f"NaN/inf loss at step {step}")
         self.step = step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training, with what the run's directory holds now: the message
+    the CLI prints (exit status 130)."""

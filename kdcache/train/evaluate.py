@@ -35,8 +35,9 @@ class LabelledRows(Dataset):
 
 
 def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device: str | torch.device | None = None,
-             ) -> dict[str, float]:
-    """Accuracy and cross-entropy of ``student`` over the labelled rows of ``dataset``."""
+             output_key: str | None = None) -> dict[str, float]:
+    """Accuracy and cross-entropy of ``student`` over the labelled rows of ``dataset``
+    (``output_key`` picks the student's logits as in :func:`~kdcache.train.train_student`)."""
     dev = resolve_device(device)
     dataset = as_rows(dataset)
     was_training = student.training
@@ -46,7 +47,7 @@ def evaluate(student: nn.Module, dataset: Any, *, batch_size: int = 256, device:
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             inputs, labels = fetch_batch(dataset, range(start, min(start + batch_size, len(dataset))))
-            logits = select_output(call_model(student, move_inputs(inputs, dev)), None).float()
+            logits = select_output(call_model(student, move_inputs(inputs, dev)), output_key, role="student").float()
             labels = labels.to(dev)
             keep = labels >= 0
             if keep.any():

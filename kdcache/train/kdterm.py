@@ -59,13 +59,18 @@ class KDTerm:
             caches, on the K+1 buckets for top-k caches, and refused for sampled and hybrid caches
             (their draws estimate the KL's gradient without bias, not these); or ``"mse"``/``"cosine"``
             for a dense regression target such as an embedding (:class:`~kdcache.losses.HiddenStateLoss`).
+        regression: the cache holds a regression target (``CacheMeta.regression``): a divergence
+            objective is refused.
     """
 
     def __init__(self, codec: Codec | None, vocab: int | None, temperature: float | None,
-                 objective: str = "kl") -> None:
+                 objective: str = "kl", *, regression: bool = False) -> None:
         self.kind = codec.name if codec is not None else "dense"
         self.vocab = vocab
         parsed = parse_objective(objective)
+        if regression and not isinstance(parsed, str):
+            raise KdcacheError(f"this cache holds a regression target (an embedding or hidden state, not logits): "
+                               f"distil it with {option('objective', 'mse')} or {option('objective', 'cosine')}")
         if isinstance(parsed, str) and self.kind != "dense":
             raise KdcacheError(f"a {self.kind} cache holds logits: distil it with a divergence (kl, reverse_kl, jsd), "
                                f"not {objective}")
@@ -116,11 +121,13 @@ class KDTerm:
         return self.loss(student_logits, teacher[..., :student_logits.shape[-1]], mask)
 
 
-def check_student_logits(student: tuple[int, ...], teacher: Any, meta: CacheMeta | None) -> None:
+def check_student_logits(student: tuple[int, ...], teacher: Any, meta: CacheMeta | None, *,
+                         regression: bool = False) -> None:
     """Refuse a student whose positions or vocabulary disagree with the teacher's.
 
-    ``student`` is the per-row shape of its logits; ``meta`` the cache's description (None for
-    an online teacher, whose logits ``teacher`` are then compared shape for shape).
+    ``student`` is the per-row shape of its logits (its output, for a ``regression`` target);
+    ``meta`` the cache's description (None for an online teacher, whose logits ``teacher`` are
+    then compared shape for shape).
     """
     if meta is None:  # online teacher: the shapes must be equal
         expected, sizes = tuple(teacher.shape[1:]), {int(teacher.shape[-1])}
@@ -128,6 +135,9 @@ def check_student_logits(student: tuple[int, ...], teacher: Any, meta: CacheMeta
         expected, sizes = meta.logits.shape, {meta.vocab.real, meta.vocab.padded}
         if meta.packed is not None and "logits" in meta.packed.outputs:  # any length: tokens are placed by the mask
             expected = (*student[:-1], expected[-1])
+    if regression and (student[:-1] != expected[:-1] or not student or student[-1] != expected[-1]):
+        raise KdcacheError(f"the student's output has shape {student} but the teacher's {expected}: positions and "
+                           f"dimensions must agree (choose the student's output with {option('output_key')})")
     if student[:-1] != expected[:-1] or (student and student[-1] not in sizes):
         what = " or ".join(str(v) for v in sorted(sizes))
         raise KdcacheError(f"the student's logits have shape {student} but the teacher's {expected}: positions must "

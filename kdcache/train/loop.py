@@ -30,11 +30,12 @@ from ..read.batch import collate
 from ..read.dataset import CachedTeacherDataset
 from ..read.resident import DEVICE_BUDGET, GatheringLoader
 from ..read.sampler import ChunkShuffleBatchSampler
-from ..store import TeacherCache
-from .checkpoint import NonFiniteLoss, save_run
+from ..store import TeacherCache, fault_point
+from .checkpoint import NonFiniteLoss, TrainingInterrupted, run_settings, save_run
 from .evaluate import LabelledRows, evaluate
 from .kdterm import KDTerm, labelled_cross_entropy
 from .monitor import OverfitToCacheWarning, teacher_fit
+from .rundir import RunDir, RunState, restore_rng, rng_state
 from .teacher import TeacherSource, probe
 
 __all__ = ["Hint", "TrainConfig", "TrainResult", "train_student", "evaluate", "NonFiniteLoss"]
@@ -111,9 +112,12 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
     if cfg.hints and cache is None and teacher is None:
         raise KdcacheError(f"{option('hints')} needs teacher hidden states: pass {option('cache')} (dumped with "
                            f"{option('hidden')})")
+    rank, world = distributed.world()  # under torchrun: DDP on the student, each rank its share of batches
+    run = RunDir(out)
+    run.prepare(cfg, {"cache": run_settings(cfg, student_spec, cache)["cache"], "student": student_spec},
+                write=rank == 0)  # refused before anything is written
     student = _built(student, cfg.seed)
     _seed_everything(cfg.seed)
-    rank, world = distributed.world()  # under torchrun: DDP on the student, each rank its share of batches
     dev = resolve_device(distributed.local_device(cfg.device))
     amp = resolve_amp(cfg.amp, dev)
     student = student.to(dev)
@@ -136,8 +140,9 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
                                            world=world)
         held = None
     source = TeacherSource(teacher, teacher_hidden, dev, amp, cfg.mask_key, held)
-    kd_loss = (KDTerm(data.meta.logits.codec, data.meta.vocab.real, cfg.temperature, cfg.objective)
-               if isinstance(data, CachedTeacherDataset) else KDTerm(None, None, cfg.temperature, cfg.objective))
+    meta = data.meta if isinstance(data, CachedTeacherDataset) else None
+    kd_loss = KDTerm(meta.logits.codec if meta else None, meta.vocab.real if meta else None, cfg.temperature,
+                     cfg.objective, regression=meta.regression if meta else False)
     if held is not None and cfg.precompute and kd_loss.kind == "dense" and kd_loss.objective == "kl":
         held.precompute(kd_loss.temperature)
     # targets held in memory are gathered in this process: workers send only inputs
@@ -146,18 +151,15 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
                              # workers must restart to see a new epoch's augmentation view
                              persistent_workers=cfg.num_workers > 0 and getattr(data, "views", 1) == 1,
                              multiprocessing_context=getattr(data, "worker_context", None) if cfg.num_workers else None)
+    inner_loader = loader
     if held is not None:
         loader = GatheringLoader(loader, held)
-    out_dir = Path(out) if out is not None and rank == 0 else None
+    out_dir = run.path if rank == 0 else None
     progress = progress and rank == 0
     fit = (teacher_fit(data, eval_dataset, eval_cache, source.outputs, kd_loss, live_teacher=teacher is not None,
                        cfg=cfg, device=dev, amp=amp) if rank == 0 else None)
     if out_dir is not None:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "metrics.jsonl").write_text("")
-        except OSError as err:
-            raise KdcacheError(f"cannot write to {option('out')} {out_dir}: {err.strerror}") from None
+        run.start(run_settings(cfg, student_spec, cache))
 
     with HiddenCapture(student, [h.student for h in cfg.hints], role="student") as capture:
         hint_losses = probe(student, data, source, capture, cfg, dev, amp)
@@ -165,14 +167,20 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
         optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
                      if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
         result = TrainResult(out=out_dir, student=student)
+        first = _resume(run.resumed, student, hint_losses, optimizer, fit, result)
         model: nn.Module = student
         if world > 1:
             model = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
-        bar = tqdm(total=cfg.epochs * len(sampler), unit="step", desc="train-student", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.epochs * len(sampler), initial=first * len(sampler), unit="step", desc="train-student",
+                   disable=not progress, dynamic_ncols=True)
+        epoch = first
         try:
-            for epoch in range(cfg.epochs):
+            for epoch in range(first, cfg.epochs):
                 sampler.set_epoch(epoch)
+                if epoch == first and run.resumed is not None:
+                    if inner_loader.persistent_workers:  # its workers start (and draw a seed) as in epoch 1
+                        iter(inner_loader)
+                    restore_rng(run.resumed.rng)  # the generators as the uninterrupted run has them now
                 try:
                     record = _epoch(model, loader, source, capture, hint_losses, kd_loss, optimizer, cfg, dev, amp,
                                     bar)
@@ -180,11 +188,13 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
                     kept = (f"{out_dir / 'student.pt'} holds epoch {epoch}, the last finite one" if epoch and out_dir
                             else "no epoch finished, so nothing was saved")
                     raise NonFiniteLoss(err.step, f"the training loss became NaN/inf at epoch {epoch + 1}, step "
-                                                  f"{err.step} ({kept}); lower --lr or --temperature, or check the "
-                                                  "cache (dumped with --allow-nonfinite?) and the data") from None
+                                                  f"{err.step} ({kept}); lower {option('lr')} or "
+                                                  f"{option('temperature')}, or check the cache (dumped with "
+                                                  f"{option('allow_nonfinite')}?) and the data") from None
                 record = {"epoch": epoch + 1, **record}
-                if eval_dataset is not None and rank == 0:
-                    record.update(evaluate(student, eval_dataset, batch_size=max(cfg.batch_size, 256), device=dev))
+                if eval_dataset is not None and rank == 0 and kd_loss.objective == "kl":
+                    record.update(evaluate(student, eval_dataset, batch_size=max(cfg.batch_size, 256), device=dev,
+                                           output_key=cfg.output_key))
                 if fit is not None:
                     record.update(fit.measure(student))
                     overfit = fit.check([*result.metrics, record])
@@ -193,13 +203,53 @@ def train_student(student: nn.Module | Callable[[], nn.Module], dataset: Any,
                 result.metrics.append(record)
                 bar.set_postfix({k: round(v, 4) for k, v in record.items() if k in ("loss", "eval_acc")})
                 if out_dir is not None:  # every finished epoch is kept: a later failure loses no work
-                    with open(out_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    save_run(out_dir, student, hint_losses, cfg, student_spec, cache)
+                    _save_epoch(run, record, student, hint_losses, optimizer, fit, cfg, student_spec)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(_interrupted(run.path, len(result.metrics), epoch, cfg.epochs)) from None
         finally:
             bar.close()
             source.close()
     return result
+
+
+def _resume(state: RunState | None, student: nn.Module, hint_losses: list[nn.Module],
+            optimizer: torch.optim.Optimizer, fit: Any, result: TrainResult) -> int:
+    """Load a resumed run's weights, optimiser state and metrics; the first epoch to train (0-based)."""
+    if state is None:
+        return 0
+    student.load_state_dict(state.student)
+    for module, weights in zip(hint_losses, state.hints):
+        module.load_state_dict(weights)
+    optimizer.load_state_dict(state.optimizer)
+    if fit is not None:
+        fit.warned = state.warned
+    result.metrics.extend(state.metrics)
+    return state.epoch
+
+
+def _save_epoch(run: RunDir, record: dict[str, Any], student: nn.Module, hint_losses: list[nn.Module],
+                optimizer: torch.optim.Optimizer, fit: Any, cfg: TrainConfig, student_spec: Any) -> None:
+    """The epoch's line, weights, then (last) the state a resumed run continues from."""
+    assert run.path is not None
+    with open(run.path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    fault_point("run-metrics")
+    save_run(run.path, student, hint_losses, cfg, student_spec)
+    run.save_state(RunState(record["epoch"], {k: v.detach().cpu() for k, v in student.state_dict().items()},
+                            [m.state_dict() for m in hint_losses], optimizer.state_dict(), rng_state(),
+                            bool(fit is not None and fit.warned)))
+    fault_point("run-saved")
+
+
+def _interrupted(out: Path | None, finished: int, epoch: int, epochs: int) -> str:
+    """What an interrupted run leaves, and how to go on."""
+    if out is None:
+        return f"interrupted in epoch {epoch + 1} of {epochs}; nothing was saved (no {option('out')})"
+    if not finished:
+        return (f"interrupted in epoch {epoch + 1} of {epochs}, before any epoch finished; rerun the same command "
+                f"with {option('resume', True)} to start it again in {out}")
+    return (f"interrupted in epoch {epoch + 1} of {epochs}; {out} holds epoch {finished}: rerun the same command with "
+            f"{option('resume', True)} to continue from there")
 
 
 def _cache_device(choice: str, dev: torch.device) -> dict[str, Any]:
@@ -225,16 +275,17 @@ def _epoch(student: nn.Module, loader: DataLoader, source: TeacherSource, captur
         labels = labels.to(dev, non_blocking=non_blocking)
         teacher = source.outputs(inputs, cached)
         with autocast(amp, dev):
-            logits = select_output(call_model(student, inputs), None)
+            logits = select_output(call_model(student, inputs), cfg.output_key, role="student")
             hidden = capture.take() if hint_losses else {}
-        ce = labelled_cross_entropy(logits, labels)
+        # a regression target (mse, cosine) has no classes: the labels have no term
+        ce = labelled_cross_entropy(logits, labels) if kd_loss.objective == "kl" else logits.new_zeros(())
         if teacher is None:
             loss = ce
             parts = [ce.detach() * 0, ce]
         else:
             kd = kd_loss(logits, teacher.logits, teacher.mask)
             hints = [m(hidden[h.student], teacher.hidden[h.teacher]) for h, m in zip(cfg.hints, hint_losses)]
-            loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
+            loss = cfg.alpha * kd + (1 - cfg.alpha) * ce if kd_loss.objective == "kl" else kd
             for h, v in zip(cfg.hints, hints):
                 loss = loss + h.weight * v
             parts = [kd, ce, *hints]

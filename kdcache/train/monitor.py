@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..errors import KdcacheError, option
+from ..errors import KdcacheError, KdcacheWarning, option
 from ..losses.head import head_top1
 from ..losses.targets import (HeadTargets, HybridTargets, LogitTargets, SampledTargets, SoftTargets, TeacherTargets,
                               TopKTargets)
@@ -50,7 +50,7 @@ def top1(logits: LogitTargets, classes: int | None = None) -> torch.Tensor:
     return (logits[..., :classes] if classes is not None else logits).argmax(-1)
 
 
-class OverfitToCacheWarning(UserWarning):
+class OverfitToCacheWarning(KdcacheWarning):
     """The student fits the cached rows and drifts from the teacher on held-out rows."""
 
 
@@ -85,14 +85,17 @@ class TeacherFit:
         held_out: a :class:`~kdcache.CachedTeacherDataset` over the eval set and its cache.
         classes: the teacher's real class count (student logits beyond it are cut).
         rows: rows measured per side (a seeded sample, the same every epoch).
+        output_key: the student's output compared with the teacher's (None: its logits).
+        agreement: record top-1 agreement (False for a regression target, which has no classes).
     """
 
     def __init__(self, train: Any, teacher_of: Callable[[Any, Any], TeacherTargets | None],
                  kd: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor], *, held_out: Any = None,
                  classes: int | None, batch_size: int, device: torch.device, amp: str, seed: int,
-                 rows: int = SAMPLE_ROWS) -> None:
+                 rows: int = SAMPLE_ROWS, output_key: str | None = None, agreement: bool = True) -> None:
         self.train, self.held_out, self.teacher_of, self.kd = train, held_out, teacher_of, kd
         self.classes, self.batch_size, self.device, self.amp = classes, batch_size, device, amp
+        self.output_key, self.agreement = output_key, agreement
         self.train_rows = self._sample(len(train), rows, seed)
         self.held_out_rows = self._sample(len(held_out), rows, seed) if held_out is not None else None
         self.warned = False
@@ -108,6 +111,8 @@ class TeacherFit:
         record = dict(zip(("train_kl", "agree"), self._fit(student, self.train, self.train_rows)))
         if self.held_out is not None:
             record.update(zip(("eval_kl", "eval_agree"), self._fit(student, self.held_out, self.held_out_rows)))
+        if not self.agreement:
+            record = {k: v for k, v in record.items() if k not in ("agree", "eval_agree")}
         return record
 
     def _fit(self, student: nn.Module, data: Any, rows: np.ndarray) -> tuple[float, float]:
@@ -123,10 +128,12 @@ class TeacherFit:
                 if teacher is None:
                     continue
                 with autocast(self.amp, self.device):
-                    logits = select_output(call_model(student, inputs), None).float()
+                    logits = select_output(call_model(student, inputs), self.output_key, role="student").float()
                 n = logits.shape[0]
                 kd_sum += float(self.kd(logits, teacher.logits, teacher.mask)) * n
                 seen += n
+                if not self.agreement:
+                    continue
                 same = top1(logits, self.classes) == top1(teacher.logits, self.classes)
                 if teacher.mask is not None:
                     same = same & teacher.mask
@@ -163,8 +170,11 @@ def teacher_fit(data: Any, eval_dataset: Any, eval_cache: Any, teacher_of: Calla
         if eval_dataset is None or not cached:
             raise KdcacheError(f"{option('eval_cache')} needs {option('eval_dataset')} (the data it was dumped from) "
                                f"and {option('cache')}")
-        held_out = CachedTeacherDataset(eval_dataset, eval_cache, hidden=(), dtype=None, view=cfg.view,
-                                        check_inputs=not cfg.allow_input_mismatch)
+        try:
+            held_out = CachedTeacherDataset(eval_dataset, eval_cache, hidden=(), dtype=None, view=cfg.view,
+                                            check_inputs=not cfg.allow_input_mismatch)
+        except KdcacheError as err:  # say which of the run's two caches it is
+            raise KdcacheError(f"{option('eval_cache')} with {option('eval_dataset')}: {err}") from None
         # digests of two schemes (a cache of an earlier release) cannot tell: trust the user there
         if same_teacher(held_out.meta.teacher.weights_digest, data.meta.teacher.weights_digest) is False:
             raise KdcacheError(f"{option('eval_cache')} {held_out.path} holds another teacher's outputs than "
@@ -175,4 +185,5 @@ def teacher_fit(data: Any, eval_dataset: Any, eval_cache: Any, teacher_of: Calla
     if not cached and not live_teacher:
         return None
     return TeacherFit(data, teacher_of, kd, held_out=held_out, classes=data.meta.vocab.real if cached else None,
-                      batch_size=cfg.batch_size, device=device, amp=amp, seed=cfg.seed)
+                      batch_size=cfg.batch_size, device=device, amp=amp, seed=cfg.seed, output_key=cfg.output_key,
+                      agreement=cfg.objective == "kl")

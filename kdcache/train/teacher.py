@@ -78,12 +78,13 @@ def probe(student: nn.Module, data: Dataset, source: TeacherSource, capture: Hid
     inputs = move_inputs(inputs, dev)
     student.eval()
     with torch.no_grad(), autocast(amp, dev):
-        logits = select_output(call_model(student, inputs), None)
+        logits = select_output(call_model(student, inputs), cfg.output_key, role="student")
         hidden = capture.take() if cfg.hints else {}
     student.train()
     teacher = source.outputs(inputs, cached)
     if teacher is not None:
-        check_student_logits(tuple(logits.shape[1:]), teacher.logits, getattr(data, "meta", None))
+        check_student_logits(tuple(logits.shape[1:]), teacher.logits, getattr(data, "meta", None),
+                             regression=cfg.objective != "kl")
     with torch.random.fork_rng(devices=[]):  # projections from the seed alone, whatever the data drew
         torch.manual_seed(cfg.seed)
         losses = [hint_loss(h, hidden[h.student], teacher.hidden[h.teacher]) for h in cfg.hints] if teacher else []
