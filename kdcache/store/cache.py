@@ -30,7 +30,7 @@ from .arrays import (create_array, described_group, layout_problem, planned_layo
 from .chunkfile import ChunkError, ChunkFileWriter, read_all, read_rows
 from .faults import fault_point
 from .identity import block_digest
-from .location import exists, is_remote, list_dir, open_store, refuse_file, size_on_disk
+from .location import exists, is_remote, no_cache, open_store, refuse_file, size_on_disk
 from .paths import damaged, metadata_problem, remove_partial, unreadable_description
 from .values import value_problem
 
@@ -128,12 +128,7 @@ class TeacherCache:
         """Open an existing cache (complete or not) for reading, or with ``mode="r+"`` to resume it."""
         refuse_file(path)
         if not exists(path):
-            inside = [entry for entry in (list_dir(path) or [])[:10_000] if exists(entry)]
-            if inside:  # a cache root: name what it holds
-                shown = ", ".join(inside[:4]) + (f" and {len(inside) - 4} more" if len(inside) > 4 else "")
-                raise KdcacheError(f"{path} is a cache root, not a cache: it holds {shown}; give one of them "
-                                   f"(kdcache ls {path} describes each)")
-            raise KdcacheError(f"no cache at {path}; run kdcache dump-teacher first (or check the path)")
+            raise no_cache(path)
         unsafe = None if is_remote(path) else metadata_problem(path, "zarr.json")  # before zarr reads it
         if unsafe:
             raise unreadable_description(path, unsafe)
@@ -152,9 +147,8 @@ class TeacherCache:
 
     @classmethod
     def described(cls, path: str | Path, meta: CacheMeta) -> "TeacherCache":
-        """The cache at ``path`` as ``meta`` describes it, its own description neither read nor
-        written (``--repair`` checks a rebuilt description against the arrays, then writes it
-        with :meth:`write_description`)."""
+        """The cache at ``path`` as ``meta`` describes it, its own description neither read nor written
+        (``--repair`` checks a rebuilt description against the arrays, then :meth:`write_description`)."""
         return cls(path, described_group(open_store(path, False), {ATTR: meta.to_attrs()}), meta)
 
     def write_description(self) -> None:
@@ -390,13 +384,10 @@ class TeacherCache:
     def row_digests(self) -> np.ndarray:
         return self.load_array(ROW_DIGEST)
 
-    def missing_chunks(self) -> list[_verify.ChunkProblem]:
-        """Chunk files that are missing or of the wrong size (zarr would read them as zeros)."""
-        return _verify.inventory(self)
-
     def check_chunks(self) -> None:
-        """Raise one clear line if any chunk file is missing or of the wrong size."""
-        problems = self.missing_chunks()
+        """Raise one clear line if any chunk file is missing or of the wrong size (zarr would
+        read it as zeros)."""
+        problems = _verify.inventory(self)
         if problems:
             raise damaged(self.path, f"{problems[0]} ({len(problems)} bad chunks)")
 

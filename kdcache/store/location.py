@@ -18,7 +18,7 @@ from ..errors import KdcacheError, option
 from .paths import MAX_METADATA_BYTES, read_metadata, walk_files
 
 __all__ = ["is_remote", "open_store", "remote_fs", "exists", "refuse_file", "size_on_disk", "list_dir", "remove_cache",
-           "why_not_removable", "is_disk_full", "CACHE_ENTRIES", "recognisable", "staged"]
+           "why_not_removable", "is_disk_full", "CACHE_ENTRIES", "recognisable", "staged", "no_cache"]
 
 
 def is_remote(path: str | Path) -> bool:
@@ -195,3 +195,13 @@ def staged(out: Path, what: str, *, directory: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
         raise
+
+
+def no_cache(path: str | Path) -> KdcacheError:
+    """The error for a path that holds no cache; a cache root names the caches it holds."""
+    inside = [entry for entry in (list_dir(path) or [])[:10_000] if exists(entry)]
+    if inside:
+        shown = ", ".join(inside[:4]) + (f" and {len(inside) - 4} more" if len(inside) > 4 else "")
+        return KdcacheError(f"{path} is a cache root, not a cache: it holds {shown}; give one of them "
+                            f"(kdcache ls {path} describes each)")
+    return KdcacheError(f"no cache at {path}; run kdcache dump-teacher first (or check the path)")
