@@ -51,7 +51,7 @@ def setting(default: Any, help: str | None = None, *, shown: Any = _AUTO, metava
 
 
 def _describe(kind: Any) -> str:
-    names = {bool: "true or false", int: "a 64-bit integer", float: "a finite number", str: "a string"}
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) is tuple:
         return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"

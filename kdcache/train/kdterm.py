@@ -72,8 +72,8 @@ class KDTerm:
             raise KdcacheError(f"this cache holds a regression target (an embedding or hidden state, not logits): "
                                f"distil it with {option('objective', 'mse')} or {option('objective', 'cosine')}")
         if isinstance(parsed, str) and self.kind != "dense":
-            raise KdcacheError(f"a {self.kind} cache holds logits: distil it with a divergence (kl, reverse_kl, jsd), "
-                               f"not {objective}")
+            raise KdcacheError(f"a {self.kind} cache holds logits: distil it with a divergence "
+                               f"({option('objective', 'kl')}, reverse_kl or jsd), not {objective}")
         self.divergence = parsed if isinstance(parsed, Divergence) else None
         if self.kind in ("sampled", "hybrid") and self.divergence is not None and self.divergence.name != "kl":
             raise KdcacheError(f"a {self.kind} cache's draws estimate the KL's gradient without bias, not the "
