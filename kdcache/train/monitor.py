@@ -28,6 +28,7 @@ from ..models.forward import autocast, call_model, move_inputs, select_output
 from ..read.batch import collate
 from ..read.dataset import CachedTeacherDataset
 from ..store.identity import same_teacher
+from .kdterm import REGRESSION
 
 __all__ = ["TeacherFit", "OverfitToCacheWarning", "growing_gap", "teacher_fit", "top1"]
 
@@ -186,4 +187,4 @@ def teacher_fit(data: Any, eval_dataset: Any, eval_cache: Any, teacher_of: Calla
         return None
     return TeacherFit(data, teacher_of, kd, held_out=held_out, classes=data.meta.vocab.real if cached else None,
                       batch_size=cfg.batch_size, device=device, amp=amp, seed=cfg.seed, output_key=cfg.output_key,
-                      agreement=cfg.objective == "kl")
+                      agreement=cfg.objective not in REGRESSION)  # classes to agree on
