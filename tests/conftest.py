@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell starts a background job (`bash scripts/test.sh &`, nohup) with SIGINT ignored, and an ignored
+# signal stays ignored in every process it starts: the tests that interrupt a run with SIGINT would
+# see it do nothing. Python's own handler here gives this run's children the default disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 MODELS_PY = textwrap.dedent('''
     import random
