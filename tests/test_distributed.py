@@ -12,6 +12,9 @@ import pytest
 
 from conftest import run_cli, store_files
 
+# one torchrun at a time (two ranks each, on a 2-core box): scripts/test.sh runs --dist loadgroup
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 
 def torchrun(*args: str, procs: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -154,6 +154,7 @@ TORCHRUN_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: 2 ranks each on 2 cores
 def test_two_process_torchrun_trains_disjoint_rows_to_the_same_model(tmp_path):
     ds = _fixed_length_rows(n=16)
     ds.save_to_disk(str(tmp_path / "data"))

@@ -110,6 +110,7 @@ def test_a_killed_packed_dump_resumes_to_a_byte_identical_cache(tmp_path, models
         assert store_files(target) == store_files(tmp_path / "ref"), point
 
 
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: 2 ranks each on 2 cores
 def test_two_process_packed_dump_equals_one_process(tmp_path, models_file):
     from test_distributed import torchrun
     spec = f"{models_file}:"

@@ -363,6 +363,7 @@ def test_repair_rewrites_only_damaged_blocks_to_a_byte_identical_cache(tmp_path,
 
 
 # 12. torchrun: the cache-hit rerun leaves cleanly ---------------------------------------------------
+@pytest.mark.xdist_group("torchrun")  # one torchrun at a time: 2 ranks each on 2 cores
 def test_a_torchrun_cache_hit_exits_cleanly_every_time(tmp_path, models_file):
     from test_distributed import torchrun
     args = ["dump-teacher", "--teacher", f"{models_file}:teacher", "--dataset", f"{models_file}:dataset",
